@@ -1,0 +1,38 @@
+"""csext: Continuous Sparsification (Savarese, Silva and Maire, NeurIPS 2020) for PyTorch.
+
+Each gated weight w has mask logits s; training uses w * sigmoid(beta * s) with beta annealed
+upwards and a penalty lam * sum(sigmoid(beta * s)); the ticket is the hard mask s > 0.
+"""
+
+from . import backends, functional, reference
+from .model import (
+    SparsityReport,
+    finalize,
+    gated_modules,
+    mask_penalty,
+    set_beta,
+    set_hard,
+    set_penalty,
+    sparsify,
+    sparsity_report,
+)
+from .modules import GatedConv2d, GatedLinear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GatedLinear",
+    "GatedConv2d",
+    "functional",
+    "reference",
+    "backends",
+    "sparsify",
+    "set_beta",
+    "set_hard",
+    "set_penalty",
+    "mask_penalty",
+    "sparsity_report",
+    "SparsityReport",
+    "finalize",
+    "gated_modules",
+]

@@ -1,0 +1,86 @@
+"""The ops csext::gate and csext::gate_backward of the C++ extension: loading them, and their
+fake (shape) and autograd registrations, which make them work under torch.compile.
+
+Their schemas and CPU kernels are in csrc/ops.cpp; the math they implement is csext.reference.
+"""
+
+import warnings
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers the ops)
+
+    _EXTENSION_ERROR = None
+except (ImportError, OSError) as error:  # not built (CSEXT_NO_EXTENSION=1), or built for another torch
+    _EXTENSION_ERROR = error
+    warnings.warn(
+        f"csext: the C++ extension csext._C is not available ({error}); using the torch backend",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def extension_loaded() -> bool:
+    return _EXTENSION_ERROR is None
+
+
+def extension_error() -> str:
+    return "" if _EXTENSION_ERROR is None else f"csext._C did not load: {_EXTENSION_ERROR}"
+
+
+def _kernel_layout(*tensors: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels run in (csrc/ops.cpp, common_layout)."""
+    all_contiguous = all(t.is_contiguous() for t in tensors)
+    all_channels_last = all(
+        t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) for t in tensors
+    )
+    return torch.channels_last if all_channels_last and not all_contiguous else torch.contiguous_format
+
+
+if _EXTENSION_ERROR is None:
+
+    @torch.library.register_fake("csext::gate")
+    def _gate_fake(weight, mask_logits, beta, hard=False, penalty=0.0, dtype=None):
+        torch._check(
+            weight.shape == mask_logits.shape,
+            lambda: f"csext::gate: weight and mask_logits must have the same shape, got "
+            f"{tuple(weight.shape)} and {tuple(mask_logits.shape)}",
+        )
+        layout = _kernel_layout(weight, mask_logits)
+        return torch.empty_like(weight, dtype=dtype or weight.dtype, memory_format=layout)
+
+    @torch.library.register_fake("csext::gate_backward")
+    def _gate_backward_fake(grad, weight, mask_logits, beta, penalty=0.0):
+        torch._check(
+            grad.shape == weight.shape == mask_logits.shape,
+            lambda: "csext::gate_backward: grad, weight and mask_logits must have one shape",
+        )
+        layout = _kernel_layout(grad, weight, mask_logits)
+        return (
+            torch.empty_like(weight, memory_format=layout),
+            torch.empty_like(mask_logits, memory_format=layout),
+        )
+
+    def _gate_setup_context(ctx, inputs, output):
+        weight, mask_logits, beta, hard, penalty, _dtype = inputs
+        ctx.save_for_backward(weight, mask_logits)  # m is recomputed, never saved
+        ctx.beta, ctx.hard, ctx.penalty = beta, hard, penalty
+
+    def _gate_backward(ctx, grad):
+        weight, mask_logits = ctx.saved_tensors
+        needs_weight, needs_mask_logits = ctx.needs_input_grad[:2]
+        grad_weight = grad_mask_logits = None
+        if ctx.hard or not needs_mask_logits:
+            # dL/dw = G * m is the forward loop with G in place of w; s gets no gradient.
+            if needs_weight:
+                grad_weight = torch.ops.csext.gate(grad, mask_logits, ctx.beta, ctx.hard, 0.0, weight.dtype)
+        else:
+            grad_weight, grad_mask_logits = torch.ops.csext.gate_backward(
+                grad, weight, mask_logits, ctx.beta, ctx.penalty
+            )
+            if not needs_weight:
+                grad_weight = None
+        return grad_weight, grad_mask_logits, None, None, None, None
+
+    torch.library.register_autograd("csext::gate", _gate_backward, setup_context=_gate_setup_context)

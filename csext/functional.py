@@ -1,0 +1,147 @@
+"""Functional forms of the gated layers: the gate (w_eff = w * m) on a chosen backend, then
+ATen's own linear or convolution.
+
+Every check here reads shapes, dtypes and devices only, never tensor values: no call costs a
+device synchronisation, and NaN in the mask logits flows through to outputs and gradients.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import backends, reference
+
+_WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def check_beta(beta) -> None:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta must be a float, got {type(beta).__name__}")
+    if not (math.isfinite(beta) and beta >= 1.0):
+        raise ValueError(f"beta must be a finite number >= 1, got {beta}")
+
+
+def check_penalty(penalty) -> None:
+    if isinstance(penalty, bool) or not isinstance(penalty, (int, float)):
+        raise TypeError(f"penalty must be a float, got {type(penalty).__name__}")
+    if not (math.isfinite(penalty) and penalty >= 0.0):
+        raise ValueError(f"penalty must be a finite number >= 0, got {penalty}")
+
+
+def check_gate_args(weight: torch.Tensor, mask_logits: torch.Tensor, beta, penalty) -> None:
+    if not isinstance(weight, torch.Tensor) or not isinstance(mask_logits, torch.Tensor):
+        raise TypeError("weight and mask_logits must be tensors")
+    if weight.shape != mask_logits.shape:
+        raise ValueError(
+            f"weight and mask_logits must have the same shape, got weight {tuple(weight.shape)} "
+            f"and mask_logits {tuple(mask_logits.shape)}"
+        )
+    if weight.dtype not in _WEIGHT_DTYPES:
+        raise TypeError(f"weight must be float32, float64, bfloat16 or float16, got {weight.dtype}")
+    wanted = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    if mask_logits.dtype != wanted:
+        raise TypeError(
+            f"mask_logits must be {wanted} (float32 always, float64 beside a float64 weight), "
+            f"got {mask_logits.dtype} with a {weight.dtype} weight"
+        )
+    if weight.device != mask_logits.device:
+        raise ValueError(
+            f"weight and mask_logits must be on the same device, got {weight.device} and {mask_logits.device}"
+        )
+    check_beta(beta)
+    check_penalty(penalty)
+
+
+def _check_same_device(weight: torch.Tensor, **tensors) -> None:
+    for name, tensor in tensors.items():
+        if tensor is not None and tensor.device != weight.device:
+            raise ValueError(f"{name} must be on the device of weight ({weight.device}), got {tensor.device}")
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the matmul or convolution runs in: autocast's where it is on, else weight's."""
+    device_type = weight.device.type
+    if weight.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return weight.dtype
+
+
+def gate(
+    weight: torch.Tensor,
+    mask_logits: torch.Tensor,
+    beta: float,
+    *,
+    hard: bool = False,
+    penalty: float = 0.0,
+    dtype: torch.dtype | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The effective weight w * m, in `dtype` (default: weight's), with m the soft mask
+    sigmoid(beta * mask_logits) or, with `hard`, the ticket mask 1[mask_logits > 0].
+
+    `penalty` (lam) enters the backward only: the gradient of the mask logits gains that of
+    lam * sum(sigmoid(beta * mask_logits)).
+    """
+    check_gate_args(weight, mask_logits, beta, penalty)
+    name = backends.resolve(backend, weight.device.type)
+    if name == "cpp":
+        return torch.ops.csext.gate(weight, mask_logits, float(beta), bool(hard), float(penalty), dtype)
+    return reference.gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=dtype)
+
+
+def gated_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask_logits: torch.Tensor,
+    beta: float,
+    bias: torch.Tensor | None = None,
+    *,
+    hard: bool = False,
+    penalty: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y = x @ (w * m)^T + b, for x of shape (..., in_features)."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x must have shape (..., {weight.shape[1]}) to match in_features, got {tuple(x.shape)}"
+        )
+    _check_same_device(weight, x=x, bias=bias)
+    w_eff = gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=compute_dtype(weight), backend=backend)
+    return F.linear(x, w_eff, bias)
+
+
+def gated_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask_logits: torch.Tensor,
+    beta: float,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    hard: bool = False,
+    penalty: float = 0.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """conv2d(x, w * m, b) for x of shape (N, C_in, H, W) or (C_in, H, W)."""
+    if weight.dim() != 4:
+        raise ValueError(
+            f"weight must be 4-D (out_channels, in_channels/groups, kH, kW), got shape {tuple(weight.shape)}"
+        )
+    in_channels = weight.shape[1] * groups
+    if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
+        raise ValueError(
+            f"x must have shape (N, {in_channels}, H, W) or ({in_channels}, H, W) to match "
+            f"in_channels, got {tuple(x.shape)}"
+        )
+    _check_same_device(weight, x=x, bias=bias)
+    w_eff = gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=compute_dtype(weight), backend=backend)
+    return F.conv2d(x, w_eff, bias, stride, padding, dilation, groups)
+
+
+__all__ = ["gate", "gated_linear", "gated_conv2d", "compute_dtype", "check_gate_args"]

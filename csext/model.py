@@ -1,0 +1,145 @@
+"""Whole-model helpers: turn a model's layers into gated ones and back, and steer them."""
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import functional, reference
+from .modules import GATED_TYPES, GatedConv2d, GatedLinear
+
+# Exact types only: subclasses such as MultiheadAttention's out_proj are read by their owners
+# through .weight directly, so gating them would silently do nothing.
+_DENSE_TO_GATED = {nn.Linear: GatedLinear, nn.Conv2d: GatedConv2d}
+
+
+def gated_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every gated layer, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, GATED_TYPES)]
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    if name == "":
+        return new
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+    return model
+
+
+def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exclude=()) -> list[nn.Module]:
+    """Replace, in place, every nn.Linear and nn.Conv2d of `model` by its gated form, sharing
+    the weight and bias Parameters. `exclude` holds qualified module names or glob patterns
+    ("fc", "layer1.*") to leave dense. Returns the gated modules, old and new, in module order.
+
+    If `model` is itself a Linear or Conv2d it cannot be replaced in place: use
+    GatedLinear.from_dense / GatedConv2d.from_dense for that.
+    """
+    functional.check_penalty(penalty)
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    patterns = tuple(exclude)
+    candidates = [(name, m) for name, m in model.named_modules() if type(m) in _DENSE_TO_GATED]
+    unused = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name, _ in candidates)]
+    if unused:
+        raise ValueError(f"exclude: {unused} match no nn.Linear or nn.Conv2d module of the model")
+    if type(model) in _DENSE_TO_GATED and not any(fnmatch.fnmatchcase("", p) for p in patterns):
+        raise TypeError(
+            f"sparsify replaces submodules in place; model is itself an {type(model).__name__}: "
+            f"use {_DENSE_TO_GATED[type(model)].__name__}.from_dense(model)"
+        )
+    for name, module in candidates:
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        gated = _DENSE_TO_GATED[type(module)].from_dense(module, mask_init=mask_init)
+        gated.penalty = float(penalty)
+        _replace(model, name, gated)
+    return [m for _, m in gated_modules(model)]
+
+
+def set_beta(model: nn.Module, beta: float) -> None:
+    """Set the temperature of every gated layer."""
+    functional.check_beta(beta)
+    for _, m in gated_modules(model):
+        m.beta = float(beta)
+
+
+def set_hard(model: nn.Module, hard: bool = True) -> None:
+    """Switch every gated layer to the ticket mask 1[s > 0] (or back to the soft mask)."""
+    for _, m in gated_modules(model):
+        m.hard = bool(hard)
+
+
+def set_penalty(model: nn.Module, penalty: float) -> None:
+    """Set lam, applied in the backward of every gated layer (0 to add mask_penalty yourself)."""
+    functional.check_penalty(penalty)
+    for _, m in gated_modules(model):
+        m.penalty = float(penalty)
+
+
+def mask_penalty(model: nn.Module) -> torch.Tensor:
+    """P = sum over gated layers of sum(sigmoid(beta * s)), differentiable, as a float32 scalar
+    (float64 if mask logits are). For logging, or to add lam * P to the loss yourself."""
+    terms = [reference.penalty_term(m.mask_logits, m.beta) for _, m in gated_modules(model)]
+    if not terms:
+        raise ValueError("mask_penalty: the model has no gated layers (call csext.sparsify first)")
+    return torch.stack(terms).sum()
+
+
+@dataclass
+class SparsityReport:
+    """Fraction of gated weights kept by the hard mask s > 0, per layer and in total."""
+
+    per_layer: dict[str, float] = field(default_factory=dict)
+    kept: int = 0
+    total: int = 0
+
+    @property
+    def remaining(self) -> float:
+        return self.kept / self.total if self.total else 1.0
+
+    def as_dict(self) -> dict:
+        return {"remaining": self.remaining, "kept": self.kept, "total": self.total, "per_layer": dict(self.per_layer)}
+
+    def __str__(self) -> str:
+        width = max([len(n) for n in self.per_layer] + [5])
+        lines = [f"{'layer':<{width}}  remaining"]
+        lines += [f"{name:<{width}}  {frac:9.4%}" for name, frac in self.per_layer.items()]
+        lines.append(f"{'total':<{width}}  {self.remaining:9.4%}  ({self.kept} of {self.total} weights)")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module) -> SparsityReport:
+    """Per-layer and total fraction of gated weights remaining under the hard mask."""
+    report = SparsityReport()
+    for name, m in gated_modules(model):
+        kept = int((m.mask_logits > 0).sum())
+        report.per_layer[name or type(m).__name__] = kept / m.mask_logits.numel()
+        report.kept += kept
+        report.total += m.mask_logits.numel()
+    return report
+
+
+@torch.no_grad()
+def _plain(module: nn.Module) -> nn.Module:
+    weight = reference.gate(module.weight, module.mask_logits, module.beta, hard=True)
+    if isinstance(module, GatedLinear):
+        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    else:
+        plain = nn.Conv2d(
+            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+            module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta",
+        )
+    plain.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
+    plain.bias = module.bias
+    plain.train(module.training)
+    return plain
+
+
+def finalize(model: nn.Module) -> nn.Module:
+    """Replace, in place, every gated layer by a plain nn.Linear / nn.Conv2d holding w * 1[s > 0].
+    Returns the model (or the new layer, when `model` is itself a gated layer)."""
+    for name, module in gated_modules(model):
+        model = _replace(model, name, _plain(module))
+    return model

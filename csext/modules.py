@@ -1,0 +1,185 @@
+"""GatedLinear and GatedConv2d: nn.Linear and nn.Conv2d with a learned mask (SPEC section 2).
+
+They subclass the plain layers, so they take the same arguments, initialise the same way and
+keep their parameter names; each adds
+    mask_logits  s, one logit per weight: float32 (float64 beside a float64 weight), = mask_init
+    beta         temperature of the soft mask sigmoid(beta * s), >= 1
+    hard         use the ticket mask 1[s > 0] instead (no gradient reaches s)
+    penalty      lam: the backward adds the gradient of lam * sum(sigmoid(beta * s))
+    backend      "auto", "torch" or "cpp" (csext.backends)
+beta, hard and penalty travel in the state_dict (as `_extra_state`).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.utils import _pair
+
+from . import functional, reference
+
+
+def _mask_logits_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if weight_dtype == torch.float64 else torch.float32
+
+
+class _Gated:
+    """What the gated layers add to their plain parent: mask logits, beta, hard, penalty."""
+
+    weight: nn.Parameter
+    mask_logits: nn.Parameter
+
+    def _init_gate(self, mask_init: float) -> None:
+        if not math.isfinite(mask_init):
+            raise ValueError(f"mask_init must be a finite number, got {mask_init}")
+        self.mask_init = float(mask_init)
+        self.beta = 1.0
+        self.hard = False
+        self.penalty = 0.0
+        self.backend = "auto"
+        self.mask_logits = nn.Parameter(
+            torch.full(
+                self.weight.shape,
+                self.mask_init,
+                dtype=_mask_logits_dtype(self.weight.dtype),
+                device=self.weight.device,
+            )
+        )
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if "mask_logits" in self._parameters:  # absent while the parent's __init__ runs
+            with torch.no_grad():
+                self.mask_logits.fill_(self.mask_init)
+
+    def mask(self) -> torch.Tensor:
+        """The current mask (soft, or hard in ticket mode), detached from autograd."""
+        with torch.no_grad():
+            return reference.mask(self.mask_logits, self.beta, self.hard)
+
+    def effective_weight(self) -> torch.Tensor:
+        """w * m as the forward uses it, differentiable."""
+        return functional.gate(
+            self.weight,
+            self.mask_logits,
+            self.beta,
+            hard=self.hard,
+            penalty=self.penalty,
+            dtype=functional.compute_dtype(self.weight),
+            backend=self.backend,
+        )
+
+    @classmethod
+    def _from_dense(cls, module: nn.Module, mask_init: float, **kwargs):
+        gated = cls(**kwargs, bias=module.bias is not None, mask_init=mask_init, device="meta")
+        gated.weight = module.weight  # the same Parameter objects: no copy, optimizer state stays valid
+        gated.bias = module.bias
+        gated.mask_logits = nn.Parameter(
+            torch.full_like(module.weight, float(mask_init), dtype=_mask_logits_dtype(module.weight.dtype))
+        )
+        gated.train(module.training)
+        return gated
+
+    def _apply(self, fn, recurse=True):
+        # Mask logits follow device moves, and float32 <-> float64, but never drop to a lower
+        # precision: model.half() or .to(torch.bfloat16) leaves them float32.
+        mask_logits = self._parameters.pop("mask_logits", None)
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            if mask_logits is not None:
+                self._parameters["mask_logits"] = mask_logits
+        if mask_logits is None:
+            return self
+        probe = fn(torch.empty(0, dtype=mask_logits.dtype, device=mask_logits.device))
+        if probe.dtype in (torch.float32, torch.float64):
+            keep_precision = fn
+        else:
+            def keep_precision(t):
+                return t.to(device=probe.device)
+        holder = nn.Module()
+        holder.register_parameter("mask_logits", mask_logits)
+        nn.Module._apply(holder, keep_precision, recurse=False)
+        self._parameters["mask_logits"] = holder._parameters["mask_logits"]
+        return self
+
+    def get_extra_state(self) -> dict:
+        return {"beta": self.beta, "hard": self.hard, "penalty": self.penalty, "mask_init": self.mask_init}
+
+    def set_extra_state(self, state: dict) -> None:
+        functional.check_beta(state["beta"])
+        functional.check_penalty(state["penalty"])
+        self.beta = float(state["beta"])
+        self.hard = bool(state["hard"])
+        self.penalty = float(state["penalty"])
+        self.mask_init = float(state.get("mask_init", self.mask_init))
+
+    def _gate_repr(self) -> str:
+        return f"mask_init={self.mask_init}, beta={self.beta:g}, hard={self.hard}, penalty={self.penalty:g}"
+
+
+class GatedLinear(_Gated, nn.Linear):
+    """nn.Linear whose weight is gated by a learned mask: y = x (w * m)^T + b."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, mask_init: float = 0.0,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_gate(mask_init)
+
+    @classmethod
+    def from_dense(cls, module: nn.Linear, mask_init: float = 0.0) -> "GatedLinear":
+        """A GatedLinear that shares `module`'s weight and bias Parameters."""
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"module must be an nn.Linear, got {type(module).__name__}")
+        return cls._from_dense(module, mask_init, in_features=module.in_features, out_features=module.out_features)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return functional.gated_linear(
+            input, self.weight, self.mask_logits, self.beta, self.bias,
+            hard=self.hard, penalty=self.penalty, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._gate_repr()}"
+
+
+class GatedConv2d(_Gated, nn.Conv2d):
+    """nn.Conv2d whose weight is gated by a learned mask: conv2d(x, w * m) + b."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", mask_init: float = 0.0,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+                         device=device, dtype=dtype)
+        self._init_gate(mask_init)
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv2d, mask_init: float = 0.0) -> "GatedConv2d":
+        """A GatedConv2d that shares `module`'s weight and bias Parameters."""
+        if not isinstance(module, nn.Conv2d):
+            raise TypeError(f"module must be an nn.Conv2d, got {type(module).__name__}")
+        return cls._from_dense(
+            module, mask_init,
+            in_channels=module.in_channels, out_channels=module.out_channels,
+            kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+            dilation=module.dilation, groups=module.groups, padding_mode=module.padding_mode,
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":  # as nn.Conv2d: pad explicitly, convolve unpadded
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = _pair(0)
+        return functional.gated_conv2d(
+            input, self.weight, self.mask_logits, self.beta, self.bias,
+            self.stride, padding, self.dilation, self.groups,
+            hard=self.hard, penalty=self.penalty, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._gate_repr()}"
+
+
+GATED_TYPES = (GatedLinear, GatedConv2d)

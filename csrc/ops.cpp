@@ -1,0 +1,232 @@
+// csext::gate and csext::gate_backward: schemas, argument checks and the CPU kernels.
+// Fake (meta) and autograd registrations live in csext/_ops.py; the math is SPEC section 1.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <initializer_list>
+#include <optional>
+#include <tuple>
+
+#include "gate_cpu.h"
+
+// `import csext._C` loads this library, which registers the ops below with the dispatcher.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+namespace csext {
+namespace {
+
+// One build runs at the best vector width of the machine it loads on (chosen once, by ifunc).
+// Levels, not CPU models: a virtualised "Intel Xeon Processor" fails every model test.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CSEXT_ISA_CLONES __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define CSEXT_ISA_CLONES
+#endif
+
+using at::ScalarType;
+constexpr int64_t kGrainSize = 1 << 15;  // elements per task: enough to hide a thread wake-up
+
+bool is_pair(ScalarType a, ScalarType b, ScalarType want_a, ScalarType want_b) {
+  return a == want_a && b == want_b;
+}
+
+// Forward loop (w_eff = w * m) for every (input, output) dtype pair; the loops are inlined here,
+// so each ISA clone of this function carries its own vectorized copy of them.
+CSEXT_ISA_CLONES void gate_forward_kernel(ScalarType in_type, ScalarType out_type, const void* in,
+                                          const void* mask_logits, void* out, int64_t n,
+                                          double beta, bool hard) {
+  using cpu::bf16;
+  const float* s = static_cast<const float*>(mask_logits);
+  const float b = static_cast<float>(beta);
+#define CSEXT_FORWARD_CASE(IN_ST, IN_T, OUT_ST, OUT_T)                                         \
+  if (is_pair(in_type, out_type, ScalarType::IN_ST, ScalarType::OUT_ST))                       \
+    return cpu::gate_forward_loop<float>(static_cast<const IN_T*>(in), s,                      \
+                                         static_cast<OUT_T*>(out), n, b, hard);
+  CSEXT_FORWARD_CASE(Float, float, Float, float)
+  CSEXT_FORWARD_CASE(Float, float, BFloat16, bf16)
+  CSEXT_FORWARD_CASE(Float, float, Half, c10::Half)
+  CSEXT_FORWARD_CASE(BFloat16, bf16, BFloat16, bf16)
+  CSEXT_FORWARD_CASE(BFloat16, bf16, Float, float)
+  CSEXT_FORWARD_CASE(BFloat16, bf16, Half, c10::Half)
+  CSEXT_FORWARD_CASE(Half, c10::Half, Half, c10::Half)
+  CSEXT_FORWARD_CASE(Half, c10::Half, Float, float)
+  CSEXT_FORWARD_CASE(Half, c10::Half, BFloat16, bf16)
+#undef CSEXT_FORWARD_CASE
+  TORCH_INTERNAL_ASSERT(in_type == ScalarType::Double && out_type == ScalarType::Double);
+  cpu::gate_forward_loop<double>(static_cast<const double*>(in),
+                                 static_cast<const double*>(mask_logits),
+                                 static_cast<double*>(out), n, beta, hard);
+}
+
+// Soft-gate backward for every (weight, grad) dtype pair.
+CSEXT_ISA_CLONES void gate_backward_kernel(ScalarType weight_type, ScalarType grad_type,
+                                           const void* grad, const void* weight,
+                                           const void* mask_logits, void* grad_weight,
+                                           void* grad_mask_logits, int64_t n, double beta,
+                                           double penalty) {
+  using cpu::bf16;
+  const float* s = static_cast<const float*>(mask_logits);
+  float* ds = static_cast<float*>(grad_mask_logits);
+  const float b = static_cast<float>(beta);
+  const float lam = static_cast<float>(penalty);
+#define CSEXT_BACKWARD_CASE(W_ST, W_T, G_ST, G_T)                                            \
+  if (is_pair(weight_type, grad_type, ScalarType::W_ST, ScalarType::G_ST))                   \
+    return cpu::gate_backward_loop<float>(static_cast<const G_T*>(grad),                     \
+                                          static_cast<const W_T*>(weight), s,                \
+                                          static_cast<W_T*>(grad_weight), ds, n, b, lam);
+  CSEXT_BACKWARD_CASE(Float, float, Float, float)
+  CSEXT_BACKWARD_CASE(Float, float, BFloat16, bf16)
+  CSEXT_BACKWARD_CASE(Float, float, Half, c10::Half)
+  CSEXT_BACKWARD_CASE(BFloat16, bf16, BFloat16, bf16)
+  CSEXT_BACKWARD_CASE(BFloat16, bf16, Float, float)
+  CSEXT_BACKWARD_CASE(BFloat16, bf16, Half, c10::Half)
+  CSEXT_BACKWARD_CASE(Half, c10::Half, Half, c10::Half)
+  CSEXT_BACKWARD_CASE(Half, c10::Half, Float, float)
+  CSEXT_BACKWARD_CASE(Half, c10::Half, BFloat16, bf16)
+#undef CSEXT_BACKWARD_CASE
+  TORCH_INTERNAL_ASSERT(weight_type == ScalarType::Double && grad_type == ScalarType::Double);
+  cpu::gate_backward_loop<double>(
+      static_cast<const double*>(grad), static_cast<const double*>(weight),
+      static_cast<const double*>(mask_logits), static_cast<double*>(grad_weight),
+      static_cast<double*>(grad_mask_logits), n, beta, penalty);
+}
+
+bool is_gate_dtype(ScalarType t) {
+  return t == ScalarType::Float || t == ScalarType::BFloat16 || t == ScalarType::Half ||
+         t == ScalarType::Double;
+}
+
+// The checks every entry point shares; messages name the argument and what was expected.
+void check_gate_args(const char* op, const char* weight_name, const at::Tensor& weight,
+                     const at::Tensor& mask_logits, double beta) {
+  TORCH_CHECK_VALUE(weight.sizes() == mask_logits.sizes(), op, ": ", weight_name,
+                    " and mask_logits must have the same shape, got ", weight_name, " ",
+                    weight.sizes(), " and mask_logits ", mask_logits.sizes());
+  TORCH_CHECK_VALUE(weight.device() == mask_logits.device(), op, ": ", weight_name,
+                    " and mask_logits must be on the same device, got ", weight.device(),
+                    " and ", mask_logits.device());
+  TORCH_CHECK_TYPE(is_gate_dtype(weight.scalar_type()), op, ": ", weight_name,
+                   " must be float32, float64, bfloat16 or float16, got ", weight.scalar_type());
+  const bool fp64 = weight.scalar_type() == ScalarType::Double;
+  TORCH_CHECK_TYPE(mask_logits.scalar_type() == ScalarType::Float ||
+                       (fp64 && mask_logits.scalar_type() == ScalarType::Double),
+                   op, ": mask_logits must be float32 (or float64 beside a float64 ", weight_name,
+                   "), got ", mask_logits.scalar_type());
+  TORCH_CHECK_TYPE(!fp64 || mask_logits.scalar_type() == ScalarType::Double, op, ": a float64 ",
+                   weight_name, " needs float64 mask_logits, got ", mask_logits.scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 1.0, op,
+                    ": beta must be a finite number >= 1, got ", beta);
+}
+
+// The layout the kernels run in: channels_last when every operand already is (conv weights
+// stay channels_last), else contiguous. csext/_ops.py mirrors this rule in the fake kernels.
+at::MemoryFormat common_layout(std::initializer_list<at::Tensor> tensors) {
+  bool all_contiguous = true, all_channels_last = true;
+  for (const at::Tensor& t : tensors) {
+    all_contiguous = all_contiguous && t.is_contiguous();
+    all_channels_last = all_channels_last && t.dim() == 4 &&
+                        t.is_contiguous(at::MemoryFormat::ChannelsLast);
+  }
+  return all_channels_last && !all_contiguous ? at::MemoryFormat::ChannelsLast
+                                              : at::MemoryFormat::Contiguous;
+}
+
+template <typename Fn>
+void parallel_chunks(int64_t n, const Fn& fn) {
+  at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) { fn(begin, end - begin); });
+}
+
+const char* at_offset(const at::Tensor& t, int64_t i) {
+  return static_cast<const char*>(t.const_data_ptr()) + i * t.element_size();
+}
+char* at_offset_mut(at::Tensor& t, int64_t i) {
+  return static_cast<char*>(t.mutable_data_ptr()) + i * t.element_size();
+}
+
+at::Tensor gate_cpu(const at::Tensor& weight, const at::Tensor& mask_logits, double beta,
+                    bool hard, double penalty, std::optional<ScalarType> dtype) {
+  (void)penalty;  // used by the backward only (csext/_ops.py)
+  check_gate_args("csext::gate", "weight", weight, mask_logits, beta);
+  TORCH_CHECK(weight.device().is_cpu(), "csext::gate: the CPU kernel got a tensor on ",
+              weight.device());
+  const ScalarType out_type = dtype.value_or(weight.scalar_type());
+  const bool fp64 = weight.scalar_type() == ScalarType::Double;
+  TORCH_CHECK_TYPE(is_gate_dtype(out_type) && (out_type == ScalarType::Double) == fp64,
+                   "csext::gate: dtype must be float32, bfloat16 or float16 (float64 only for a "
+                   "float64 weight), got ",
+                   out_type, " for a ", weight.scalar_type(), " weight");
+  const at::MemoryFormat layout = common_layout({weight, mask_logits});
+  const at::Tensor w = weight.contiguous(layout);
+  const at::Tensor s = mask_logits.contiguous(layout);
+  at::Tensor out = at::empty(w.sizes(), w.options().dtype(out_type).memory_format(layout));
+  parallel_chunks(w.numel(), [&](int64_t begin, int64_t count) {
+    gate_forward_kernel(w.scalar_type(), out_type, at_offset(w, begin), at_offset(s, begin),
+                        at_offset_mut(out, begin), count, beta, hard);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad,
+                                                     const at::Tensor& weight,
+                                                     const at::Tensor& mask_logits,
+                                                     double beta, double penalty) {
+  check_gate_args("csext::gate_backward", "weight", weight, mask_logits, beta);
+  TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(),
+                    "csext::gate_backward: grad must have the shape of weight ", weight.sizes(),
+                    ", got ", grad.sizes());
+  TORCH_CHECK(weight.device().is_cpu() && grad.device().is_cpu(),
+              "csext::gate_backward: the CPU kernel got tensors on ", grad.device(), " and ",
+              weight.device());
+  TORCH_CHECK_VALUE(std::isfinite(penalty) && penalty >= 0.0,
+                    "csext::gate_backward: penalty must be a finite number >= 0, got ", penalty);
+  const bool fp64 = weight.scalar_type() == ScalarType::Double;
+  TORCH_CHECK_TYPE(is_gate_dtype(grad.scalar_type()) &&
+                       (grad.scalar_type() == ScalarType::Double) == fp64,
+                   "csext::gate_backward: grad must be float32, bfloat16 or float16 (float64 "
+                   "beside a float64 weight), got ",
+                   grad.scalar_type());
+  const at::MemoryFormat layout = common_layout({grad, weight, mask_logits});
+  const at::Tensor g = grad.contiguous(layout);
+  const at::Tensor w = weight.contiguous(layout);
+  const at::Tensor s = mask_logits.contiguous(layout);
+  at::Tensor grad_weight = at::empty(w.sizes(), w.options().memory_format(layout));
+  at::Tensor grad_mask_logits = at::empty(s.sizes(), s.options().memory_format(layout));
+  parallel_chunks(w.numel(), [&](int64_t begin, int64_t count) {
+    gate_backward_kernel(w.scalar_type(), g.scalar_type(), at_offset(g, begin),
+                         at_offset(w, begin), at_offset(s, begin),
+                         at_offset_mut(grad_weight, begin), at_offset_mut(grad_mask_logits, begin),
+                         count, beta, penalty);
+  });
+  return {grad_weight, grad_mask_logits};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(csext, m) {
+  // w_eff = weight * m in `dtype` (default: weight's). `penalty` (lam) enters the backward only:
+  // dL/ds gains beta * m * (1 - m) * lam, the gradient of lam * sum(m).
+  m.def(
+      "gate(Tensor weight, Tensor mask_logits, float beta, bool hard=False, float penalty=0.0, "
+      "ScalarType? dtype=None) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // (dL/dw, dL/ds) of the soft gate from grad = dL/dw_eff.
+  m.def(
+      "gate_backward(Tensor grad, Tensor weight, Tensor mask_logits, float beta, "
+      "float penalty=0.0) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(csext, CPU, m) {
+  m.impl("gate", &gate_cpu);
+  m.impl("gate_backward", &gate_backward_cpu);
+}
+
+}  // namespace csext
