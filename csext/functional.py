@@ -18,14 +18,15 @@ _WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 def check_beta(beta) -> None:
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"beta must be a float, got {type(beta).__name__}")
-    if not (math.isfinite(beta) and beta >= 1.0):
+    # Comparisons, not math.isfinite: torch.compile traces them without a graph break.
+    if not 1.0 <= beta < math.inf:
         raise ValueError(f"beta must be a finite number >= 1, got {beta}")
 
 
 def check_penalty(penalty) -> None:
     if isinstance(penalty, bool) or not isinstance(penalty, (int, float)):
         raise TypeError(f"penalty must be a float, got {type(penalty).__name__}")
-    if not (math.isfinite(penalty) and penalty >= 0.0):
+    if not 0.0 <= penalty < math.inf:
         raise ValueError(f"penalty must be a finite number >= 0, got {penalty}")
 
 

@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+import csext
+
+# CI sets CSEXT_REQUIRE_EXTENSION=1: a missing C++ extension then fails the run instead of
+# quietly skipping every cpp test.
+if os.environ.get("CSEXT_REQUIRE_EXTENSION") == "1" and "cpp" not in csext.backends.available():
+    raise RuntimeError(f"CSEXT_REQUIRE_EXTENSION=1 but csext._C is missing: {csext._ops.extension_error()}")
+
+
+def pytest_report_header(config):
+    return f"csext {csext.__version__} from {os.path.dirname(csext.__file__)}; backends {csext.backends.available()}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A fresh draw per test, reproducible from the test's name.
+    torch.manual_seed(hash(request.node.nodeid) % (2**31))

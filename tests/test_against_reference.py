@@ -1,0 +1,129 @@
+"""Fused backends against the torch backend by SPEC section 4, on awkward shapes and dtypes."""
+
+import pytest
+import torch
+
+import csext
+from csext import functional as CF
+from numerics import FUSED_BACKENDS, assert_close_rule, mask_logits_like, poison_allocator
+
+pytestmark = pytest.mark.skipif(not FUSED_BACKENDS, reason="no fused backend is built")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LINEAR_SHAPES = [  # (x shape, out_features)
+    ((97, 431), 13),
+    ((5, 97), 431),
+    ((2, 3, 17), 33),
+    ((1, 1), 1),
+]
+CONV_SHAPES = [  # (x shape, out_channels, kernel, stride, padding, dilation, groups)
+    ((2, 6, 9, 11), 4, 3, 2, 1, 1, 2),
+    ((1, 3, 8, 7), 5, (3, 2), 1, 2, 2, 1),
+    ((3, 16, 10, 10), 16, 3, 1, 1, 1, 16),
+]
+
+
+def _leaves(tensors, dtype):
+    """Copies in `dtype` (mask logits stay float32, or float64 in the fp64 reference)."""
+    out = []
+    for name, t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        wanted = t.dtype if name == "s" and dtype != torch.float64 else dtype
+        out.append(t.detach().to(wanted).requires_grad_())
+    return out
+
+
+def _run(op, tensors, dtype, backend, grad_out):
+    leaves = _leaves(tensors, dtype)
+    y = op(*leaves, backend=backend)
+    poison_allocator(*[t for t in leaves if t is not None])
+    y.backward(grad_out.to(y.dtype))
+    return [y.detach()] + [None if t is None else t.grad for t in leaves]
+
+
+def _compare(op, tensors, dtype, backend, out_shape):
+    grad_out = torch.randn(out_shape)
+    exact = _run(op, tensors, torch.float64, "torch", grad_out)
+    plain = _run(op, tensors, dtype, "torch", grad_out)
+    fused = _run(op, tensors, dtype, backend, grad_out)
+    names = ["output"] + [f"grad of {name}" for name, _ in tensors]
+    for name, f, p, e in zip(names, fused, plain, exact):
+        assert (f is None) == (p is None) == (e is None), f"{name}: present in one run only"
+        if f is not None:
+            assert not torch.isnan(f).any(), f"{name}: NaN (an element left unwritten?)"
+            assert_close_rule(f, p, e, name)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES)
+def test_linear_matches_torch_backend(backend, dtype, hard, shape):
+    x_shape, n = shape
+    beta, penalty = 3.7, 0.01
+    w = torch.randn(n, x_shape[-1])
+    tensors = [("x", torch.randn(x_shape)), ("w", w), ("s", mask_logits_like(w)), ("b", torch.randn(n))]
+
+    def op(x, w, s, b, backend):
+        return CF.gated_linear(x, w, s, beta, b, hard=hard, penalty=penalty, backend=backend)
+
+    _compare(op, tensors, dtype, backend, x_shape[:-1] + (n,))
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("shape", CONV_SHAPES)
+def test_conv2d_matches_torch_backend(backend, dtype, hard, shape):
+    x_shape, cout, kernel, stride, padding, dilation, groups = shape
+    beta, penalty = 1.9, 0.02
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    w = torch.randn(cout, x_shape[1] // groups, kh, kw)
+    tensors = [("x", torch.randn(x_shape)), ("w", w), ("s", mask_logits_like(w)), ("b", torch.randn(cout))]
+
+    def op(x, w, s, b, backend):
+        return CF.gated_conv2d(x, w, s, beta, b, stride, padding, dilation, groups, hard=hard, penalty=penalty, backend=backend)
+
+    out_shape = torch.nn.functional.conv2d(
+        torch.empty(x_shape), torch.empty(w.shape), None, stride, padding, dilation, groups
+    ).shape
+    _compare(op, tensors, dtype, backend, out_shape)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("beta", [1.0, 60.0, 200.0])
+def test_gate_across_temperatures(backend, beta):
+    """Large beta saturates the sigmoid: the fused slope m * (1 - m) must stay accurate."""
+    w = torch.randn(257, 129)
+    s = mask_logits_like(w) * 0.2
+    tensors = [("w", w), ("s", s)]
+
+    def op(w, s, backend):
+        return CF.gate(w, s, beta, penalty=1e-3, backend=backend)
+
+    _compare(op, tensors, torch.float32, backend, w.shape)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_channels_last_weight(backend):
+    w = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)
+    s = mask_logits_like(w).to(memory_format=torch.channels_last)
+    for b in (backend, "torch"):
+        out = CF.gate(w, s, 2.0, backend=b)
+        assert torch.allclose(out, csext.reference.gate(w, s, 2.0), rtol=2e-6, atol=1e-7)
+    out = CF.gate(w, s, 2.0, backend=backend)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    mixed = CF.gate(w, s.contiguous(), 2.0, backend=backend)  # different layouts: still correct
+    assert torch.allclose(mixed, csext.reference.gate(w, s, 2.0), rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_large_tensor_spans_threads(backend):
+    """More elements than one parallel task takes, with an odd count: every chunk is written."""
+    w = torch.randn(3 * (1 << 15) + 7)
+    s = mask_logits_like(w)
+    poison_allocator(w)
+    out = CF.gate(w, s, 4.0, backend=backend)
+    assert_close_rule(out, CF.gate(w, s, 4.0, backend="torch"), CF.gate(w.double(), s.double(), 4.0, backend="torch"), "gate")

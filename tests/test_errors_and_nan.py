@@ -1,0 +1,87 @@
+"""Bad input gets a clear error naming the argument; NaN in mask logits propagates."""
+
+import pytest
+import torch
+
+import csext
+from csext import functional as CF
+
+BACKENDS = csext.backends.available()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_arguments_are_named(backend):
+    w, s, x = torch.randn(4, 6), torch.randn(4, 6), torch.randn(3, 6)
+    cases = [
+        (lambda: CF.gated_linear(x, w, torch.randn(4, 5), 1.0, backend=backend), ValueError, "same shape"),
+        (lambda: CF.gated_linear(x, w, s.double(), 1.0, backend=backend), TypeError, "mask_logits must be torch.float32"),
+        (lambda: CF.gated_linear(x, w, s.bfloat16(), 1.0, backend=backend), TypeError, "mask_logits must be"),
+        (lambda: CF.gated_linear(x, w, s, float("nan"), backend=backend), ValueError, "beta must be a finite number >= 1"),
+        (lambda: CF.gated_linear(x, w, s, float("inf"), backend=backend), ValueError, "beta must be"),
+        (lambda: CF.gated_linear(x, w, s, 0.5, backend=backend), ValueError, "beta must be"),
+        (lambda: CF.gated_linear(x, w, s, 1.0, penalty=-1.0, backend=backend), ValueError, "penalty must be"),
+        (lambda: CF.gated_linear(torch.randn(3, 5), w, s, 1.0, backend=backend), ValueError, r"x must have shape \(\.\.\., 6\)"),
+        (lambda: CF.gated_linear(torch.randn(()), w, s, 1.0, backend=backend), ValueError, "x must have shape"),
+        (lambda: CF.gated_linear(x, w, s, 1.0, torch.randn(4, device="meta"), backend=backend), ValueError, "bias must be on the device"),
+        (lambda: CF.gated_linear(x.to("meta"), w, s, 1.0, backend=backend), ValueError, "x must be on the device"),
+        (lambda: CF.gated_linear(x, w, s.to("meta"), 1.0, backend=backend), ValueError, "same device"),
+        (lambda: CF.gated_linear(x, w.int(), s, 1.0, backend=backend), TypeError, "weight must be float32"),
+        (lambda: CF.gated_linear(x, w.view(2, 2, 6), s.view(2, 2, 6), 1.0, backend=backend), ValueError, "weight must be 2-D"),
+    ]
+    cw, cs = torch.randn(5, 3, 3, 3), torch.randn(5, 3, 3, 3)
+    cases += [
+        (lambda: CF.gated_conv2d(torch.randn(2, 4, 8, 8), cw, cs, 1.0, backend=backend), ValueError, r"x must have shape \(N, 3, H, W\)"),
+        (lambda: CF.gated_conv2d(torch.randn(2, 2, 3, 8, 8), cw, cs, 1.0, backend=backend), ValueError, "x must have shape"),
+        (lambda: CF.gated_conv2d(torch.randn(2, 3, 8, 8), cw, cs[:4], 1.0, backend=backend), ValueError, "same shape"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_cpp_op_checks_its_own_arguments():
+    if "cpp" not in BACKENDS:
+        pytest.skip("the C++ extension is not built")
+    w, s = torch.randn(4, 6), torch.randn(4, 6)
+    with pytest.raises(ValueError, match="weight and mask_logits must have the same shape"):
+        torch.ops.csext.gate(w, s[:3], 1.0)
+    with pytest.raises(TypeError, match="mask_logits must be float32"):
+        torch.ops.csext.gate(w, s.half(), 1.0)
+    with pytest.raises(ValueError, match="beta must be a finite number >= 1"):
+        torch.ops.csext.gate(w, s, 0.0)
+    with pytest.raises(ValueError, match="penalty must be"):
+        torch.ops.csext.gate_backward(w, w, s, 1.0, float("nan"))
+    with pytest.raises(ValueError, match="grad must have the shape"):
+        torch.ops.csext.gate_backward(w[:2], w, s, 1.0, 0.0)
+    with pytest.raises(TypeError, match="dtype must be"):
+        torch.ops.csext.gate(w, s, 1.0, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hard", [False, True])
+def test_nan_mask_logits_propagate(backend, hard):
+    w = torch.randn(3, 5, requires_grad=True)
+    s = torch.randn(3, 5)
+    s[1, 2] = float("nan")
+    s.requires_grad_()
+    x = torch.randn(4, 5)
+    y = CF.gated_linear(x, w, s, 7.0, penalty=0.1, hard=hard, backend=backend)
+    assert torch.isnan(y[:, 1]).all(), "the output row reading the NaN logit must be NaN"
+    assert not torch.isnan(y[:, [0, 2]]).any()
+    y.sum().backward()
+    assert torch.isnan(w.grad[1, 2]) and torch.isfinite(w.grad[0]).all()
+    if not hard:
+        assert torch.isnan(s.grad[1, 2]) and torch.isfinite(s.grad[0]).all()
+    w_eff = CF.gate(w, s, 7.0, hard=hard, backend=backend)
+    assert torch.isnan(w_eff[1, 2]) and torch.isnan(w_eff).sum() == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_extreme_logits_stay_finite(backend):
+    w = torch.randn(6)
+    s = torch.tensor([-1e30, -500.0, -0.5, 0.5, 500.0, 1e30])
+    s.requires_grad_()
+    out = CF.gate(w, s, 200.0, penalty=0.1, backend=backend)
+    torch.testing.assert_close(out, w * torch.sigmoid(200.0 * s.detach()))
+    out.sum().backward()
+    assert torch.isfinite(s.grad).all()

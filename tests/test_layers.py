@@ -1,0 +1,158 @@
+"""GatedLinear / GatedConv2d: construction, penalty in the backward, state_dict, dtype moves."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import csext
+from numerics import mask_logits_like
+
+BACKENDS = csext.backends.available()
+
+
+def _small_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, groups=3),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 3, stride=2, padding_mode="reflect", padding=1),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 10),
+        nn.ReLU(),
+        nn.Linear(10, 3),
+    )
+
+
+def test_layers_initialise_like_plain_ones():
+    torch.manual_seed(1)
+    plain = nn.Linear(31, 7)
+    torch.manual_seed(1)
+    gated = csext.GatedLinear(31, 7, mask_init=-0.5)
+    assert torch.equal(plain.weight, gated.weight) and torch.equal(plain.bias, gated.bias)
+    assert gated.mask_logits.dtype == torch.float32 and torch.all(gated.mask_logits == -0.5)
+    torch.manual_seed(2)
+    plain_conv = nn.Conv2d(4, 8, (3, 2), stride=2, groups=2, bias=False)
+    torch.manual_seed(2)
+    gated_conv = csext.GatedConv2d(4, 8, (3, 2), stride=2, groups=2, bias=False)
+    assert torch.equal(plain_conv.weight, gated_conv.weight) and gated_conv.bias is None
+    assert gated.beta == 1.0 and gated.hard is False and gated.penalty == 0.0
+    assert set(dict(gated.named_parameters())) == {"weight", "bias", "mask_logits"}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_penalty_in_backward_equals_autograd_of_penalised_loss(backend):
+    lam, beta = 0.05, 4.0
+    x = torch.randn(5, 3, 8, 8)
+    fused = _small_net()
+    csext.sparsify(fused, mask_init=0.3, penalty=lam)
+    explicit = copy.deepcopy(fused)
+    csext.set_penalty(explicit, 0.0)
+    for model in (fused, explicit):
+        csext.set_beta(model, beta)
+        for _, m in csext.gated_modules(model):
+            m.backend = backend
+            with torch.no_grad():
+                m.mask_logits.copy_(mask_logits_like(m.weight))
+    torch.manual_seed(7)
+    masks = [mask_logits_like(m.weight) for _, m in csext.gated_modules(fused)]
+    for model in (fused, explicit):
+        for (_, m), s in zip(csext.gated_modules(model), masks):
+            with torch.no_grad():
+                m.mask_logits.copy_(s)
+    fused(x).square().mean().backward()
+    (explicit(x).square().mean() + lam * csext.mask_penalty(explicit)).backward()
+    for (name, a), (_, b) in zip(fused.named_parameters(), explicit.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def test_from_dense_loads_plain_state_dict_and_matches_plain_layer():
+    dense = nn.Linear(12, 5)
+    source = nn.Linear(12, 5)
+    dense.load_state_dict(source.state_dict())
+    gated = csext.GatedLinear.from_dense(dense, mask_init=1.0)
+    assert gated.weight is dense.weight  # shares the Parameter
+    gated.hard = True  # s = 1 > 0 everywhere: the ticket is the dense layer
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(gated(x), source(x), rtol=0, atol=0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")
+    gconv = csext.GatedConv2d.from_dense(conv, mask_init=2.0)
+    gconv.hard = True
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(gconv(x), conv(x), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="module must be an nn.Linear"):
+        csext.GatedLinear.from_dense(conv)
+
+
+def test_finalize_loads_into_plain_model_and_computes_same_outputs():
+    model = _small_net()
+    csext.sparsify(model, mask_init=0.0)
+    for _, m in csext.gated_modules(model):
+        with torch.no_grad():
+            m.mask_logits.copy_(mask_logits_like(m.weight))
+    csext.set_hard(model)
+    x = torch.randn(3, 3, 8, 8)
+    expected = model(x)
+    report = csext.sparsity_report(model)
+    final = csext.finalize(model)
+    assert not csext.gated_modules(final)
+    plain = _small_net(seed=123)
+    plain.load_state_dict(final.state_dict())
+    torch.testing.assert_close(plain(x), expected, rtol=1e-6, atol=1e-6)
+    kept = sum(int((m.weight != 0).sum()) for m in plain.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    assert kept == report.kept
+
+
+def test_state_dict_round_trip_keeps_beta_hard_penalty():
+    layer = csext.GatedConv2d(2, 3, 3, mask_init=-0.2)
+    layer.beta, layer.hard, layer.penalty = 37.5, True, 1e-4
+    clone = csext.GatedConv2d(2, 3, 3)
+    clone.load_state_dict(layer.state_dict())
+    assert (clone.beta, clone.hard, clone.penalty, clone.mask_init) == (37.5, True, 1e-4, -0.2)
+    assert torch.equal(clone.mask_logits, layer.mask_logits)
+
+
+def test_lower_precision_keeps_mask_logits_float32():
+    layer = csext.GatedLinear(8, 4).to(torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16 and layer.mask_logits.dtype == torch.float32
+    assert isinstance(layer.mask_logits, nn.Parameter)
+    out = layer(torch.randn(2, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    layer.half()
+    assert layer.mask_logits.dtype == torch.float32
+    layer.double()
+    assert layer.weight.dtype == layer.mask_logits.dtype == torch.float64
+    layer.float()
+    assert layer.mask_logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_bfloat16_matches_reference(backend):
+    layer = csext.GatedLinear(64, 32)
+    layer.backend = backend
+    layer.beta = 3.0
+    with torch.no_grad():
+        layer.mask_logits.copy_(mask_logits_like(layer.weight))
+    x = torch.randn(16, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32 and layer.mask_logits.grad.dtype == torch.float32
+    w_eff = csext.reference.gate(layer.weight, layer.mask_logits, 3.0).to(torch.bfloat16)
+    expected = torch.nn.functional.linear(x.to(torch.bfloat16), w_eff, layer.bias.to(torch.bfloat16))
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+def test_mask_and_effective_weight():
+    layer = csext.GatedLinear(6, 3)
+    layer.beta = 5.0
+    with torch.no_grad():
+        layer.mask_logits.copy_(mask_logits_like(layer.weight))
+    soft = torch.sigmoid(5.0 * layer.mask_logits)
+    torch.testing.assert_close(layer.mask(), soft)
+    assert not layer.mask().requires_grad
+    torch.testing.assert_close(layer.effective_weight(), layer.weight * soft)
+    layer.hard = True
+    assert torch.equal(layer.mask(), (layer.mask_logits > 0).float())
