@@ -29,6 +29,12 @@ def extension_error() -> str:
     return "" if _EXTENSION_ERROR is None else f"csext._C did not load: {_EXTENSION_ERROR}"
 
 
+def beta_tensor(beta: float) -> torch.Tensor:
+    """beta as the ops take it: a 0-dim float64 CPU tensor. Built by a multiply so that
+    torch.compile keeps beta a graph input instead of recompiling for each new value."""
+    return torch.ones((), dtype=torch.float64) * beta
+
+
 def _kernel_layout(*tensors: torch.Tensor) -> torch.memory_format:
     """The layout the kernels run in (csrc/ops.cpp, common_layout)."""
     all_contiguous = all(t.is_contiguous() for t in tensors)
@@ -64,20 +70,20 @@ if _EXTENSION_ERROR is None:
 
     def _gate_setup_context(ctx, inputs, output):
         weight, mask_logits, beta, hard, penalty, _dtype = inputs
-        ctx.save_for_backward(weight, mask_logits)  # m is recomputed, never saved
-        ctx.beta, ctx.hard, ctx.penalty = beta, hard, penalty
+        ctx.save_for_backward(weight, mask_logits, beta)  # m is recomputed, never saved
+        ctx.hard, ctx.penalty = hard, penalty
 
     def _gate_backward(ctx, grad):
-        weight, mask_logits = ctx.saved_tensors
+        weight, mask_logits, beta = ctx.saved_tensors
         needs_weight, needs_mask_logits = ctx.needs_input_grad[:2]
         grad_weight = grad_mask_logits = None
         if ctx.hard or not needs_mask_logits:
             # dL/dw = G * m is the forward loop with G in place of w; s gets no gradient.
             if needs_weight:
-                grad_weight = torch.ops.csext.gate(grad, mask_logits, ctx.beta, ctx.hard, 0.0, weight.dtype)
+                grad_weight = torch.ops.csext.gate(grad, mask_logits, beta, ctx.hard, 0.0, weight.dtype)
         else:
             grad_weight, grad_mask_logits = torch.ops.csext.gate_backward(
-                grad, weight, mask_logits, ctx.beta, ctx.penalty
+                grad, weight, mask_logits, beta, ctx.penalty
             )
             if not needs_weight:
                 grad_weight = None

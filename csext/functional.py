@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import backends, reference
+from . import _ops, backends, reference
 
 _WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -87,7 +87,7 @@ def gate(
     check_gate_args(weight, mask_logits, beta, penalty)
     name = backends.resolve(backend, weight.device.type)
     if name == "cpp":
-        return torch.ops.csext.gate(weight, mask_logits, float(beta), bool(hard), float(penalty), dtype)
+        return torch.ops.csext.gate(weight, mask_logits, _ops.beta_tensor(beta), bool(hard), float(penalty), dtype)
     return reference.gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=dtype)
 
 

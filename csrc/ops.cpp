@@ -126,6 +126,15 @@ void check_gate_args(const char* op, const char* weight_name, const at::Tensor& 
                     ": beta must be a finite number >= 1, got ", beta);
 }
 
+// beta travels as a 0-dim CPU tensor, not a float: torch.compile bakes float arguments of
+// custom ops into the graph, which would recompile at every step of the beta schedule.
+double read_beta(const char* op, const at::Tensor& beta) {
+  TORCH_CHECK_VALUE(beta.dim() == 0 && beta.device().is_cpu() && beta.is_floating_point(), op,
+                    ": beta must be a 0-dim floating-point tensor on the CPU, got a ",
+                    beta.dim(), "-dim ", beta.scalar_type(), " tensor on ", beta.device());
+  return beta.item<double>();
+}
+
 // The layout the kernels run in: channels_last when every operand already is (conv weights
 // stay channels_last), else contiguous. csext/_ops.py mirrors this rule in the fake kernels.
 at::MemoryFormat common_layout(std::initializer_list<at::Tensor> tensors) {
@@ -151,9 +160,11 @@ char* at_offset_mut(at::Tensor& t, int64_t i) {
   return static_cast<char*>(t.mutable_data_ptr()) + i * t.element_size();
 }
 
-at::Tensor gate_cpu(const at::Tensor& weight, const at::Tensor& mask_logits, double beta,
-                    bool hard, double penalty, std::optional<ScalarType> dtype) {
+at::Tensor gate_cpu(const at::Tensor& weight, const at::Tensor& mask_logits,
+                    const at::Tensor& beta_tensor, bool hard, double penalty,
+                    std::optional<ScalarType> dtype) {
   (void)penalty;  // used by the backward only (csext/_ops.py)
+  const double beta = read_beta("csext::gate", beta_tensor);
   check_gate_args("csext::gate", "weight", weight, mask_logits, beta);
   TORCH_CHECK(weight.device().is_cpu(), "csext::gate: the CPU kernel got a tensor on ",
               weight.device());
@@ -177,7 +188,9 @@ at::Tensor gate_cpu(const at::Tensor& weight, const at::Tensor& mask_logits, dou
 std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad,
                                                      const at::Tensor& weight,
                                                      const at::Tensor& mask_logits,
-                                                     double beta, double penalty) {
+                                                     const at::Tensor& beta_tensor,
+                                                     double penalty) {
+  const double beta = read_beta("csext::gate_backward", beta_tensor);
   check_gate_args("csext::gate_backward", "weight", weight, mask_logits, beta);
   TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(),
                     "csext::gate_backward: grad must have the shape of weight ", weight.sizes(),
@@ -212,14 +225,15 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad,
 
 TORCH_LIBRARY(csext, m) {
   // w_eff = weight * m in `dtype` (default: weight's). `penalty` (lam) enters the backward only:
-  // dL/ds gains beta * m * (1 - m) * lam, the gradient of lam * sum(m).
+  // dL/ds gains beta * m * (1 - m) * lam, the gradient of lam * sum(m). beta is a 0-dim CPU
+  // tensor (see read_beta).
   m.def(
-      "gate(Tensor weight, Tensor mask_logits, float beta, bool hard=False, float penalty=0.0, "
+      "gate(Tensor weight, Tensor mask_logits, Tensor beta, bool hard=False, float penalty=0.0, "
       "ScalarType? dtype=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   // (dL/dw, dL/ds) of the soft gate from grad = dL/dw_eff.
   m.def(
-      "gate_backward(Tensor grad, Tensor weight, Tensor mask_logits, float beta, "
+      "gate_backward(Tensor grad, Tensor weight, Tensor mask_logits, Tensor beta, "
       "float penalty=0.0) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }

@@ -43,18 +43,21 @@ def test_cpp_op_checks_its_own_arguments():
     if "cpp" not in BACKENDS:
         pytest.skip("the C++ extension is not built")
     w, s = torch.randn(4, 6), torch.randn(4, 6)
+    B = csext._ops.beta_tensor
     with pytest.raises(ValueError, match="weight and mask_logits must have the same shape"):
-        torch.ops.csext.gate(w, s[:3], 1.0)
+        torch.ops.csext.gate(w, s[:3], B(1.0))
     with pytest.raises(TypeError, match="mask_logits must be float32"):
-        torch.ops.csext.gate(w, s.half(), 1.0)
+        torch.ops.csext.gate(w, s.half(), B(1.0))
     with pytest.raises(ValueError, match="beta must be a finite number >= 1"):
-        torch.ops.csext.gate(w, s, 0.0)
+        torch.ops.csext.gate(w, s, B(0.0))
     with pytest.raises(ValueError, match="penalty must be"):
-        torch.ops.csext.gate_backward(w, w, s, 1.0, float("nan"))
+        torch.ops.csext.gate_backward(w, w, s, B(1.0), float("nan"))
     with pytest.raises(ValueError, match="grad must have the shape"):
-        torch.ops.csext.gate_backward(w[:2], w, s, 1.0, 0.0)
+        torch.ops.csext.gate_backward(w[:2], w, s, B(1.0), 0.0)
     with pytest.raises(TypeError, match="dtype must be"):
-        torch.ops.csext.gate(w, s, 1.0, dtype=torch.int32)
+        torch.ops.csext.gate(w, s, B(1.0), dtype=torch.int32)
+    with pytest.raises(ValueError, match="beta must be a 0-dim floating-point tensor on the CPU"):
+        torch.ops.csext.gate(w, s, torch.ones(1))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -19,13 +19,14 @@ def _gate_samples():
     sb = mask_logits_like(wb).to(memory_format=torch.channels_last).requires_grad_()
     wd = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     sd = mask_logits_like(wd, torch.float64).requires_grad_()
+    B = csext._ops.beta_tensor
     return [
-        (w, s, 2.0, False, 0.1, None),
-        (w, s, 2.0, True, 0.0, None),
-        (w, s, 5.0, False, 0.0, torch.bfloat16),
-        (wb, sb, 1.0, False, 0.2, None),
-        (wb.detach().to(memory_format=torch.channels_last), sb, 3.0, False, 0.0, torch.float32),
-        (wd, sd, 1.5, False, 0.3, None),
+        (w, s, B(2.0), False, 0.1, None),
+        (w, s, B(2.0), True, 0.0, None),
+        (w, s, B(5.0), False, 0.0, torch.bfloat16),
+        (wb, sb, B(1.0), False, 0.2, None),
+        (wb.detach().to(memory_format=torch.channels_last), sb, B(3.0), False, 0.0, torch.float32),
+        (wd, sd, B(1.5), False, 0.3, None),
     ]
 
 
@@ -41,7 +42,7 @@ def test_opcheck_gate_backward(dtype):
     w = torch.randn(9, 11, dtype=dtype)
     s = mask_logits_like(w, torch.float64 if dtype == torch.float64 else torch.float32)
     g = torch.randn(9, 11, dtype=dtype)
-    torch.library.opcheck(torch.ops.csext.gate_backward.default, (g, w, s, 2.0, 0.1))
+    torch.library.opcheck(torch.ops.csext.gate_backward.default, (g, w, s, csext._ops.beta_tensor(2.0), 0.1))
 
 
 class SmallNet(nn.Module):
@@ -88,3 +89,21 @@ def test_compile_fullgraph_matches_eager(backend):
             torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
         eager.zero_grad()
         model.zero_grad()
+
+
+@pytest.mark.parametrize("backend", csext.backends.available())
+def test_compile_does_not_recompile_for_each_beta(backend):
+    """The beta schedule changes beta every epoch (or step): that must not recompile each time."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    for m in csext.sparsify(model):
+        m.backend = backend
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(5, 6)
+    torch._dynamo.utils.counters.clear()
+    betas = [1.0, 1.5, 2.25, 4.0, 9.5, 20.0, 47.0, 99.0, 150.0, 200.0]
+    for beta in betas:
+        csext.set_beta(model, beta)
+        compiled(x).sum().backward()
+    # dynamo compiles once for the first value, then once more with beta dynamic
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
