@@ -12,6 +12,11 @@
 #include <optional>
 #include <tuple>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 #include "gate_cpu.h"
 
 // `import csext._C` loads this library, which registers the ops below with the dispatcher.
@@ -153,6 +158,26 @@ void parallel_chunks(int64_t n, const Fn& fn) {
   at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) { fn(begin, end - begin); });
 }
 
+// A fresh output tensor. Large ones are mapped with transparent huge pages where the kernel
+// allows it (THP "madvise" mode): first touch of a 64 MiB weight-sized buffer otherwise costs
+// 16k page faults, more than the kernel's own work.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                        at::MemoryFormat layout) {
+  at::Tensor out = at::empty(sizes, options.memory_format(layout));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHugePage = size_t{1} << 21;
+  const size_t bytes = out.nbytes();
+  if (bytes >= 2 * kHugePage) {
+    const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+    const uintptr_t first = (begin + page - 1) & ~(page - 1);
+    const uintptr_t last = (begin + bytes) & ~(page - 1);
+    (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice only
+  }
+#endif
+  return out;
+}
+
 const char* at_offset(const at::Tensor& t, int64_t i) {
   return static_cast<const char*>(t.const_data_ptr()) + i * t.element_size();
 }
@@ -177,7 +202,7 @@ at::Tensor gate_cpu(const at::Tensor& weight, const at::Tensor& mask_logits,
   const at::MemoryFormat layout = common_layout({weight, mask_logits});
   const at::Tensor w = weight.contiguous(layout);
   const at::Tensor s = mask_logits.contiguous(layout);
-  at::Tensor out = at::empty(w.sizes(), w.options().dtype(out_type).memory_format(layout));
+  at::Tensor out = empty_output(w.sizes(), w.options().dtype(out_type), layout);
   parallel_chunks(w.numel(), [&](int64_t begin, int64_t count) {
     gate_forward_kernel(w.scalar_type(), out_type, at_offset(w, begin), at_offset(s, begin),
                         at_offset_mut(out, begin), count, beta, hard);
@@ -210,8 +235,8 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad,
   const at::Tensor g = grad.contiguous(layout);
   const at::Tensor w = weight.contiguous(layout);
   const at::Tensor s = mask_logits.contiguous(layout);
-  at::Tensor grad_weight = at::empty(w.sizes(), w.options().memory_format(layout));
-  at::Tensor grad_mask_logits = at::empty(s.sizes(), s.options().memory_format(layout));
+  at::Tensor grad_weight = empty_output(w.sizes(), w.options(), layout);
+  at::Tensor grad_mask_logits = empty_output(s.sizes(), s.options(), layout);
   parallel_chunks(w.numel(), [&](int64_t begin, int64_t count) {
     gate_backward_kernel(w.scalar_type(), g.scalar_type(), at_offset(g, begin),
                          at_offset(w, begin), at_offset(s, begin),
