@@ -1,7 +1,8 @@
 """The ops csext::gate and csext::gate_backward of the C++ extension: loading them, and their
-fake (shape) and autograd registrations, which make them work under torch.compile.
+fake (shape) registrations, which let torch.compile and FakeTensor trace them.
 
-Their schemas and CPU kernels are in csrc/ops.cpp; the math they implement is csext.reference.
+Their schemas and CPU kernels are in csrc/ops.cpp, the autograd of gate in csrc/autograd.cpp;
+the math they implement is csext.reference.
 """
 
 import warnings
@@ -67,26 +68,3 @@ if _EXTENSION_ERROR is None:
             torch.empty_like(weight, memory_format=layout),
             torch.empty_like(mask_logits, memory_format=layout),
         )
-
-    def _gate_setup_context(ctx, inputs, output):
-        weight, mask_logits, beta, hard, penalty, _dtype = inputs
-        ctx.save_for_backward(weight, mask_logits, beta)  # m is recomputed, never saved
-        ctx.hard, ctx.penalty = hard, penalty
-
-    def _gate_backward(ctx, grad):
-        weight, mask_logits, beta = ctx.saved_tensors
-        needs_weight, needs_mask_logits = ctx.needs_input_grad[:2]
-        grad_weight = grad_mask_logits = None
-        if ctx.hard or not needs_mask_logits:
-            # dL/dw = G * m is the forward loop with G in place of w; s gets no gradient.
-            if needs_weight:
-                grad_weight = torch.ops.csext.gate(grad, mask_logits, beta, ctx.hard, 0.0, weight.dtype)
-        else:
-            grad_weight, grad_mask_logits = torch.ops.csext.gate_backward(
-                grad, weight, mask_logits, beta, ctx.penalty
-            )
-            if not needs_weight:
-                grad_weight = None
-        return grad_weight, grad_mask_logits, None, None, None, None
-
-    torch.library.register_autograd("csext::gate", _gate_backward, setup_context=_gate_setup_context)

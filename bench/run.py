@@ -1,0 +1,382 @@
+"""Time csext's gated layers against plain nn.Linear / nn.Conv2d, within one process.
+
+    python bench/run.py --device cpu --ops linear,conv --modes fwd,bwd,full
+
+Providers: `dense` (the plain layer), `torch` (the reference backend, eager), `torch-compile`
+(torch.compile of the reference backend) and every fused backend available on the device
+(csext.backends.available()). Each case runs all providers in turn, `--repeats` times, in a
+rotating order so that drift on a noisy machine hits them alike; a provider's time is the
+median of its samples and its ratio is that median over dense's median from the same run.
+
+Rows are appended (atomically) to a CSV under bench/results/, with the machine, versions and
+commit; a PNG of ratio-to-dense is drawn from that CSV's latest run; the table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import datetime
+import io
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import csext
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+# (M, K, N): batch rows, in_features, out_features (the foundation issue's shapes)
+LINEAR_SHAPES = [(32, 4096, 4096), (64, 1024, 1024), (256, 1024, 1024), (128, 784, 300)]
+# (N, C, H): ResNet-20's 3x3 convolutions, C -> C channels at H x H pixels, batch 128
+CONV_SHAPES = [(128, 16, 32), (128, 32, 16), (128, 64, 8)]
+QUICK_LINEAR_SHAPES = [(8, 97, 43)]
+QUICK_CONV_SHAPES = [(4, 8, 8)]
+
+OPS = ("linear", "conv")
+MODES = ("fwd", "bwd", "full")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+FIELDS = [
+    "run", "commit", "device", "machine", "torch", "triton", "threads", "dtype",
+    "op", "shape", "mode", "provider", "median_ms", "q1_ms", "q3_ms", "ratio_to_dense", "repeats",
+]
+
+
+@dataclass
+class Case:
+    op: str
+    shape: tuple
+
+    @property
+    def label(self) -> str:
+        if self.op == "linear":
+            return "M={} K={} N={}".format(*self.shape)
+        n, c, h = self.shape
+        return f"N={n} C={c} {h}x{h}"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--ops", default="linear,conv", help=f"comma-separated, from {OPS}")
+    parser.add_argument("--modes", default="fwd,bwd,full", help=f"comma-separated, from {MODES}")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--providers", default="all",
+                        help="comma-separated, from dense, torch, torch-compile and the fused backends; default all")
+    parser.add_argument("--repeats", type=int, default=25, help="timed samples per provider and case")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls per provider before timing")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the harness, not the kernels")
+    parser.add_argument("--csv", type=Path, default=RESULTS / "results.csv", help="CSV the rows are appended to")
+    parser.add_argument("--plot", type=Path, default=None,
+                        help="PNG to draw (default: bench/results/<device>-<dtype>.png next to the CSV)")
+    parser.add_argument("--no-save", action="store_true", help="print the table only; write no CSV or PNG")
+    args = parser.parse_args(argv)
+
+    args.ops = _split(args.ops, OPS, "--ops")
+    args.modes = _split(args.modes, MODES, "--modes")
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error("--repeats must be >= 1 and --warmup >= 0")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    args.device = device
+    fused = [b for b in csext.backends.available() if b != "torch" and _runs_on(b, device.type)]
+    known = ["dense", "torch", "torch-compile"] + fused
+    args.providers = known if args.providers == "all" else _split(args.providers, known, "--providers")
+    if "dense" not in args.providers:
+        args.providers = ["dense"] + args.providers  # every ratio is against dense
+    if args.plot is None:
+        args.plot = args.csv.parent / f"{device.type}-{args.dtype}.png"
+    return args
+
+
+def _split(text: str, allowed, option: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in items if t not in allowed]
+    if unknown or not items:
+        raise SystemExit(f"{option}: expected a comma-separated list from {list(allowed)}, got {text!r}")
+    return items
+
+
+def _runs_on(backend: str, device_type: str) -> bool:
+    try:
+        csext.backends.resolve(backend, device_type)
+        return True
+    except ValueError:
+        return False
+
+
+# --- what is timed ---------------------------------------------------------------------------
+
+
+def make_layers(case: Case, providers: list[str], device: torch.device, dtype: torch.dtype) -> dict:
+    """One module per provider, all with the same weights; gated ones with random mask logits."""
+    torch.manual_seed(0)
+    if case.op == "linear":
+        _, k, n = case.shape
+        dense = nn.Linear(k, n)
+    else:
+        _, c, _ = case.shape
+        dense = nn.Conv2d(c, c, 3, padding=1, bias=False)  # ResNet convolutions have no bias
+    dense = dense.to(device=device, dtype=dtype)
+    layers = {"dense": dense}
+    for provider in providers:
+        if provider == "dense":
+            continue
+        gated_type = csext.GatedLinear if case.op == "linear" else csext.GatedConv2d
+        gated = gated_type.from_dense(copy.deepcopy(dense))
+        with torch.no_grad():
+            gated.mask_logits.normal_()
+        gated.beta, gated.penalty = 4.0, 1e-4
+        gated.backend = "torch" if provider == "torch-compile" else provider
+        layers[provider] = torch.compile(gated) if provider == "torch-compile" else gated
+    return layers
+
+
+def make_input(case: Case, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if case.op == "linear":
+        m, k, _ = case.shape
+        shape = (m, k)
+    else:
+        n, c, h = case.shape
+        shape = (n, c, h, h)
+    return torch.randn(shape, device=device, dtype=dtype, requires_grad=True)  # a mid-network input
+
+
+class Clock:
+    """Wall time on the CPU; CUDA events (after a synchronize) on a GPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def time(self, fn) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+
+def sample(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, mode: str, clock: Clock) -> float:
+    """One timed call, in ms. Gradients start empty each time, as after zero_grad()."""
+    x.grad = None
+    for p in layer.parameters():
+        p.grad = None
+    if mode == "fwd":
+        return clock.time(lambda: layer(x))
+    if mode == "full":
+        return clock.time(lambda: layer(x).backward(grad_out))
+    y = layer(x)
+    return clock.time(lambda: y.backward(grad_out))
+
+
+def run_case(case: Case, args, clock: Clock) -> list[dict]:
+    dtype = DTYPES[args.dtype]
+    torch._dynamo.reset()  # each case compiles for its own static shape
+    layers = make_layers(case, args.providers, args.device, dtype)
+    x = make_input(case, args.device, dtype)
+    with torch.no_grad():
+        grad_out = torch.randn_like(layers["dense"](x))
+    rows = []
+    for mode in args.modes:
+        for layer in layers.values():
+            for _ in range(max(args.warmup, 1)):
+                sample(layer, x, grad_out, "full", clock)  # compiles forward and backward
+        times = {name: [] for name in layers}
+        names = list(layers)
+        for r in range(args.repeats):
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                times[name].append(sample(layers[name], x, grad_out, mode, clock))
+        dense = statistics.median(times["dense"])
+        for name, ts in times.items():
+            q1, median, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0],) * 3
+            median = statistics.median(ts)
+            rows.append({
+                "op": case.op, "shape": case.label, "mode": mode, "provider": name,
+                "median_ms": f"{median:.4f}", "q1_ms": f"{q1:.4f}", "q3_ms": f"{q3:.4f}",
+                "ratio_to_dense": f"{median / dense:.3f}", "repeats": len(ts),
+            })
+    return rows
+
+
+# --- where it is recorded ----------------------------------------------------------------------
+
+
+def machine_info(device: torch.device) -> dict:
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
+    else:
+        machine = f"{_cpu_model()}, {os.cpu_count()} cores"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    return {
+        "run": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commit": _commit(),
+        "device": device.type,
+        "machine": machine,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _commit() -> str:
+    try:
+        root = HERE.parent
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append to the CSV by writing a complete new file and renaming it over the old one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    if old and old.splitlines()[0].split(",") != FIELDS:
+        raise SystemExit(f"--csv {path}: its header is not this harness's ({','.join(FIELDS)}); use another file")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, FIELDS, lineterminator="\n")
+    if not old:
+        writer.writeheader()
+    writer.writerows(rows)
+    _write_atomic(path, (old + buffer.getvalue()).encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def latest_run(path: Path, device: str, dtype: str) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["device"] == device and r["dtype"] == dtype]
+    if not rows:
+        return []
+    last = max(r["run"] for r in rows)
+    return [r for r in rows if r["run"] == last]
+
+
+def plot(rows: list[dict], path: Path) -> bool:
+    """Bars of time / dense time per shape, one panel per (op, mode). False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    panels = sorted({(r["op"], r["mode"]) for r in rows}, key=lambda p: (OPS.index(p[0]), MODES.index(p[1])))
+    providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != "dense"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    for ax, (op, mode) in zip(axes[0], panels):
+        panel = [r for r in rows if r["op"] == op and r["mode"] == mode]
+        shapes = list(dict.fromkeys(r["shape"] for r in panel))
+        width = 0.8 / max(len(providers), 1)
+        for i, provider in enumerate(providers):
+            ratio = {r["shape"]: float(r["ratio_to_dense"]) for r in panel if r["provider"] == provider}
+            xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(shapes))]
+            ax.bar(xs, [ratio.get(s, float("nan")) for s in shapes], width, label=provider)
+        ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+        ax.set_xticks(range(len(shapes)), [s.replace(" ", "\n") for s in shapes], fontsize=7)
+        ax.set_title(f"{op}, {mode}")
+        ax.set_ylabel("time / plain layer")
+    axes[0][0].legend(fontsize=8)
+    first = rows[0]
+    fig.suptitle(f"{first['machine']} | torch {first['torch']} | {first['dtype']} | commit {first['commit']}", fontsize=9)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, buffer.getvalue())
+    return True
+
+
+def table(rows: list[dict], providers: list[str]) -> str:
+    """Markdown: one line per (op, shape, mode), each provider's median ms and ratio to dense."""
+    lines = ["| op | shape | mode | " + " | ".join(providers) + " |", "|" + "---|" * (3 + len(providers))]
+    keyed = {(r["op"], r["shape"], r["mode"], r["provider"]): r for r in rows}
+    for op, shape, mode in dict.fromkeys((r["op"], r["shape"], r["mode"]) for r in rows):
+        cells = []
+        for p in providers:
+            r = keyed.get((op, shape, mode, p))
+            cells.append("-" if r is None else f"{float(r['median_ms']):.3f} ms ({float(r['ratio_to_dense']):.2f}x)")
+        lines.append(f"| {op} | {shape} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    info = machine_info(args.device)
+    cases = []
+    for op in args.ops:
+        shapes = {"linear": QUICK_LINEAR_SHAPES if args.quick else LINEAR_SHAPES,
+                  "conv": QUICK_CONV_SHAPES if args.quick else CONV_SHAPES}[op]
+        cases += [Case(op, shape) for shape in shapes]
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        def tqdm(iterable, **_):
+            return iterable
+    clock = Clock(args.device)
+    rows = []
+    for case in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
+        rows += [{**info, "dtype": args.dtype, **row} for row in run_case(case, args, clock)]
+
+    print(f"{info['machine']} | torch {info['torch']} | triton {info['triton']} | {info['threads']} threads | "
+          f"{args.dtype} | commit {info['commit']} | {info['run']}")
+    print("median of", args.repeats, "runs; (ratio) = time / plain nn.Linear or nn.Conv2d in the same run")
+    print(table(rows, args.providers))
+    if not args.no_save:
+        append_rows(args.csv, rows)
+        drawn = plot(latest_run(args.csv, args.device.type, args.dtype), args.plot)
+        print(f"appended {len(rows)} rows to {args.csv}" + (f"; plot: {args.plot}" if drawn else "; no plot (matplotlib is not installed)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The commands the README gives a user run and produce what they promise."""
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(path: Path):
+    name = f"_csext_{path.parent.name}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_sparsifies_and_keeps_accuracy(capsys):
+    quickstart = _load(ROOT / "examples" / "quickstart.py")
+    result = quickstart.main(["--epochs", "6", "--train-size", "6000"])
+    out = capsys.readouterr().out
+    assert "remaining" in out and "ticket (hard mask)" in out
+    assert 0.0 < result["remaining"] < 0.5  # CS removed most of the weights...
+    assert result["ticket_acc"] > 0.6  # ...and the ticket still classifies (chance is 0.1)
+
+
+def test_bench_appends_rows_and_draws_the_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    bench = _load(ROOT / "bench" / "run.py")
+    results = tmp_path / "results.csv"
+    for _ in range(2):  # the second run appends under the same header
+        assert bench.main(["--quick", "--repeats", "2", "--warmup", "1", "--providers", "dense,torch",
+                           "--modes", "fwd,full", "--csv", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "| linear | M=8 K=97 N=43 | fwd |" in out
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2 * 2  # runs x ops x modes x providers
+    assert {r["provider"] for r in rows} == {"dense", "torch"}
+    assert all(r["ratio_to_dense"] == "1.000" for r in rows if r["provider"] == "dense")
+    assert all(float(r["median_ms"]) > 0 and r["torch"] and r["commit"] for r in rows)
+    png = tmp_path / "cpu-float32.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_rejects_unknown_names():
+    bench = _load(ROOT / "bench" / "run.py")
+    with pytest.raises(SystemExit, match="--ops"):
+        bench.parse_args(["--ops", "linear,attention"])
+    with pytest.raises(SystemExit, match="--providers"):
+        bench.parse_args(["--providers", "dense,nope"])
