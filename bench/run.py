@@ -58,13 +58,14 @@ FIELDS = [
 class Case:
     op: str
     shape: tuple
+    channels_last: bool = False
 
     @property
     def label(self) -> str:
         if self.op == "linear":
             return "M={} K={} N={}".format(*self.shape)
         n, c, h = self.shape
-        return f"N={n} C={c} {h}x{h}"
+        return f"N={n} C={c} {h}x{h}" + (" NHWC" if self.channels_last else "")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="comma-separated, from dense, torch, torch-compile and the fused backends; default all")
     parser.add_argument("--repeats", type=int, default=25, help="timed samples per provider and case")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per provider before timing")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="convolutions on channels_last inputs and weights (marked NHWC), for every provider")
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the harness, not the kernels")
     parser.add_argument("--csv", type=Path, default=RESULTS / "results.csv", help="CSV the rows are appended to")
     parser.add_argument("--plot", type=Path, default=None,
@@ -133,6 +136,8 @@ def make_layers(case: Case, providers: list[str], device: torch.device, dtype: t
         _, c, _ = case.shape
         dense = nn.Conv2d(c, c, 3, padding=1, bias=False)  # ResNet convolutions have no bias
     dense = dense.to(device=device, dtype=dtype)
+    if case.channels_last:
+        dense = dense.to(memory_format=torch.channels_last)
     layers = {"dense": dense}
     for provider in providers:
         if provider == "dense":
@@ -154,7 +159,10 @@ def make_input(case: Case, device: torch.device, dtype: torch.dtype) -> torch.Te
     else:
         n, c, h = case.shape
         shape = (n, c, h, h)
-    return torch.randn(shape, device=device, dtype=dtype, requires_grad=True)  # a mid-network input
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if case.channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x.requires_grad_()  # a mid-network input: its gradient is computed too
 
 
 class Clock:
@@ -196,7 +204,7 @@ def run_case(case: Case, args, clock: Clock) -> list[dict]:
     layers = make_layers(case, args.providers, args.device, dtype)
     x = make_input(case, args.device, dtype)
     with torch.no_grad():
-        grad_out = torch.randn_like(layers["dense"](x))
+        grad_out = torch.randn_like(layers["dense"](x))  # in the output's layout
     rows = []
     for mode in args.modes:
         for layer in layers.values():
@@ -356,7 +364,7 @@ def main(argv=None) -> int:
     for op in args.ops:
         shapes = {"linear": QUICK_LINEAR_SHAPES if args.quick else LINEAR_SHAPES,
                   "conv": QUICK_CONV_SHAPES if args.quick else CONV_SHAPES}[op]
-        cases += [Case(op, shape) for shape in shapes]
+        cases += [Case(op, shape, channels_last=args.channels_last and op == "conv") for shape in shapes]
     try:
         from tqdm import tqdm
     except ImportError:

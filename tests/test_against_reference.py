@@ -127,3 +127,44 @@ def test_large_tensor_spans_threads(backend):
     poison_allocator(w)
     out = CF.gate(w, s, 4.0, backend=backend)
     assert_close_rule(out, CF.gate(w, s, 4.0, backend="torch"), CF.gate(w.double(), s.double(), 4.0, backend="torch"), "gate")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_huge_page_sized_outputs(backend):
+    """Outputs of many MiB take the kernels' huge-page allocation path: forward and backward."""
+    w = torch.randn(1031, 1100)  # 4.3 MiB in float32, not a multiple of 2 MiB
+    s = mask_logits_like(w)
+    g = torch.randn_like(w)
+    results = {}
+    for name, dtype in ((backend, torch.float32), ("torch", torch.float32), ("torch", torch.float64)):
+        wd, sd = w.to(dtype).detach().requires_grad_(), s.to(dtype).detach().requires_grad_()
+        poison_allocator(wd, wd, sd)
+        out = CF.gate(wd, sd, 3.0, penalty=0.01, backend=name)
+        out.backward(g.to(dtype))
+        results[name, dtype] = (out.detach(), wd.grad, sd.grad)
+    fused, plain, exact = results[backend, torch.float32], results["torch", torch.float32], results["torch", torch.float64]
+    for f, p, e, what in zip(fused, plain, exact, ["output", "grad of w", "grad of s"]):
+        assert not torch.isnan(f).any(), f"{what}: NaN (an element left unwritten?)"
+        assert_close_rule(f, p, e, what)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("frozen", ["weight", "mask_logits"])
+@pytest.mark.parametrize("hard", [False, True])
+def test_frozen_parameter_gets_no_gradient(backend, frozen, hard):
+    """A frozen weight or frozen mask logits get no gradient; the other gets the reference's."""
+    grads = {}
+    for name in (backend, "torch"):
+        torch.manual_seed(3)
+        layer = csext.GatedLinear(23, 9)
+        with torch.no_grad():
+            layer.mask_logits.copy_(mask_logits_like(layer.weight))
+        layer.beta, layer.hard, layer.penalty, layer.backend = 5.0, hard, 0.02, name
+        getattr(layer, frozen).requires_grad_(False)
+        layer(torch.randn(4, 23)).square().sum().backward()
+        grads[name] = (layer.weight.grad, layer.mask_logits.grad)
+    for a, b in zip(grads[backend], grads["torch"]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert grads[backend][0 if frozen == "weight" else 1] is None
