@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="tiny shapes: checks the harness, not the kernels")
     parser.add_argument("--csv", type=Path, default=RESULTS / "results.csv", help="CSV the rows are appended to")
     parser.add_argument("--plot", type=Path, default=None,
-                        help="PNG to draw (default: bench/results/<device>-<dtype>.png next to the CSV)")
+                        help="PNG to draw (default: <device>-<dtype>[-channels-last].png next to the CSV)")
     parser.add_argument("--no-save", action="store_true", help="print the table only; write no CSV or PNG")
     args = parser.parse_args(argv)
 
@@ -103,7 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "dense" not in args.providers:
         args.providers = ["dense"] + args.providers  # every ratio is against dense
     if args.plot is None:
-        args.plot = args.csv.parent / f"{device.type}-{args.dtype}.png"
+        layout = "-channels-last" if args.channels_last else ""
+        args.plot = args.csv.parent / f"{device.type}-{args.dtype}{layout}.png"
     return args
 
 
