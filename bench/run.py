@@ -19,6 +19,7 @@ import copy
 import csv
 import datetime
 import io
+import itertools
 import os
 import platform
 import statistics
@@ -49,7 +50,7 @@ MODES = ("fwd", "bwd", "full")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 FIELDS = [
-    "run", "commit", "device", "machine", "torch", "triton", "threads", "dtype",
+    "run", "commit", "device", "machine", "torch", "triton", "threads", "dtype", "layout",
     "op", "shape", "mode", "provider", "median_ms", "q1_ms", "q3_ms", "ratio_to_dense", "repeats",
 ]
 
@@ -84,6 +85,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--csv", type=Path, default=RESULTS / "results.csv", help="CSV the rows are appended to")
     parser.add_argument("--plot", type=Path, default=None,
                         help="PNG to draw (default: <device>-<dtype>[-channels-last].png next to the CSV)")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the CSV's latest run; time nothing")
     parser.add_argument("--no-save", action="store_true", help="print the table only; write no CSV or PNG")
     args = parser.parse_args(argv)
 
@@ -103,8 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "dense" not in args.providers:
         args.providers = ["dense"] + args.providers  # every ratio is against dense
     if args.plot is None:
-        layout = "-channels-last" if args.channels_last else ""
-        args.plot = args.csv.parent / f"{device.type}-{args.dtype}{layout}.png"
+        suffix = "-channels-last" if args.channels_last else ""
+        args.plot = args.csv.parent / f"{device.type}-{args.dtype}{suffix}.png"
     return args
 
 
@@ -300,9 +302,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def latest_run(path: Path, device: str, dtype: str) -> list[dict]:
+def latest_run(path: Path, device: str, dtype: str, layout: str) -> list[dict]:
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["device"] == device and r["dtype"] == dtype]
+        rows = [r for r in csv.DictReader(f) if (r["device"], r["dtype"], r["layout"]) == (device, dtype, layout)]
     if not rows:
         return []
     last = max(r["run"] for r in rows)
@@ -310,7 +312,8 @@ def latest_run(path: Path, device: str, dtype: str) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> bool:
-    """Bars of time / dense time per shape, one panel per (op, mode). False without matplotlib."""
+    """Bars of time / dense time per shape: a row of panels per op, a column per mode.
+    False where matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -318,16 +321,18 @@ def plot(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    panels = sorted({(r["op"], r["mode"]) for r in rows}, key=lambda p: (OPS.index(p[0]), MODES.index(p[1])))
+    ops = [op for op in OPS if any(r["op"] == op for r in rows)]
+    modes = [mode for mode in MODES if any(r["mode"] == mode for r in rows)]
     providers = [p for p in dict.fromkeys(r["provider"] for r in rows) if p != "dense"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
-    for ax, (op, mode) in zip(axes[0], panels):
+    fig, axes = plt.subplots(len(ops), len(modes), figsize=(4.2 * len(modes), 3.6 * len(ops)), squeeze=False)
+    for (i, op), (j, mode) in itertools.product(enumerate(ops), enumerate(modes)):
+        ax = axes[i][j]
         panel = [r for r in rows if r["op"] == op and r["mode"] == mode]
         shapes = list(dict.fromkeys(r["shape"] for r in panel))
         width = 0.8 / max(len(providers), 1)
-        for i, provider in enumerate(providers):
+        for k, provider in enumerate(providers):
             ratio = {r["shape"]: float(r["ratio_to_dense"]) for r in panel if r["provider"] == provider}
-            xs = [j + (i - (len(providers) - 1) / 2) * width for j in range(len(shapes))]
+            xs = [s + (k - (len(providers) - 1) / 2) * width for s in range(len(shapes))]
             ax.bar(xs, [ratio.get(s, float("nan")) for s in shapes], width, label=provider)
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(shapes)), [s.replace(" ", "\n") for s in shapes], fontsize=7)
@@ -360,6 +365,13 @@ def table(rows: list[dict], providers: list[str]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    layout = "channels_last" if args.channels_last else "contiguous"
+    if args.plot_only:
+        rows = latest_run(args.csv, args.device.type, args.dtype, layout) if args.csv.exists() else []
+        if not rows:
+            raise SystemExit(f"--plot-only: {args.csv} holds no {args.device.type} {args.dtype} {layout} rows")
+        print(f"plot: {args.plot}" if plot(rows, args.plot) else "no plot: matplotlib is not installed")
+        return 0
     info = machine_info(args.device)
     cases = []
     for op in args.ops:
@@ -374,7 +386,7 @@ def main(argv=None) -> int:
     clock = Clock(args.device)
     rows = []
     for case in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
-        rows += [{**info, "dtype": args.dtype, **row} for row in run_case(case, args, clock)]
+        rows += [{**info, "dtype": args.dtype, "layout": layout, **row} for row in run_case(case, args, clock)]
 
     print(f"{info['machine']} | torch {info['torch']} | triton {info['triton']} | {info['threads']} threads | "
           f"{args.dtype} | commit {info['commit']} | {info['run']}")
@@ -382,7 +394,7 @@ def main(argv=None) -> int:
     print(table(rows, args.providers))
     if not args.no_save:
         append_rows(args.csv, rows)
-        drawn = plot(latest_run(args.csv, args.device.type, args.dtype), args.plot)
+        drawn = plot(latest_run(args.csv, args.device.type, args.dtype, layout), args.plot)
         print(f"appended {len(rows)} rows to {args.csv}" + (f"; plot: {args.plot}" if drawn else "; no plot (matplotlib is not installed)"))
     return 0
 

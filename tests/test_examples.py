@@ -43,8 +43,14 @@ def test_bench_appends_rows_and_draws_the_plot(tmp_path, capsys):
     assert {r["provider"] for r in rows} == {"dense", "torch"}
     assert all(r["ratio_to_dense"] == "1.000" for r in rows if r["provider"] == "dense")
     assert all(float(r["median_ms"]) > 0 and r["torch"] and r["commit"] for r in rows)
+    assert {r["layout"] for r in rows} == {"contiguous"}
     png = tmp_path / "cpu-float32.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    assert bench.main(["--plot-only", "--csv", str(results)]) == 0  # redrawn from the CSV alone
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="no cpu float32 channels_last rows"):
+        bench.main(["--plot-only", "--channels-last", "--csv", str(results)])
 
 
 def test_bench_rejects_unknown_names():
