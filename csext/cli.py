@@ -1,0 +1,85 @@
+"""python -m csext search ... (SPEC section 3). Bad input: one error line, exit code 2."""
+
+import argparse
+import sys
+
+from . import data as datasets
+from . import nets
+from .search import ConfigError, Search, SearchConfig
+
+# The paper's setups (SPEC section 1; Savarese et al., section 5). They need the CIFAR-10 files
+# in --data-dir and, to finish in hours rather than days, a GPU.
+PRESETS = {
+    "resnet20-cifar10": dict(data="cifar10", model="resnet20", epochs=85, lr=0.1, lr_milestones=[56, 71],
+                             batch_size=128, weight_decay=1e-4, penalty=1e-8, beta_final=200.0,
+                             rewind_iter=2 * 391, rounds=3),  # 2 epochs of 391 steps
+    "vgg16-cifar10": dict(data="cifar10", model="vgg16", epochs=160, lr=0.1, lr_milestones=[80, 120],
+                          batch_size=64, weight_decay=1e-4, penalty=1e-8, beta_final=200.0,
+                          rewind_iter=2 * 782, rounds=3),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m csext", description="Continuous Sparsification")
+    commands = parser.add_subparsers(dest="command", required=True)
+    s = commands.add_parser("search", help="CS ticket search (SPEC section 1), results in DIR/results.json",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = SearchConfig()
+    s.add_argument("--preset", choices=sorted(PRESETS), help="the paper's setup; explicit options override it")
+    s.add_argument("--data", default=d.data, help=f"{', '.join(datasets.NAMES)} or PATH.npz")
+    s.add_argument("--data-dir", default=None, help="folder of the cifar10 / mnist files")
+    s.add_argument("--model", default=d.model, help=", ".join(nets.NAMES))
+    s.add_argument("--rounds", type=int, default=d.rounds)
+    s.add_argument("--epochs", type=int, default=d.epochs, help="T, epochs of each search round")
+    s.add_argument("--mask-init", type=float, default=d.mask_init, help="s0; negative values give sparser tickets")
+    s.add_argument("--penalty", type=float, default=d.penalty, help="lam, weight of sum(sigmoid(beta * s))")
+    s.add_argument("--beta-final", type=float, default=d.beta_final)
+    s.add_argument("--beta-per-step", action="store_true", help="anneal beta every step instead of every epoch")
+    s.add_argument("--rewind-iter", type=int, default=d.rewind_iter, help="k: the rewind point is after k iterations of round 1")
+    s.add_argument("--reset", choices=["paper", "official"], default=d.reset,
+                   help="between rounds s <- min(beta_final*s, s0) (paper) or min(s, s0) (the reference code)")
+    s.add_argument("--target-remaining", type=float, default=None,
+                   help="steer lam (then the mask threshold) so the last ticket keeps this fraction")
+    s.add_argument("--lr", type=float, default=d.lr)
+    s.add_argument("--lr-milestones", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                   help="comma-separated epochs at which lr is divided by 10")
+    s.add_argument("--momentum", type=float, default=d.momentum)
+    s.add_argument("--weight-decay", type=float, default=d.weight_decay, help="not applied to mask logits")
+    s.add_argument("--batch-size", type=int, default=d.batch_size)
+    s.add_argument("--dense-epochs", type=int, default=None, help="epochs of the dense baseline (default: --epochs)")
+    s.add_argument("--retrain-epochs", type=int, default=None, help="epochs of each ticket's retraining (default: the dense budget)")
+    s.add_argument("--exclude", default=None, help="comma-separated layer names or globs left dense (default: the paper's)")
+    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--out", required=True, help="DIR for results.json, the checkpoint and the plot")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    s.add_argument("--device", default=d.device, help="cpu or cuda")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    settings = {}
+    if args.preset:
+        settings.update(PRESETS[args.preset])
+    for field_name in SearchConfig.__dataclass_fields__:
+        option = "--" + field_name.replace("_", "-")
+        if option in given or field_name not in settings:
+            settings[field_name] = getattr(args, field_name, getattr(SearchConfig(), field_name))
+    if isinstance(settings.get("exclude"), str):
+        settings["exclude"] = [x for x in settings["exclude"].split(",") if x]
+    try:
+        search = Search(SearchConfig(**settings), args.out, resume=args.resume, progress=not args.quiet)
+        results = search.run()
+    except (ConfigError, datasets.DataError) as error:
+        parser.exit(2, f"python -m csext {args.command}: error: {error}\n")
+    dense = results["dense"]
+    print(f"dense: test accuracy {dense['test_acc']:.4f} ({dense['epochs']} epochs, {dense['seconds']:.1f} s)")
+    for t in results["tickets"]:
+        print(f"round {t['round']}: {t['remaining']:.2%} of the weights remain, test accuracy {t['test_acc']:.4f}, "
+              f"{t['epochs_spent']} epochs spent, {t['seconds']:.1f} s")
+    print(f"results: {args.out}/results.json")
+    return 0

@@ -1,0 +1,501 @@
+"""The CS ticket search of SPEC section 1 (Algorithm 1 of the paper), resumable epoch by epoch.
+
+A run is a list of phases, trained in order:
+    dense          the plain network from the seed's initialisation (the baseline accuracy)
+    search r       round r: weights and mask logits together, beta from 1 to beta_final; the
+                   round's ticket is H(s); then s <- min(beta_final * s, s0)
+    retrain r      the ticket of round r from the rewind point w_k, hard mask fixed, weights only
+After every epoch the whole state (models, optimizers, rewind point, results so far) is written
+to DIR/checkpoint.pt atomically; `resume` continues from it and, every random draw being seeded
+by (seed, phase, epoch), ends with the results an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import data as datasets
+from . import nets
+from .model import gated_modules, set_beta, set_hard, set_penalty, sparsify, sparsity_report
+from .schedule import RESETS, beta_at, capture, param_groups, reset_mask_logits, restore
+
+CHECKPOINT = "checkpoint.pt"
+RESULTS = "results.json"
+PLOT = "accuracy_vs_remaining.png"
+
+
+class ConfigError(ValueError):
+    """A setting or a file the run cannot use; the message names it."""
+
+
+@dataclass
+class SearchConfig:
+    data: str = "mnist1d"
+    model: str = "mlp"
+    rounds: int = 3
+    epochs: int = 30  # T, per search round
+    mask_init: float = 0.0  # s0
+    penalty: float = 1e-4  # lam
+    beta_final: float = 200.0
+    rewind_iter: int = 0  # k: iterations of round 1 before the rewind point is taken
+    seed: int = 0
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 128
+    lr_milestones: list[int] = field(default_factory=list)  # epochs at which lr is multiplied by 0.1
+    dense_epochs: int | None = None  # default: epochs
+    retrain_epochs: int | None = None  # default: dense_epochs (the budget of a dense run)
+    beta_per_step: bool = False
+    reset: str = "paper"
+    exclude: list[str] | None = None  # layers left dense; default: the paper's choice (csext.nets)
+    target_remaining: float | None = None
+    data_dir: str | None = None
+    device: str = "cpu"
+
+    def check(self) -> None:
+        for name in ("rounds", "epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("dense_epochs", "retrain_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.epochs < 2:
+            raise ConfigError(f"--epochs must be >= 2 (beta rises from 1 to --beta-final over the round), got {self.epochs}")
+        if self.rewind_iter < 0:
+            raise ConfigError(f"--rewind-iter must be >= 0, got {self.rewind_iter}")
+        if not (1.0 <= self.beta_final < math.inf):
+            raise ConfigError(f"--beta-final must be a finite number >= 1, got {self.beta_final}")
+        if not (0.0 <= self.penalty < math.inf):
+            raise ConfigError(f"--penalty must be a finite number >= 0, got {self.penalty}")
+        if not math.isfinite(self.mask_init):
+            raise ConfigError(f"--mask-init must be a finite number, got {self.mask_init}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.reset not in RESETS:
+            raise ConfigError(f"--reset must be one of {RESETS}, got {self.reset!r}")
+        if self.model not in nets.NAMES:
+            raise ConfigError(f"--model must be one of {', '.join(nets.NAMES)}, got {self.model!r}")
+        if self.target_remaining is not None and not 0.0 < self.target_remaining < 1.0:
+            raise ConfigError(f"--target-remaining must lie strictly between 0 and 1, got {self.target_remaining}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA device is available here")
+
+    @property
+    def dense_budget(self) -> int:
+        return self.dense_epochs or self.epochs
+
+    @property
+    def retrain_budget(self) -> int:
+        return self.retrain_epochs or self.dense_budget
+
+    def phases(self) -> list[tuple[str, int, int]]:
+        """(kind, round, epochs) in the order they run."""
+        out = [("dense", 0, self.dense_budget)]
+        for r in range(1, self.rounds + 1):
+            out += [("search", r, self.epochs), ("retrain", r, self.retrain_budget)]
+        return out
+
+
+# --- training --------------------------------------------------------------------------------
+
+
+def learning_rate(config: SearchConfig, epoch: int) -> float:
+    return config.lr * 0.1 ** sum(epoch >= m for m in config.lr_milestones)
+
+
+def make_optimizer(model: nn.Module, config: SearchConfig) -> torch.optim.Optimizer:
+    """SGD with Nesterov momentum; mask logits (and biases, norms) free of weight decay."""
+    return torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
+                           nesterov=config.momentum > 0)
+
+
+def epoch_generator(seed: int, phase: int, epoch: int) -> torch.Generator:
+    """The stream of one epoch's shuffles and augmentations: the same on a resumed run."""
+    return torch.Generator().manual_seed(((seed * 1_000_003) + phase) * 10_007 + epoch)
+
+
+def train_epoch(model, data: datasets.Dataset, optimizer, config: SearchConfig, generator, on_step=None) -> dict:
+    device = torch.device(config.device)
+    model.train()
+    order = torch.randperm(len(data.y_train), generator=generator)
+    total_loss, correct, seen = 0.0, 0, 0
+    for step, batch in enumerate(order.split(config.batch_size)):
+        if on_step is not None:
+            on_step(step)
+        x = data.x_train[batch]
+        if data.augment:
+            x = datasets.augment_batch(x, generator)
+        x, y = x.to(device, non_blocking=True), data.y_train[batch].to(device, non_blocking=True)
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+    return {"loss": total_loss / seen, "train_acc": correct / seen}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: datasets.Dataset, config: SearchConfig) -> float:
+    device = torch.device(config.device)
+    model.eval()
+    correct = 0
+    for start in range(0, len(data.y_test), 1024):
+        x = data.x_test[start:start + 1024].to(device)
+        correct += (model(x).argmax(1).cpu() == data.y_test[start:start + 1024]).sum().item()
+    return correct / len(data.y_test)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+class Search:
+    """One ticket search writing into `out`. `run()` does (or finishes) it and returns results."""
+
+    def __init__(self, config: SearchConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True):
+        config.check()
+        self.config, self.out, self.progress = config, Path(out), progress
+        self.data = datasets.load(config.data, config.data_dir)
+        self.exclude = list(config.exclude) if config.exclude is not None else list(nets.DEFAULT_EXCLUDE[config.model])
+        self._check_model()
+        checkpoint = self.out / CHECKPOINT
+        if resume:
+            self.state = self._load_checkpoint(checkpoint)
+        else:
+            if checkpoint.exists() or (self.out / RESULTS).exists():
+                raise ConfigError(f"--out {self.out} already holds a run: pass --resume to continue it, or another --out")
+            self.state = self._fresh_state()
+
+    # building the networks, always the same way from the seed
+
+    def _plain(self) -> nn.Module:
+        torch.manual_seed(self.config.seed)
+        try:
+            return nets.build(self.config.model, self.data.input_shape, self.data.num_classes)
+        except ValueError as error:
+            raise ConfigError(f"--model {self.config.model} with --data {self.config.data}: {error}") from None
+
+    def _gated(self) -> nn.Module:
+        model = self._plain()
+        try:
+            sparsify(model, mask_init=self.config.mask_init, exclude=self.exclude)
+        except ValueError as error:
+            raise ConfigError(f"--exclude: {error}") from None
+        return model.to(self.config.device)
+
+    def _check_model(self) -> None:
+        self._gated()  # a model that does not fit the data fails here, before anything is written
+
+    def _fresh_state(self) -> dict:
+        return {
+            "config": dataclasses.asdict(self.config),
+            "phase": 0,  # index into config.phases()
+            "epoch": 0,  # epochs done in that phase
+            "penalty": self.config.penalty,  # lam, steered with --target-remaining
+            "rewind": None,  # capture() of round 1 after rewind_iter iterations
+            "tickets": [],  # per round: {"round", "mask": {layer: bool tensor}, ...}
+            "search_model": None,
+            "search_optimizer": None,
+            "trainee": None,  # the model of the dense or retrain phase in progress
+            "trainee_optimizer": None,
+            "results": {"dense": None, "tickets": []},
+            "seconds": 0.0,  # spent in the phase in progress
+            "epochs_spent": 0,
+        }
+
+    # checkpoints
+
+    def _save_checkpoint(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.out / CHECKPOINT, lambda f: torch.save(self.state, f))
+
+    def _load_checkpoint(self, path: Path) -> dict:
+        if not path.is_file():
+            raise ConfigError(f"--resume: {path} does not exist (nothing to resume)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated, tampered, or holding objects weights_only refuses
+            raise ConfigError(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})") from None
+        if not isinstance(state, dict) or "config" not in state or "phase" not in state:
+            raise ConfigError(f"--resume: {path} is not a csext search checkpoint")
+        saved, now = dict(state["config"]), dataclasses.asdict(self.config)
+        saved.pop("device", None), now.pop("device", None)
+        if saved != now:
+            changed = sorted(k for k in now if saved.get(k) != now[k])
+            raise ConfigError(f"--resume: the checkpoint was made with other settings ({', '.join(changed)}); use them or another --out")
+        return state
+
+    # phases
+
+    def run(self) -> dict:
+        phases = self.config.phases()
+        while self.state["phase"] < len(phases):
+            kind, round_, epochs = phases[self.state["phase"]]
+            if kind == "dense":
+                self._run_dense(epochs)
+            elif kind == "search":
+                self._run_search(round_, epochs)
+            else:
+                self._run_retrain(round_, epochs)
+            self.state.update(phase=self.state["phase"] + 1, epoch=0, seconds=0.0, trainee=None, trainee_optimizer=None)
+            self._save_checkpoint()
+        results = self.results()
+        _atomic_write(self.out / RESULTS, lambda f: f.write(_json(results).encode()))
+        plot_results(results, self.out / PLOT)
+        return results
+
+    def _epochs(self, epochs: int, desc: str):
+        """Epoch indices still to run in this phase (all of them unless resumed mid-phase)."""
+        epochs_left = range(self.state["epoch"], epochs)
+        if not self.progress:
+            return epochs_left, None
+        from tqdm import tqdm
+
+        bar = tqdm(epochs_left, desc=desc, unit="epoch", initial=self.state["epoch"], total=epochs, leave=True)
+        return bar, bar
+
+    def _finish_epoch(self, started: float, spent_by_method: bool = True) -> None:
+        self.state["epoch"] += 1
+        self.state["epochs_spent"] += int(spent_by_method)
+        self.state["seconds"] += time.perf_counter() - started
+        self._save_checkpoint()
+
+    def _run_dense(self, epochs: int) -> None:
+        model = self._plain().to(self.config.device)
+        optimizer = make_optimizer(model, self.config)
+        self._load_trainee(model, optimizer)
+        epochs_left, bar = self._epochs(epochs, "dense")
+        stats = {}
+        for epoch in epochs_left:
+            started = time.perf_counter()
+            _set_lr(optimizer, learning_rate(self.config, epoch))
+            stats = train_epoch(model, self.data, optimizer, self.config, self._generator(epoch))
+            self._keep_trainee(model, optimizer)
+            self._finish_epoch(started, spent_by_method=False)  # the baseline is not the method's budget
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}")
+        self.state["results"]["dense"] = {"test_acc": evaluate(model, self.data, self.config), "epochs": epochs,
+                                          "seconds": round(self.state["seconds"], 3)}
+
+    def _run_search(self, round_: int, epochs: int) -> None:
+        config = self.config
+        model = self._gated()
+        optimizer = make_optimizer(model, config)
+        if self.state["search_model"] is not None:
+            model.load_state_dict(self.state["search_model"])
+        if self.state["search_optimizer"] is not None:  # None at the start of a round: fresh momentum
+            optimizer.load_state_dict(self.state["search_optimizer"])
+        steps_per_epoch = math.ceil(len(self.data.y_train) / config.batch_size)
+        epochs_left, bar = self._epochs(epochs, f"search round {round_}")
+        for epoch in epochs_left:
+            started = time.perf_counter()
+            _set_lr(optimizer, learning_rate(config, epoch))
+            set_penalty(model, self.state["penalty"])
+
+            def on_step(step, epoch=epoch):
+                global_step = epoch * steps_per_epoch + step
+                if config.beta_per_step:
+                    set_beta(model, beta_at(global_step, epochs * steps_per_epoch, config.beta_final))
+                if round_ == 1 and self.state["rewind"] is None and global_step == config.rewind_iter:
+                    self.state["rewind"] = capture(model)
+
+            if not config.beta_per_step:
+                set_beta(model, beta_at(epoch, epochs, config.beta_final))
+            stats = train_epoch(model, self.data, optimizer, config, self._generator(epoch), on_step)
+            remaining = sparsity_report(model).remaining
+            if config.target_remaining is not None:
+                self._steer_penalty(remaining, self._round_target(round_), epoch, epochs)
+            self.state["search_model"], self.state["search_optimizer"] = model.state_dict(), optimizer.state_dict()
+            self._finish_epoch(started)
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}",
+                                beta=f"{next(iter(gated_modules(model)))[1].beta:.3g}", remaining=f"{remaining:.4f}")
+        if self.state["rewind"] is None:  # k beyond round 1's iterations: rewind to its end
+            self.state["rewind"] = capture(model)
+        if config.target_remaining is not None:
+            _threshold_to(model, self._round_target(round_))
+        report = sparsity_report(model)
+        mask = {name: (m.mask_logits > 0).cpu() for name, m in gated_modules(model)}
+        self.state["tickets"].append({"round": round_, "mask": mask, "remaining": report.remaining,
+                                      "per_layer": dict(report.per_layer), "seconds": self.state["seconds"],
+                                      "penalty": self.state["penalty"]})
+        reset_mask_logits(model, config.beta_final, config.mask_init, config.reset)
+        self.state["search_model"] = model.state_dict()
+        self.state["search_optimizer"] = None  # the next round starts a new optimizer, as the paper's code
+
+    def _run_retrain(self, round_: int, epochs: int) -> None:
+        ticket = self.state["tickets"][round_ - 1]
+        model = self._gated()
+        prepare_ticket(model, ticket["mask"], self.state["rewind"])
+        optimizer = make_optimizer(model, self.config)
+        self._load_trainee(model, optimizer)
+        epochs_left, bar = self._epochs(epochs, f"retrain ticket {round_}")
+        for epoch in epochs_left:
+            started = time.perf_counter()
+            _set_lr(optimizer, learning_rate(self.config, epoch))
+            stats = train_epoch(model, self.data, optimizer, self.config, self._generator(epoch))
+            self._keep_trainee(model, optimizer)
+            self._finish_epoch(started)
+            if bar is not None:
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}",
+                                remaining=f"{ticket['remaining']:.4f}")
+        self.state["results"]["tickets"].append({
+            "round": round_,
+            "remaining": ticket["remaining"],
+            "test_acc": evaluate(model, self.data, self.config),
+            "epochs_spent": self.state["epochs_spent"],
+            "seconds": round(ticket["seconds"] + self.state["seconds"], 3),
+            "per_layer": ticket["per_layer"],
+        })
+
+    # --target-remaining
+
+    def _round_target(self, round_: int) -> float:
+        """Round r aims at F ** (r / R): a geometric path that reaches F at the last round."""
+        return self.config.target_remaining ** (round_ / self.config.rounds)
+
+    def _steer_penalty(self, remaining: float, target: float, epoch: int, epochs: int) -> None:
+        """Multiply lam by (remaining / target), at most x2 or /2 an epoch, over the last two
+        thirds of the round, when the hard mask means something (beta has grown)."""
+        if epoch < epochs // 3 or remaining <= 0:
+            return
+        factor = min(2.0, max(0.5, remaining / target))
+        self.state["penalty"] = max(self.state["penalty"] * factor, 1e-12)
+
+    # helpers
+
+    def _generator(self, epoch: int) -> torch.Generator:
+        return epoch_generator(self.config.seed, self.state["phase"], epoch)
+
+    def _load_trainee(self, model, optimizer) -> None:
+        if self.state["trainee"] is not None:
+            model.load_state_dict(self.state["trainee"])
+            optimizer.load_state_dict(self.state["trainee_optimizer"])
+
+    def _keep_trainee(self, model, optimizer) -> None:
+        self.state["trainee"], self.state["trainee_optimizer"] = model.state_dict(), optimizer.state_dict()
+
+    def results(self) -> dict:
+        from . import __version__, backends
+
+        config = dataclasses.asdict(self.config)
+        config["exclude"] = self.exclude
+        return {
+            "method": "cs",
+            "data": self.config.data,
+            "model": self.config.model,
+            "seed": self.config.seed,
+            "config": config,
+            "dense": self.state["results"]["dense"],
+            "tickets": self.state["results"]["tickets"],
+            "environment": {"torch": torch.__version__, "csext": __version__,
+                            "backend": backends.resolve("auto", torch.device(self.config.device).type),
+                            "device": self.config.device},
+        }
+
+
+@torch.no_grad()
+def prepare_ticket(model: nn.Module, mask: dict, rewind: dict) -> nn.Module:
+    """Make the gated `model` the ticket `mask` ({layer name: bool tensor}) at the rewind point:
+    weights and buffers from `rewind`, the hard mask fixed (mask logits +1 kept, -1 pruned, no
+    gradient), pruned weights set to exactly zero. They then stay zero under SGD with momentum
+    and weight decay: their gradient is G * 0 and their decay is wd * 0."""
+    restore(model, rewind)
+    layers = dict(gated_modules(model))
+    if set(layers) != set(mask):
+        raise ValueError(f"mask: expected the gated layers {sorted(layers)}, got {sorted(mask)}")
+    for name, m in layers.items():
+        kept = mask[name].to(m.weight.device)
+        m.mask_logits.copy_(kept.to(m.mask_logits.dtype) * 2 - 1)
+        m.mask_logits.requires_grad_(False)
+        m.weight.mul_(kept)
+    set_hard(model)
+    return model
+
+
+@torch.no_grad()
+def _threshold_to(model: nn.Module, target: float) -> None:
+    """If the hard mask's remaining fraction is more than 10% (relative) off `target`, shift
+    every mask logit by the global quantile so that the fraction s > 0 becomes `target`."""
+    remaining = sparsity_report(model).remaining
+    if abs(remaining - target) <= 0.1 * target:
+        return
+    logits = torch.cat([m.mask_logits.flatten().float() for _, m in gated_modules(model)])
+    keep = max(1, round(target * logits.numel()))
+    threshold = torch.topk(logits, keep).values[-1]
+    for _, m in gated_modules(model):
+        m.mask_logits.sub_(threshold.to(m.mask_logits.dtype)).add_(1e-6)  # the keep-th largest stays > 0
+
+
+def _set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def _json(results: dict) -> str:
+    import json
+
+    return json.dumps(results, indent=2) + "\n"
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, then rename: never half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plot_results(results: dict, path: Path) -> bool:
+    """Test accuracy against remaining fraction, a point per round, the dense accuracy as a line."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    import io
+
+    tickets = results["tickets"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.plot([t["remaining"] for t in tickets], [t["test_acc"] for t in tickets], "o-", label="CS ticket")
+    for t in tickets:
+        ax.annotate(f"round {t['round']}", (t["remaining"], t["test_acc"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if results.get("dense"):
+        ax.axhline(results["dense"]["test_acc"], color="gray", linestyle="--", label="dense")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.set_xlabel("fraction of gated weights remaining")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{results['model']} on {results['data']}, seed {results['seed']}", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    _atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return True

@@ -1,0 +1,320 @@
+"""The ticket search: schedule and reset arithmetic, rewinding, tickets, the command line,
+checkpoints and --resume, and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import csext
+from csext import cli, nets, schedule, search
+from csext.data import DataError, load
+
+
+def _write_npz(path: Path, n_train=96, n_test=40, features=12, classes=3, seed=0, **overrides) -> Path:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(classes, features)) * 2
+    y_train, y_test = rng.integers(0, classes, n_train), rng.integers(0, classes, n_test)
+    arrays = {
+        "x_train": (centers[y_train] + rng.normal(size=(n_train, features))).astype(np.float32),
+        "y_train": y_train,
+        "x_test": (centers[y_test] + rng.normal(size=(n_test, features))).astype(np.float32),
+        "y_test": y_test,
+    }
+    arrays.update(overrides)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+    return path
+
+
+SMALL = ["--model", "mlp", "--rounds", "2", "--epochs", "3", "--batch-size", "32", "--rewind-iter", "2",
+         "--penalty", "1e-3", "--quiet"]
+
+
+def _without_seconds(results: dict) -> dict:
+    results = json.loads(json.dumps(results))
+    results["dense"].pop("seconds")
+    for t in results["tickets"]:
+        t.pop("seconds")
+    return results
+
+
+# --- arithmetic -------------------------------------------------------------------------------
+
+
+def test_beta_schedule():
+    assert schedule.beta_at(0, 10) == 1.0
+    assert schedule.beta_at(9, 10) == pytest.approx(200.0)
+    assert schedule.beta_at(3, 7, 64.0) == pytest.approx(8.0)  # 64 ** (3 / 6)
+    values = [schedule.beta_at(i, 85) for i in range(85)]
+    ratios = [b / a for a, b in zip(values, values[1:])]
+    assert max(ratios) == pytest.approx(min(ratios))  # geometric
+    with pytest.raises(ValueError, match="at least 2"):
+        schedule.beta_at(0, 1)
+    with pytest.raises(ValueError, match="index"):
+        schedule.beta_at(10, 10)
+
+
+@pytest.mark.parametrize("reset", ["paper", "official"])
+def test_reset_between_rounds(reset):
+    model = nn.Sequential(nn.Linear(3, 2))
+    csext.sparsify(model, mask_init=-0.1)
+    s = torch.tensor([[0.5, -0.3, 0.001], [-2.0, 0.0, -0.0004]])
+    model[0].mask_logits.data.copy_(s)
+    schedule.reset_mask_logits(model, beta_final=200.0, mask_init=-0.1, reset=reset)
+    source = s * 200.0 if reset == "paper" else s
+    torch.testing.assert_close(model[0].mask_logits.data, torch.clamp(source, max=-0.1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="reset must be one of"):
+        schedule.reset_mask_logits(model, 200.0, 0.0, reset="other")
+
+
+def test_param_groups_keep_mask_logits_out_of_weight_decay():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2))
+    csext.sparsify(model)
+    groups = {g["name"]: g for g in schedule.param_groups(model, 5e-4)}
+    assert groups["mask_logits"]["weight_decay"] == 0.0
+    assert len(groups["mask_logits"]["params"]) == 2
+    assert groups["weights"]["weight_decay"] == 5e-4
+    assert {id(p) for p in groups["weights"]["params"]} == {id(model[0].weight), id(model[3].weight)}
+    assert groups["biases_and_norms"]["weight_decay"] == 0.0
+
+
+def test_rewind_restores_weights_and_batchnorm_buffers_exactly():
+    model = nets.build("resnet20", (3, 8, 8), 10)
+    csext.sparsify(model, exclude=nets.DEFAULT_EXCLUDE["resnet20"])
+    saved = schedule.capture(model)
+    assert not any(k.endswith("mask_logits") for k in saved)
+    before = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        model(torch.randn(4, 3, 8, 8)).sum().backward()
+        optimizer.step()
+    assert not torch.equal(model.bn.running_mean, before["bn.running_mean"])
+    masks = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("mask_logits")}
+    schedule.restore(model, saved)
+    for k, v in model.state_dict().items():
+        if not torch.is_tensor(v):
+            continue
+        expected = masks[k] if k.endswith("mask_logits") else before[k]
+        assert torch.equal(v, expected), k
+
+
+def test_retrained_ticket_keeps_pruned_weights_exactly_zero():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 16), nn.ReLU(), nn.Linear(16, 3))
+    csext.sparsify(model)
+    rewind = schedule.capture(model)
+    mask = {name: torch.rand(m.weight.shape) < 0.3 for name, m in csext.gated_modules(model)}
+    search.prepare_ticket(model, mask, rewind)
+    config = search.SearchConfig(weight_decay=1e-2, momentum=0.9, lr=0.5)
+    optimizer = search.make_optimizer(model, config)
+    assert all(not m.mask_logits.requires_grad for _, m in csext.gated_modules(model))
+    for _ in range(20):
+        nn.functional.cross_entropy(model(torch.randn(8, 10)), torch.randint(0, 3, (8,))).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, m in csext.gated_modules(model):
+        assert torch.all(m.weight[~mask[name]] == 0), name
+        assert torch.any(m.weight[mask[name]] != 0), name
+    assert csext.sparsity_report(model).kept == sum(int(v.sum()) for v in mask.values())
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def test_search_command_end_to_end(tmp_path, capsys):
+    data = _write_npz(tmp_path / "small.npz")
+    out = tmp_path / "run"
+    assert cli.main(["search", "--data", str(data), "--out", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "round 2:" in printed and "results.json" in printed
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"method", "data", "model", "seed", "config", "dense", "tickets", "environment"}
+    assert results["method"] == "cs" and results["model"] == "mlp" and results["seed"] == 0
+    assert set(results["dense"]) == {"test_acc", "epochs", "seconds"} and results["dense"]["epochs"] == 3
+    assert [t["round"] for t in results["tickets"]] == [1, 2]
+    for i, t in enumerate(results["tickets"], start=1):
+        assert set(t) == {"round", "remaining", "test_acc", "epochs_spent", "seconds", "per_layer"}
+        assert 0.0 <= t["remaining"] <= 1.0 and 0.0 <= t["test_acc"] <= 1.0
+        assert t["epochs_spent"] == i * (3 + 3)  # search and retraining, every round so far
+        assert set(t["per_layer"]) == {"1", "3", "5"}
+    assert results["tickets"][1]["remaining"] <= results["tickets"][0]["remaining"]
+    assert set(results["environment"]) == {"torch", "csext", "backend", "device"}
+    assert (out / search.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same run again is refused rather than overwritten
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["search", "--data", str(data), "--out", str(out), *SMALL])
+    assert exit_info.value.code == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_resume_after_a_kill_gives_the_same_results(tmp_path, monkeypatch):
+    data = _write_npz(tmp_path / "small.npz")
+    args = ["search", "--data", str(data), *SMALL]
+    assert cli.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+
+    real_train_epoch, calls = search.train_epoch, {"n": 0}
+
+    def killed_on_the_eighth_epoch(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:  # inside round 2's search: after dense, search 1, retrain 1
+            raise KeyboardInterrupt
+        return real_train_epoch(*a, **k)
+
+    monkeypatch.setattr(search, "train_epoch", killed_on_the_eighth_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([*args, "--out", str(tmp_path / "killed")])
+    assert (tmp_path / "killed" / "checkpoint.pt").exists()
+    assert not (tmp_path / "killed" / "results.json").exists()
+    monkeypatch.setattr(search, "train_epoch", real_train_epoch)
+    assert cli.main([*args, "--out", str(tmp_path / "killed"), "--resume"]) == 0
+    resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
+    assert _without_seconds(resumed) == _without_seconds(whole)
+
+
+def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, capsys):
+    data = _write_npz(tmp_path / "small.npz")
+    out = tmp_path / "run"
+    assert cli.main(["search", "--data", str(data), "--out", str(out), *SMALL]) == 0
+    cases = []
+    cases.append((["--epochs", "4"], "other settings (epochs)"))
+    checkpoint = out / "checkpoint.pt"
+    good = checkpoint.read_bytes()
+
+    def expect(extra, message):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["search", "--data", str(data), "--out", str(out), *SMALL, *extra, "--resume"])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+    expect(["--epochs", "4"], "other settings (epochs)")
+    checkpoint.write_bytes(good[: len(good) // 2])  # truncated
+    expect([], "is not a readable checkpoint")
+
+    class Payload:  # a pickle that would run code: weights_only must refuse it
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    torch.save({"config": {}, "phase": 0, "payload": Payload()}, checkpoint)
+    expect([], "is not a readable checkpoint")
+    assert "pickled code ran" not in capsys.readouterr().out
+    checkpoint.unlink()
+    expect([], "does not exist")
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing file", "missing keys", "labels out of range", "lengths differ", "pickled arrays",
+     "unknown model", "unknown data", "negative epochs", "model does not fit data"],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
+    data = tmp_path / "data.npz"
+    extra = []
+    if case == "missing file":
+        data = tmp_path / "absent.npz"
+    elif case == "missing keys":
+        _write_npz(data, y_test=None)
+    elif case == "labels out of range":
+        _write_npz(data, y_test=np.full(40, 7))
+    elif case == "lengths differ":
+        _write_npz(data, y_train=np.zeros(95, dtype=np.int64))
+    elif case == "pickled arrays":
+        _write_npz(data, y_train=np.array([object()] * 96, dtype=object))
+    else:
+        _write_npz(data)
+        extra = {"unknown model": ["--model", "transformer"], "unknown data": [],
+                 "negative epochs": ["--epochs", "-3"], "model does not fit data": ["--model", "conv4"]}[case]
+        if case == "unknown data":
+            data = "imagenet"
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["search", "--data", str(data), "--out", str(out), "--quiet", "--epochs", "2", *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "error:" in err and "Traceback" not in err
+    assert len(err.splitlines()) == 1, err
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+def test_the_real_command_line_reports_bad_input_without_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "csext", "search", "--data", str(tmp_path / "none.npz"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"python -m csext search: error: --data {tmp_path / 'none.npz'}: no such file"]
+
+
+def test_target_remaining_lands_within_ten_percent(tmp_path):
+    data = _write_npz(tmp_path / "small.npz", n_train=256)
+    config = search.SearchConfig(data=str(data), rounds=1, epochs=6, batch_size=32, penalty=1e-4, target_remaining=0.2)
+    results = search.Search(config, tmp_path / "run", progress=False).run()
+    assert abs(results["tickets"][0]["remaining"] - 0.2) <= 0.02
+
+
+def test_npz_images_and_uint8(tmp_path):
+    rng = np.random.default_rng(1)
+    path = _write_npz(tmp_path / "img.npz", x_train=rng.integers(0, 256, (96, 28, 28), dtype=np.uint8),
+                      x_test=rng.integers(0, 256, (40, 28, 28), dtype=np.uint8))
+    data = load(str(path))
+    assert data.input_shape == (1, 28, 28) and data.x_train.dtype == torch.float32
+    assert 0.0 <= data.x_train.min() and data.x_train.max() <= 1.0
+    assert sum(p.numel() for p in nets.build("lenet300", data.input_shape, 10).parameters()) == 266610  # LeNet-300-100
+    with pytest.raises(ValueError, match="28 x 28"):
+        nets.build("lenet300", (1, 32, 32), 10)
+
+
+def test_mnist1d_is_generated_locally_and_leaves_global_rngs_alone():
+    state = np.random.get_state()[1].copy()
+    data = load("mnist1d")
+    assert data.input_shape == (40,) and data.num_classes == 10
+    assert len(data.y_train) == 4000 and len(data.y_test) == 1000
+    assert np.array_equal(np.random.get_state()[1], state)
+
+
+def test_cifar10_and_mnist_readers(tmp_path):
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        records = np.concatenate([rng.integers(0, 10, (4, 1)), rng.integers(0, 256, (4, 3072))], axis=1)
+        records.astype(np.uint8).tofile(folder / name)
+    cifar = load("cifar10", str(tmp_path))
+    assert cifar.x_train.shape == (20, 3, 32, 32) and cifar.num_classes == 10 and cifar.augment
+    crop = csext.data.augment_batch(cifar.x_train[:3], torch.Generator().manual_seed(0))
+    assert crop.shape == (3, 3, 32, 32)
+
+    def idx(path, array, magic):
+        header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+        path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+    idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 256, (12, 28, 28)), 0x803)
+    idx(tmp_path / "train-labels-idx1-ubyte", np.arange(12) % 10, 0x801)
+    idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (5, 28, 28)), 0x803)
+    idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(5), 0x801)
+    mnist = load("mnist", str(tmp_path))
+    assert mnist.x_train.shape == (12, 1, 28, 28) and mnist.y_test.tolist() == [0, 1, 2, 3, 4]
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05\x00")
+    with pytest.raises(DataError, match="truncated"):
+        load("mnist", str(tmp_path))
+    with pytest.raises(DataError, match="data-dir"):
+        load("cifar10", None)
+
+
+@pytest.mark.parametrize("name,shape", [("mlp", (40,)), ("conv4", (3, 32, 32)), ("resnet20", (3, 32, 32)),
+                                        ("vgg16", (3, 32, 32))])
+def test_models_build_and_gate_the_papers_layers(name, shape):
+    model = nets.build(name, shape, 10)
+    gated = csext.sparsify(model, exclude=nets.DEFAULT_EXCLUDE[name])
+    assert model(torch.randn(2, *shape)).shape == (2, 10)
+    names = [n for n, _ in csext.gated_modules(model)]
+    assert len(gated) == len(names) > 0
+    if name == "resnet20":
+        assert "conv" not in names and "fc" not in names and len(names) == 18 + 2  # 18 block convs, 2 shortcuts
+        # 16-ch: 6 x 2304; 32-ch: 4608 + 5 x 9216; 64-ch: 18432 + 5 x 36864; shortcuts 512 + 2048
+        assert sum(m.weight.numel() for m in gated) == 269824
