@@ -4,7 +4,7 @@ Each gated weight w has mask logits s; training uses w * sigmoid(beta * s) with 
 upwards and a penalty lam * sum(sigmoid(beta * s)); the ticket is the hard mask s > 0.
 """
 
-from . import backends, functional, reference
+from . import backends, functional, reference, schedule
 from .model import (
     SparsityReport,
     finalize,
@@ -26,6 +26,7 @@ __all__ = [
     "functional",
     "reference",
     "backends",
+    "schedule",
     "sparsify",
     "set_beta",
     "set_hard",

@@ -41,8 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--target-remaining", type=float, default=None,
                    help="steer lam (then the mask threshold) so the last ticket keeps this fraction")
     s.add_argument("--lr", type=float, default=d.lr)
-    s.add_argument("--lr-milestones", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
-                   help="comma-separated epochs at which lr is divided by 10")
+    s.add_argument("--lr-milestones", type=lambda v: [int(x) for x in v.split(",") if x], default=None,
+                   help="comma-separated epochs at which lr is divided by 10 (default: 1/2 and 3/4 of each phase)")
     s.add_argument("--momentum", type=float, default=d.momentum)
     s.add_argument("--weight-decay", type=float, default=d.weight_decay, help="not applied to mask logits")
     s.add_argument("--batch-size", type=int, default=d.batch_size)
