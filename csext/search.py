@@ -493,7 +493,13 @@ def plot_results(results: dict, path: Path) -> bool:
         ax.annotate(f"round {t['round']}", (t["remaining"], t["test_acc"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if results.get("dense"):
         ax.axhline(results["dense"]["test_acc"], color="gray", linestyle="--", label="dense")
-    ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, PercentFormatter
+
+    remaining = [t["remaining"] for t in tickets if t["remaining"] > 0]
+    if remaining and max(remaining) > 10 * min(remaining):
+        ax.set_xscale("log")  # rounds that span decades of sparsity
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
     ax.invert_xaxis()
     ax.set_xlabel("fraction of gated weights remaining")
     ax.set_ylabel("test accuracy")
