@@ -38,6 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--rewind-iter", type=int, default=d.rewind_iter, help="k: the rewind point is after k iterations of round 1")
     s.add_argument("--reset", choices=["paper", "official"], default=d.reset,
                    help="between rounds s <- min(beta_final*s, s0) (paper) or min(s, s0) (the reference code)")
+    s.add_argument("--rescale", action="store_true", help="multiply the mask by 1 / sigmoid(s0), as the paper's code")
     s.add_argument("--target-remaining", type=float, default=None,
                    help="steer lam (then the mask threshold) so the last ticket keeps this fraction")
     s.add_argument("--lr", type=float, default=d.lr)
@@ -57,22 +58,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv) -> tuple[argparse.Namespace, SearchConfig]:
+    """The command's arguments, and the run's settings: a preset's, overridden by options given."""
+    argv = list(argv)
+    args = _parser().parse_args(argv)
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    settings = dict(PRESETS[args.preset]) if args.preset else {}
+    for name in SearchConfig.__dataclass_fields__:
+        if "--" + name.replace("_", "-") in given or name not in settings:
+            settings[name] = getattr(args, name)
+    if isinstance(settings["exclude"], str):
+        settings["exclude"] = [x for x in settings["exclude"].split(",") if x]
+    return args, SearchConfig(**settings)
+
+
 def main(argv=None) -> int:
     parser = _parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    given = {a.split("=")[0] for a in argv if a.startswith("--")}
-    settings = {}
-    if args.preset:
-        settings.update(PRESETS[args.preset])
-    for field_name in SearchConfig.__dataclass_fields__:
-        option = "--" + field_name.replace("_", "-")
-        if option in given or field_name not in settings:
-            settings[field_name] = getattr(args, field_name, getattr(SearchConfig(), field_name))
-    if isinstance(settings.get("exclude"), str):
-        settings["exclude"] = [x for x in settings["exclude"].split(",") if x]
+    args, config = parse(sys.argv[1:] if argv is None else argv)
     try:
-        search = Search(SearchConfig(**settings), args.out, resume=args.resume, progress=not args.quiet)
+        search = Search(config, args.out, resume=args.resume, progress=not args.quiet)
         results = search.run()
     except (ConfigError, datasets.DataError) as error:
         parser.exit(2, f"python -m csext {args.command}: error: {error}\n")

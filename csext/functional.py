@@ -30,6 +30,11 @@ def check_penalty(penalty) -> None:
         raise ValueError(f"penalty must be a finite number >= 0, got {penalty}")
 
 
+def check_mask_scale(mask_scale) -> None:
+    if isinstance(mask_scale, bool) or not isinstance(mask_scale, (int, float)) or not 0.0 < mask_scale < math.inf:
+        raise ValueError(f"mask_scale must be a finite number > 0, got {mask_scale!r}")
+
+
 def check_gate_args(weight: torch.Tensor, mask_logits: torch.Tensor, beta, penalty) -> None:
     if not isinstance(weight, torch.Tensor) or not isinstance(mask_logits, torch.Tensor):
         raise TypeError("weight and mask_logits must be tensors")
@@ -58,6 +63,14 @@ def _check_same_device(weight: torch.Tensor, **tensors) -> None:
     for name, tensor in tensors.items():
         if tensor is not None and tensor.device != weight.device:
             raise ValueError(f"{name} must be on the device of weight ({weight.device}), got {tensor.device}")
+
+
+def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
+    if bias is None:
+        return y
+    shape = [1] * y.dim()
+    shape[channel_dim] = -1
+    return y + bias.to(y.dtype).view(shape)
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -101,8 +114,9 @@ def gated_linear(
     hard: bool = False,
     penalty: float = 0.0,
     backend: str = "auto",
+    mask_scale: float = 1.0,
 ) -> torch.Tensor:
-    """y = x @ (w * m)^T + b, for x of shape (..., in_features)."""
+    """y = x @ (c * w * m)^T + b, for x of shape (..., in_features), with c = mask_scale."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -110,8 +124,11 @@ def gated_linear(
             f"x must have shape (..., {weight.shape[1]}) to match in_features, got {tuple(x.shape)}"
         )
     _check_same_device(weight, x=x, bias=bias)
+    check_mask_scale(mask_scale)
     w_eff = gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=compute_dtype(weight), backend=backend)
-    return F.linear(x, w_eff, bias)
+    if mask_scale == 1.0:
+        return F.linear(x, w_eff, bias)
+    return _add_bias(F.linear(x, w_eff) * mask_scale, bias, channel_dim=-1)  # c scales the output, not the weight
 
 
 def gated_conv2d(
@@ -128,8 +145,9 @@ def gated_conv2d(
     hard: bool = False,
     penalty: float = 0.0,
     backend: str = "auto",
+    mask_scale: float = 1.0,
 ) -> torch.Tensor:
-    """conv2d(x, w * m, b) for x of shape (N, C_in, H, W) or (C_in, H, W)."""
+    """conv2d(x, c * w * m, b) for x of shape (N, C_in, H, W) or (C_in, H, W), c = mask_scale."""
     if weight.dim() != 4:
         raise ValueError(
             f"weight must be 4-D (out_channels, in_channels/groups, kH, kW), got shape {tuple(weight.shape)}"
@@ -141,8 +159,12 @@ def gated_conv2d(
             f"in_channels, got {tuple(x.shape)}"
         )
     _check_same_device(weight, x=x, bias=bias)
+    check_mask_scale(mask_scale)
     w_eff = gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=compute_dtype(weight), backend=backend)
-    return F.conv2d(x, w_eff, bias, stride, padding, dilation, groups)
+    if mask_scale == 1.0:
+        return F.conv2d(x, w_eff, bias, stride, padding, dilation, groups)
+    return _add_bias(F.conv2d(x, w_eff, None, stride, padding, dilation, groups) * mask_scale, bias, channel_dim=-3)
+
 
 
 __all__ = ["gate", "gated_linear", "gated_conv2d", "compute_dtype", "check_gate_args"]

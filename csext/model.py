@@ -123,7 +123,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
 
 @torch.no_grad()
 def _plain(module: nn.Module) -> nn.Module:
-    weight = reference.gate(module.weight, module.mask_logits, module.beta, hard=True)
+    weight = reference.gate(module.weight, module.mask_logits, module.beta, hard=True) * module.mask_scale
     if isinstance(module, GatedLinear):
         plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     else:

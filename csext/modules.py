@@ -6,8 +6,10 @@ keep their parameter names; each adds
     beta         temperature of the soft mask sigmoid(beta * s), >= 1
     hard         use the ticket mask 1[s > 0] instead (no gradient reaches s)
     penalty      lam: the backward adds the gradient of lam * sum(sigmoid(beta * s))
+    mask_scale   c, the effective weight is c * w * m (default 1; 1 / sigmoid(s0) reproduces the
+                 paper's code, SPEC section 1 `rescale=True`)
     backend      "auto", "torch" or "cpp" (csext.backends)
-beta, hard and penalty travel in the state_dict (as `_extra_state`).
+beta, hard, penalty and mask_scale travel in the state_dict (as `_extra_state`).
 """
 
 import math
@@ -37,6 +39,7 @@ class _Gated:
         self.beta = 1.0
         self.hard = False
         self.penalty = 0.0
+        self.mask_scale = 1.0
         self.backend = "auto"
         self.mask_logits = nn.Parameter(
             torch.full(
@@ -59,8 +62,8 @@ class _Gated:
             return reference.mask(self.mask_logits, self.beta, self.hard)
 
     def effective_weight(self) -> torch.Tensor:
-        """w * m as the forward uses it, differentiable."""
-        return functional.gate(
+        """mask_scale * w * m as the forward uses it, differentiable."""
+        return self.mask_scale * functional.gate(
             self.weight,
             self.mask_logits,
             self.beta,
@@ -105,7 +108,8 @@ class _Gated:
         return self
 
     def get_extra_state(self) -> dict:
-        return {"beta": self.beta, "hard": self.hard, "penalty": self.penalty, "mask_init": self.mask_init}
+        return {"beta": self.beta, "hard": self.hard, "penalty": self.penalty, "mask_init": self.mask_init,
+                "mask_scale": self.mask_scale}
 
     def set_extra_state(self, state: dict) -> None:
         functional.check_beta(state["beta"])
@@ -114,9 +118,12 @@ class _Gated:
         self.hard = bool(state["hard"])
         self.penalty = float(state["penalty"])
         self.mask_init = float(state.get("mask_init", self.mask_init))
+        functional.check_mask_scale(state.get("mask_scale", 1.0))
+        self.mask_scale = float(state.get("mask_scale", 1.0))
 
     def _gate_repr(self) -> str:
-        return f"mask_init={self.mask_init}, beta={self.beta:g}, hard={self.hard}, penalty={self.penalty:g}"
+        scale = f", mask_scale={self.mask_scale:g}" if self.mask_scale != 1.0 else ""
+        return f"mask_init={self.mask_init}, beta={self.beta:g}, hard={self.hard}, penalty={self.penalty:g}{scale}"
 
 
 class GatedLinear(_Gated, nn.Linear):
@@ -137,7 +144,7 @@ class GatedLinear(_Gated, nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return functional.gated_linear(
             input, self.weight, self.mask_logits, self.beta, self.bias,
-            hard=self.hard, penalty=self.penalty, backend=self.backend,
+            hard=self.hard, penalty=self.penalty, backend=self.backend, mask_scale=self.mask_scale,
         )
 
     def extra_repr(self) -> str:
@@ -175,7 +182,7 @@ class GatedConv2d(_Gated, nn.Conv2d):
         return functional.gated_conv2d(
             input, self.weight, self.mask_logits, self.beta, self.bias,
             self.stride, padding, self.dilation, self.groups,
-            hard=self.hard, penalty=self.penalty, backend=self.backend,
+            hard=self.hard, penalty=self.penalty, backend=self.backend, mask_scale=self.mask_scale,
         )
 
     def extra_repr(self) -> str:

@@ -61,6 +61,7 @@ class SearchConfig:
     retrain_epochs: int | None = None  # default: dense_epochs (the budget of a dense run)
     beta_per_step: bool = False
     reset: str = "paper"
+    rescale: bool = False  # the paper's code: effective weight w * m / sigmoid(s0)
     exclude: list[str] | None = None  # layers left dense; default: the paper's choice (csext.nets)
     target_remaining: float | None = None
     data_dir: str | None = None
@@ -201,9 +202,12 @@ class Search:
     def _gated(self) -> nn.Module:
         model = self._plain()
         try:
-            sparsify(model, mask_init=self.config.mask_init, exclude=self.exclude)
+            gated = sparsify(model, mask_init=self.config.mask_init, exclude=self.exclude)
         except ValueError as error:
             raise ConfigError(f"--exclude: {error}") from None
+        if self.config.rescale:
+            for m in gated:
+                m.mask_scale = 1.0 + math.exp(-self.config.mask_init)  # 1 / sigmoid(s0)
         return model.to(self.config.device)
 
     def _check_model(self) -> None:

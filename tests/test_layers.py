@@ -156,3 +156,44 @@ def test_mask_and_effective_weight():
     torch.testing.assert_close(layer.effective_weight(), layer.weight * soft)
     layer.hard = True
     assert torch.equal(layer.mask(), (layer.mask_logits > 0).float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mask_scale_multiplies_the_effective_weight(backend):
+    """mask_scale c (the paper code's 1 / sigmoid(s0)): outputs and gradients of c * w * m + b,
+    in soft and hard mode, carried by the state_dict and by finalize."""
+    torch.manual_seed(5)
+    model = _small_net()
+    csext.sparsify(model, penalty=0.01)
+    for _, m in csext.gated_modules(model):
+        m.backend, m.beta, m.mask_scale = backend, 3.0, 2.0
+        with torch.no_grad():
+            m.mask_logits.copy_(mask_logits_like(m.weight))
+    x = torch.randn(2, 3, 8, 8)
+    for hard in (False, True):
+        csext.set_hard(model, hard)
+        reference = copy.deepcopy(model)
+        for _, m in csext.gated_modules(reference):
+            m.mask_scale = 1.0
+            with torch.no_grad():  # c * w in the reference's weight: the gradient of w then needs a c
+                m.weight.mul_(2.0)
+        y = model(x)
+        torch.testing.assert_close(y, reference(x), rtol=1e-5, atol=1e-5)
+        y.square().sum().backward()
+        reference(x).square().sum().backward()
+        for (name, a), (_, b) in zip(model.named_parameters(), reference.named_parameters()):
+            if a.grad is None:
+                assert b.grad is None, name
+                continue
+            expected = b.grad * 2.0 if name.endswith(".weight") else b.grad  # every layer is gated: w' = 2 w
+            torch.testing.assert_close(a.grad, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        model.zero_grad()
+    restored = _small_net()
+    csext.sparsify(restored)
+    restored.load_state_dict(model.state_dict())
+    assert all(m.mask_scale == 2.0 for _, m in csext.gated_modules(restored))
+    with torch.no_grad():
+        y = model(x)
+        torch.testing.assert_close(csext.finalize(copy.deepcopy(model))(x), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="mask_scale must be a finite number > 0"):
+        csext.functional.gated_linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 4), 1.0, mask_scale=0.0)

@@ -318,3 +318,25 @@ def test_models_build_and_gate_the_papers_layers(name, shape):
         assert "conv" not in names and "fc" not in names and len(names) == 18 + 2  # 18 block convs, 2 shortcuts
         # 16-ch: 6 x 2304; 32-ch: 4608 + 5 x 9216; 64-ch: 18432 + 5 x 36864; shortcuts 512 + 2048
         assert sum(m.weight.numel() for m in gated) == 269824
+
+
+def test_presets_and_explicit_options(tmp_path, capsys):
+    _, config = cli.parse(["search", "--preset", "resnet20-cifar10", "--epochs", "5", "--out", "x"])
+    assert (config.data, config.model, config.epochs, config.lr_milestones) == ("cifar10", "resnet20", 5, [56, 71])
+    assert (config.penalty, config.beta_final, config.batch_size, config.rounds) == (1e-8, 200.0, 128, 3)
+    assert config.rewind_iter == 2 * 391  # two epochs of CIFAR-10 at batch 128
+    _, config = cli.parse(["search", "--out", "x", "--exclude", "fc,conv", "--lr-milestones", "3,4"])
+    assert config.exclude == ["fc", "conv"] and config.lr_milestones == [3, 4]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["search", "--preset", "vgg16-cifar10", "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert "--data-dir, which was not given" in capsys.readouterr().err
+
+
+def test_rescale_sets_the_papers_mask_scale(tmp_path):
+    data = _write_npz(tmp_path / "small.npz")
+    run = search.Search(search.SearchConfig(data=str(data), rescale=True, mask_init=-0.1), tmp_path / "run", progress=False)
+    gated = csext.gated_modules(run._gated())
+    assert gated and all(m.mask_scale == pytest.approx(1 / torch.sigmoid(torch.tensor(-0.1)).item()) for _, m in gated)
+    assert all(m.mask_scale == 1.0 for _, m in csext.gated_modules(
+        search.Search(search.SearchConfig(data=str(data)), tmp_path / "run2", progress=False)._gated()))
