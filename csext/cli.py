@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", choices=sorted(PRESETS), help="the paper's setup; explicit options override it")
     s.add_argument("--data", default=d.data, help=f"{', '.join(datasets.NAMES)} or PATH.npz")
     s.add_argument("--data-dir", default=None, help="folder of the cifar10 / mnist files")
+    s.add_argument("--download", action="store_true", help="fetch missing cifar10 / mnist files into --data-dir")
     s.add_argument("--model", default=d.model, help=", ".join(nets.NAMES))
     s.add_argument("--rounds", type=int, default=d.rounds)
     s.add_argument("--epochs", type=int, default=d.epochs, help="T, epochs of each search round")

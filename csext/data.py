@@ -6,12 +6,19 @@
     cifar10    the binary CIFAR-10 files (cifar-10-batches-bin/*.bin) under --data-dir
     mnist      the MNIST idx files (train-images-idx3-ubyte[.gz], ...) under --data-dir
 
-Both file readers are the project's own (no torchvision, no pickles). Nothing is downloaded:
-a missing file is an error that says which files to put where.
+Both file readers are the project's own (no torchvision, no pickles). Nothing is downloaded
+unless asked (`download=True`, `--download`): files are then fetched from the datasets' sites,
+checked against their published MD5, and renamed into place only once whole.
 """
 
 import gzip
+import hashlib
+import io
+import os
 import random
+import tarfile
+import tempfile
+from urllib.request import urlopen
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +26,17 @@ import numpy as np
 import torch
 
 NAMES = ("mnist1d", "cifar10", "mnist")
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
+CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
+CIFAR10_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6)) + ("test_batch.bin",)
+MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+MNIST_MD5 = {
+    "train-images-idx3-ubyte.gz": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte.gz": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c",
+}
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -43,14 +61,16 @@ class Dataset:
         return tuple(self.x_train.shape[1:])
 
 
-def load(data: str, data_dir: str | None = None) -> Dataset:
-    """The dataset `data` names: mnist1d, cifar10, mnist, or a path to an .npz file."""
+def load(data: str, data_dir: str | None = None, download: bool = False) -> Dataset:
+    """The dataset `data` names: mnist1d, cifar10, mnist, or a path to an .npz file. With
+    `download`, missing cifar10 / mnist files are fetched into `data_dir` first."""
     if data == "mnist1d":
         return _mnist1d()
-    if data == "cifar10":
-        return _cifar10(_data_dir(data_dir, "cifar10"))
-    if data == "mnist":
-        return _mnist(_data_dir(data_dir, "mnist"))
+    if data in ("cifar10", "mnist"):
+        root = _data_dir(data_dir, data, create=download)
+        if download:
+            (download_cifar10 if data == "cifar10" else download_mnist)(root)
+        return _cifar10(root) if data == "cifar10" else _mnist(root)
     if data.endswith(".npz"):
         return _npz(Path(data))
     raise DataError(f"--data must be one of {', '.join(NAMES)} or a path ending in .npz, got {data!r}")
@@ -68,13 +88,65 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return out
 
 
-def _data_dir(data_dir, name: str) -> Path:
+def _data_dir(data_dir, name: str, create: bool = False) -> Path:
     if data_dir is None:
-        raise DataError(f"--data {name} reads its files from --data-dir, which was not given (nothing is downloaded)")
+        raise DataError(f"--data {name} reads its files from --data-dir, which was not given")
     path = Path(data_dir)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     if not path.is_dir():
         raise DataError(f"--data-dir {data_dir}: no such directory")
     return path
+
+
+def _fetch(url: str, md5: str) -> bytes:
+    """The bytes at `url`, which must have the published MD5 `md5`."""
+    try:
+        with urlopen(url, timeout=60) as response:
+            payload = response.read()
+    except OSError as error:
+        raise DataError(f"download of {url} failed: {error}") from None
+    got = hashlib.md5(payload).hexdigest()
+    if got != md5:
+        raise DataError(f"download of {url}: MD5 {got} is not the published {md5}; nothing was written")
+    return payload
+
+
+def _write_atomic(path: Path, payload: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def download_cifar10(root: Path) -> None:
+    """Fetch the binary CIFAR-10 archive into root/cifar-10-batches-bin, unless already there.
+    Only the six expected batch files are taken from the archive, by name."""
+    folder = root / "cifar-10-batches-bin"
+    if all((folder / name).is_file() for name in CIFAR10_FILES):
+        return
+    archive = tarfile.open(fileobj=io.BytesIO(_fetch(CIFAR10_URL, CIFAR10_MD5)), mode="r:gz")
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in CIFAR10_FILES:
+        try:
+            member = archive.extractfile(f"cifar-10-batches-bin/{name}")
+        except KeyError:
+            member = None
+        if member is None:
+            raise DataError(f"download of {CIFAR10_URL}: the archive lacks cifar-10-batches-bin/{name}")
+        _write_atomic(folder / name, member.read())
+
+
+def download_mnist(root: Path) -> None:
+    """Fetch the four MNIST idx files (gzipped) into root, unless already there."""
+    for name, md5 in MNIST_MD5.items():
+        stem = name[: -len(".gz")]
+        if not ((root / name).is_file() or (root / stem).is_file()):
+            _write_atomic(root / name, _fetch(MNIST_URL + name, md5))
 
 
 def _mnist1d() -> Dataset:
@@ -150,11 +222,11 @@ def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
 
 def _cifar10(root: Path) -> Dataset:
     folder = root / "cifar-10-batches-bin"
-    names = [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    names = list(CIFAR10_FILES)
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
-        raise DataError(f"--data cifar10: {folder} lacks {missing}; unpack cifar-10-binary.tar.gz "
-                        f"(https://www.cs.toronto.edu/~kriz/cifar.html) into --data-dir")
+        raise DataError(f"--data cifar10: {folder} lacks {missing}; pass --download, or unpack "
+                        f"{CIFAR10_URL} into --data-dir")
     record = 1 + 3 * 32 * 32
 
     def read(name):
@@ -193,7 +265,7 @@ def _mnist(root: Path) -> Dataset:
         for candidate in (root / stem, root / f"{stem}.gz", root / "MNIST" / "raw" / stem, root / "MNIST" / "raw" / f"{stem}.gz"):
             if candidate.is_file():
                 return candidate
-        raise DataError(f"--data mnist: {stem}[.gz] not found in {root} (nothing is downloaded)")
+        raise DataError(f"--data mnist: {stem}[.gz] not found in {root}; pass --download, or put the idx files there")
 
     x_train = _read_idx(find("train-images-idx3-ubyte"), 0x803)
     y_train = _read_idx(find("train-labels-idx1-ubyte"), 0x801).astype(np.int64)

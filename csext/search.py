@@ -65,6 +65,7 @@ class SearchConfig:
     exclude: list[str] | None = None  # layers left dense; default: the paper's choice (csext.nets)
     target_remaining: float | None = None
     data_dir: str | None = None
+    download: bool = False  # fetch missing cifar10 / mnist files into data_dir
     device: str = "cpu"
 
     def check(self) -> None:
@@ -179,9 +180,9 @@ class Search:
     def __init__(self, config: SearchConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True):
         config.check()
         self.config, self.out, self.progress = config, Path(out), progress
-        self.data = datasets.load(config.data, config.data_dir)
+        self.data = datasets.load(config.data, config.data_dir, config.download)
         self.exclude = list(config.exclude) if config.exclude is not None else list(nets.DEFAULT_EXCLUDE[config.model])
-        self._check_model()
+        self._gated()  # a model that does not fit the data fails here, before anything is written
         checkpoint = self.out / CHECKPOINT
         if resume:
             self.state = self._load_checkpoint(checkpoint)
@@ -209,9 +210,6 @@ class Search:
             for m in gated:
                 m.mask_scale = 1.0 + math.exp(-self.config.mask_init)  # 1 / sigmoid(s0)
         return model.to(self.config.device)
-
-    def _check_model(self) -> None:
-        self._gated()  # a model that does not fit the data fails here, before anything is written
 
     def _fresh_state(self) -> dict:
         return {
@@ -246,7 +244,8 @@ class Search:
         if not isinstance(state, dict) or "config" not in state or "phase" not in state:
             raise ConfigError(f"--resume: {path} is not a csext search checkpoint")
         saved, now = dict(state["config"]), dataclasses.asdict(self.config)
-        saved.pop("device", None), now.pop("device", None)
+        for setting in ("device", "download"):  # where it runs and how files arrived change no result
+            saved.pop(setting, None), now.pop(setting, None)
         if saved != now:
             changed = sorted(k for k in now if saved.get(k) != now[k])
             raise ConfigError(f"--resume: the checkpoint was made with other settings ({', '.join(changed)}); use them or another --out")
@@ -292,7 +291,6 @@ class Search:
         optimizer = make_optimizer(model, self.config)
         self._load_trainee(model, optimizer)
         epochs_left, bar = self._epochs(epochs, "dense")
-        stats = {}
         for epoch in epochs_left:
             started = time.perf_counter()
             _set_lr(optimizer, learning_rate(self.config, epoch, epochs))
@@ -336,7 +334,7 @@ class Search:
             self._finish_epoch(started)
             if bar is not None:
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}",
-                                beta=f"{next(iter(gated_modules(model)))[1].beta:.3g}", remaining=f"{remaining:.4f}")
+                                beta=f"{gated_modules(model)[0][1].beta:.3g}", remaining=f"{remaining:.4f}")
         if self.state["rewind"] is None:  # k beyond round 1's iterations: rewind to its end
             self.state["rewind"] = capture(model)
         if config.target_remaining is not None:

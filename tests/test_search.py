@@ -1,8 +1,11 @@
 """The ticket search: schedule and reset arithmetic, rewinding, tickets, the command line,
 checkpoints and --resume, and bad input."""
 
+import hashlib
+import io
 import json
 import subprocess
+import tarfile
 import sys
 from pathlib import Path
 
@@ -340,3 +343,32 @@ def test_rescale_sets_the_papers_mask_scale(tmp_path):
     assert gated and all(m.mask_scale == pytest.approx(1 / torch.sigmoid(torch.tensor(-0.1)).item()) for _, m in gated)
     assert all(m.mask_scale == 1.0 for _, m in csext.gated_modules(
         search.Search(search.SearchConfig(data=str(data)), tmp_path / "run2", progress=False)._gated()))
+
+
+def test_download_checks_md5_and_takes_only_the_expected_files(tmp_path, monkeypatch):
+    rng = np.random.default_rng(3)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name in csext.data.CIFAR10_FILES + ("../outside.bin",):
+            records = np.concatenate([rng.integers(0, 10, (2, 1)), rng.integers(0, 256, (2, 3072))], axis=1)
+            payload = records.astype(np.uint8).tobytes()
+            info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    payload = buffer.getvalue()
+    fetched = []
+
+    def fake_urlopen(url, timeout):
+        fetched.append(url)
+        return io.BytesIO(payload)
+
+    monkeypatch.setattr(csext.data, "urlopen", fake_urlopen)
+    with pytest.raises(DataError, match="is not the published"):
+        load("cifar10", str(tmp_path / "data"), download=True)
+    assert not (tmp_path / "data" / "cifar-10-batches-bin").exists()  # nothing written
+    monkeypatch.setattr(csext.data, "CIFAR10_MD5", hashlib.md5(payload).hexdigest())
+    cifar = load("cifar10", str(tmp_path / "data"), download=True)
+    assert cifar.x_train.shape == (10, 3, 32, 32) and len(fetched) == 2
+    assert sorted(p.name for p in (tmp_path / "data" / "cifar-10-batches-bin").iterdir()) == sorted(csext.data.CIFAR10_FILES)
+    load("cifar10", str(tmp_path / "data"), download=True)  # already there: not fetched again
+    assert len(fetched) == 2
