@@ -18,8 +18,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import run as harness  # noqa: E402  (bench/run.py: machine line, commit, atomic writes)
+import run as harness  # noqa: E402  (bench/run.py: the machine line and commit)
 
+from csext._files import write_atomic  # noqa: E402
 from csext.search import Search, SearchConfig  # noqa: E402
 
 
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
             landed = r["tickets"][-1]["remaining"]
             print(f"--target-remaining {target}: landed at {landed:.4f} ({(landed / target - 1) * 100:+.1f}% relative)")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    harness._write_atomic(args.out, (json.dumps({"machine": info, "runs": runs}, indent=1) + "\n").encode())
+    write_atomic(args.out, (json.dumps({"machine": info, "runs": runs}, indent=1) + "\n").encode())
     print(f"written: {args.out}")
     return 0
 

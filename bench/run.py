@@ -25,7 +25,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 import csext
+from csext._files import write_atomic
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -288,18 +288,7 @@ def append_rows(path: Path, rows: list[dict]) -> None:
     if not old:
         writer.writeheader()
     writer.writerows(rows)
-    _write_atomic(path, (old + buffer.getvalue()).encode())
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_atomic(path, (old + buffer.getvalue()).encode())
 
 
 def latest_run(path: Path, device: str, dtype: str, layout: str) -> list[dict]:
@@ -346,7 +335,7 @@ def plot(rows: list[dict], path: Path) -> bool:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
     return True
 
 

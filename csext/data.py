@@ -14,16 +14,16 @@ checked against their published MD5, and renamed into place only once whole.
 import gzip
 import hashlib
 import io
-import os
 import random
 import tarfile
-import tempfile
-from urllib.request import urlopen
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.request import urlopen
 
 import numpy as np
 import torch
+
+from ._files import write_atomic
 
 NAMES = ("mnist1d", "cifar10", "mnist")
 
@@ -112,17 +112,6 @@ def _fetch(url: str, md5: str) -> bytes:
     return payload
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def download_cifar10(root: Path) -> None:
     """Fetch the binary CIFAR-10 archive into root/cifar-10-batches-bin, unless already there.
     Only the six expected batch files are taken from the archive, by name."""
@@ -138,7 +127,7 @@ def download_cifar10(root: Path) -> None:
             member = None
         if member is None:
             raise DataError(f"download of {CIFAR10_URL}: the archive lacks cifar-10-batches-bin/{name}")
-        _write_atomic(folder / name, member.read())
+        write_atomic(folder / name, member.read())
 
 
 def download_mnist(root: Path) -> None:
@@ -146,7 +135,7 @@ def download_mnist(root: Path) -> None:
     for name, md5 in MNIST_MD5.items():
         stem = name[: -len(".gz")]
         if not ((root / name).is_file() or (root / stem).is_file()):
-            _write_atomic(root / name, _fetch(MNIST_URL + name, md5))
+            write_atomic(root / name, _fetch(MNIST_URL + name, md5))
 
 
 def _mnist1d() -> Dataset:

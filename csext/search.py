@@ -15,9 +15,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 
 from . import data as datasets
 from . import nets
+from ._files import write_atomic
 from .model import gated_modules, set_beta, set_hard, set_penalty, sparsify, sparsity_report
 from .schedule import RESETS, beta_at, capture, param_groups, reset_mask_logits, restore
 
@@ -232,7 +232,7 @@ class Search:
 
     def _save_checkpoint(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.out / CHECKPOINT, lambda f: torch.save(self.state, f))
+        write_atomic(self.out / CHECKPOINT, lambda f: torch.save(self.state, f))
 
     def _load_checkpoint(self, path: Path) -> dict:
         if not path.is_file():
@@ -266,7 +266,7 @@ class Search:
             self.state.update(phase=self.state["phase"] + 1, epoch=0, seconds=0.0, trainee=None, trainee_optimizer=None)
             self._save_checkpoint()
         results = self.results()
-        _atomic_write(self.out / RESULTS, lambda f: f.write(_json(results).encode()))
+        write_atomic(self.out / RESULTS, _json(results).encode())
         plot_results(results, self.out / PLOT)
         return results
 
@@ -463,20 +463,6 @@ def _json(results: dict) -> str:
     return json.dumps(results, indent=2) + "\n"
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot_results(results: dict, path: Path) -> bool:
     """Test accuracy against remaining fraction, a point per round, the dense accuracy as a line."""
     try:
@@ -511,5 +497,5 @@ def plot_results(results: dict, path: Path) -> bool:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    _atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    write_atomic(path, buffer.getvalue())
     return True

@@ -4,6 +4,7 @@ checkpoints and --resume, and bad input."""
 import hashlib
 import io
 import json
+import os
 import subprocess
 import tarfile
 import sys
@@ -247,8 +248,11 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
 
 
 def test_the_real_command_line_reports_bad_input_without_traceback(tmp_path):
+    # from tmp_path, with the csext these tests import first on the path (not the source tree)
+    env = {**os.environ, "PYTHONPATH": str(Path(csext.__file__).parents[1])}
     done = subprocess.run([sys.executable, "-m", "csext", "search", "--data", str(tmp_path / "none.npz"),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env=env)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"python -m csext search: error: --data {tmp_path / 'none.npz'}: no such file"]
 
