@@ -5,6 +5,8 @@ import sys
 
 from . import data as datasets
 from . import nets
+from .baselines import METHODS
+from .compare import compare
 from .search import ConfigError, Search, SearchConfig
 
 # The paper's setups (SPEC section 1; Savarese et al., section 5). They need the CIFAR-10 files
@@ -22,8 +24,23 @@ PRESETS = {
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m csext", description="Continuous Sparsification")
     commands = parser.add_subparsers(dest="command", required=True)
-    s = commands.add_parser("search", help="CS ticket search (SPEC section 1), results in DIR/results.json",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    search = commands.add_parser("search", help="CS ticket search (SPEC section 1), results in DIR/results.json",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_run_options(search)
+    search.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    compare = commands.add_parser("compare", help="CS against IMP, magnitude, SNIP, L0 and random pruning",
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_run_options(compare)
+    compare.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
+    compare.add_argument("--fractions", default="0.2,0.1,0.05",
+                         help="remaining fractions for magnitude, snip and random when cs is not compared "
+                              "(with cs: the fractions its tickets reached)")
+    compare.add_argument("--imp-rounds", type=int, default=10, help="IMP rounds, each removing 20%% of the weights")
+    compare.add_argument("--l0-penalty", type=float, default=0.1, help="lam of L0: lam / N * expected L0")
+    return parser
+
+
+def _add_run_options(s: argparse.ArgumentParser) -> None:
     d = SearchConfig()
     s.add_argument("--preset", choices=sorted(PRESETS), help="the paper's setup; explicit options override it")
     s.add_argument("--data", default=d.data, help=f"{', '.join(datasets.NAMES)} or PATH.npz")
@@ -52,11 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--retrain-epochs", type=int, default=None, help="epochs of each ticket's retraining (default: the dense budget)")
     s.add_argument("--exclude", default=None, help="comma-separated layer names or globs left dense (default: the paper's)")
     s.add_argument("--seed", type=int, default=d.seed)
-    s.add_argument("--out", required=True, help="DIR for results.json, the checkpoint and the plot")
-    s.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    s.add_argument("--out", required=True, help="DIR for the results, checkpoints and plots")
     s.add_argument("--device", default=d.device, help="cpu or cuda")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
 
 
 def parse(argv) -> tuple[argparse.Namespace, SearchConfig]:
@@ -77,8 +92,9 @@ def main(argv=None) -> int:
     parser = _parser()
     args, config = parse(sys.argv[1:] if argv is None else argv)
     try:
-        search = Search(config, args.out, resume=args.resume, progress=not args.quiet)
-        results = search.run()
+        if args.command == "compare":
+            return _compare(args, config)
+        results = Search(config, args.out, resume=args.resume, progress=not args.quiet).run()
     except (ConfigError, datasets.DataError) as error:
         parser.exit(2, f"python -m csext {args.command}: error: {error}\n")
     dense = results["dense"]
@@ -87,4 +103,22 @@ def main(argv=None) -> int:
         print(f"round {t['round']}: {t['remaining']:.2%} of the weights remain, test accuracy {t['test_acc']:.4f}, "
               f"{t['epochs_spent']} epochs spent, {t['seconds']:.1f} s")
     print(f"results: {args.out}/results.json")
+    return 0
+
+
+def _compare(args, config: SearchConfig) -> int:
+    try:
+        fractions = [float(f) for f in args.fractions.split(",") if f]
+    except ValueError:
+        raise ConfigError(f"--fractions must be comma-separated numbers, got {args.fractions!r}") from None
+    methods = [m for m in args.methods.split(",") if m]
+    summary = compare(config, methods, args.out, fractions=fractions, imp_rounds=args.imp_rounds,
+                      l0_penalty=args.l0_penalty, progress=not args.quiet)
+    print(f"dense: test accuracy {summary['dense']['test_acc']:.4f}")
+    for method, entry in summary["methods"].items():
+        best = entry["sparsest_within_1_point"]
+        found = (f"{best['remaining']:.2%} of the weights at {best['test_acc']:.4f}, {best['epochs_spent']} epochs spent"
+                 if best else "no ticket within 1 point of dense")
+        print(f"{method}: sparsest ticket within 1 point of dense: {found}")
+    print(f"summary: {args.out}/summary.json")
     return 0

@@ -171,6 +171,32 @@ def evaluate(model: nn.Module, data: datasets.Dataset, config: SearchConfig) -> 
     return correct / len(data.y_test)
 
 
+def build_plain(config: SearchConfig, data: datasets.Dataset) -> nn.Module:
+    """The plain network of `config` for `data`, initialised from the seed (on config.device)."""
+    torch.manual_seed(config.seed)
+    try:
+        return nets.build(config.model, data.input_shape, data.num_classes).to(config.device)
+    except ValueError as error:
+        raise ConfigError(f"--model {config.model} with --data {config.data}: {error}") from None
+
+
+def build_gated(config: SearchConfig, data: datasets.Dataset, exclude) -> nn.Module:
+    """build_plain, then every Linear / Conv2d not in `exclude` gated with s = s0."""
+    model = build_plain(config, data)
+    try:
+        gated = sparsify(model, mask_init=config.mask_init, exclude=exclude)
+    except ValueError as error:
+        raise ConfigError(f"--exclude: {error}") from None
+    if config.rescale:
+        for m in gated:
+            m.mask_scale = 1.0 + math.exp(-config.mask_init)  # 1 / sigmoid(s0)
+    return model
+
+
+def default_exclude(config: SearchConfig) -> list[str]:
+    return list(config.exclude) if config.exclude is not None else list(nets.DEFAULT_EXCLUDE[config.model])
+
+
 # --- the run -----------------------------------------------------------------------------------
 
 
@@ -181,7 +207,7 @@ class Search:
         config.check()
         self.config, self.out, self.progress = config, Path(out), progress
         self.data = datasets.load(config.data, config.data_dir, config.download)
-        self.exclude = list(config.exclude) if config.exclude is not None else list(nets.DEFAULT_EXCLUDE[config.model])
+        self.exclude = default_exclude(config)
         self._gated()  # a model that does not fit the data fails here, before anything is written
         checkpoint = self.out / CHECKPOINT
         if resume:
@@ -194,22 +220,10 @@ class Search:
     # building the networks, always the same way from the seed
 
     def _plain(self) -> nn.Module:
-        torch.manual_seed(self.config.seed)
-        try:
-            return nets.build(self.config.model, self.data.input_shape, self.data.num_classes)
-        except ValueError as error:
-            raise ConfigError(f"--model {self.config.model} with --data {self.config.data}: {error}") from None
+        return build_plain(self.config, self.data)
 
     def _gated(self) -> nn.Module:
-        model = self._plain()
-        try:
-            gated = sparsify(model, mask_init=self.config.mask_init, exclude=self.exclude)
-        except ValueError as error:
-            raise ConfigError(f"--exclude: {error}") from None
-        if self.config.rescale:
-            for m in gated:
-                m.mask_scale = 1.0 + math.exp(-self.config.mask_init)  # 1 / sigmoid(s0)
-        return model.to(self.config.device)
+        return build_gated(self.config, self.data, self.exclude)
 
     def _fresh_state(self) -> dict:
         return {
@@ -287,7 +301,7 @@ class Search:
         self._save_checkpoint()
 
     def _run_dense(self, epochs: int) -> None:
-        model = self._plain().to(self.config.device)
+        model = self._plain()
         optimizer = make_optimizer(model, self.config)
         self._load_trainee(model, optimizer)
         epochs_left, bar = self._epochs(epochs, "dense")

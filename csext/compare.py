@@ -1,0 +1,129 @@
+"""`python -m csext compare`: CS and the baselines of csext.baselines on one setup.
+
+Writes DIR/<method>/results.json (SPEC section 3) for each method, DIR/summary.json, and two
+plots: test accuracy against remaining fraction (log axis) and against epochs spent, a line per
+method, the dense accuracy as a reference line. magnitude, snip and random prune to the
+fractions CS's tickets reached (when cs is among the methods), else to `fractions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from pathlib import Path
+
+from . import data as datasets
+from ._files import write_atomic
+from .baselines import METHODS, MethodRun
+from .search import ConfigError, Search, SearchConfig, build_plain, epoch_generator, evaluate, learning_rate, \
+    make_optimizer, train_epoch
+
+SUMMARY = "summary.json"
+
+
+def dense_baseline(config: SearchConfig, data) -> dict:
+    """The plain network trained for the dense budget: {"test_acc", "epochs", "seconds"}."""
+    started = time.perf_counter()
+    model = build_plain(config, data)
+    optimizer = make_optimizer(model, config)
+    epochs = config.dense_budget
+    for epoch in range(epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, epoch, epochs)
+        train_epoch(model, data, optimizer, config, epoch_generator(config.seed, 0, epoch))
+    return {"test_acc": evaluate(model, data, config), "epochs": epochs, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_rounds: int = 10,
+            l0_penalty: float = 0.1, progress: bool = True) -> dict:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"--methods must be a comma-separated list from {', '.join(METHODS)}, got {list(methods)}")
+    if any(not 0.0 < f <= 1.0 for f in fractions) or not fractions:
+        raise ConfigError(f"--fractions must lie in (0, 1], got {list(fractions)}")
+    if imp_rounds < 1:
+        raise ConfigError(f"--imp-rounds must be >= 1, got {imp_rounds}")
+    out = Path(out)
+    if (out / SUMMARY).exists():
+        raise ConfigError(f"--out {out} already holds a comparison; use another --out")
+    config.check()
+    data = datasets.load(config.data, config.data_dir, config.download)
+    per_method = {}
+    if "cs" in methods:
+        per_method["cs"] = Search(config, out / "cs", progress=progress).run()
+        fractions = [t["remaining"] for t in per_method["cs"]["tickets"]]
+        dense = per_method["cs"]["dense"]
+    else:
+        dense = dense_baseline(config, data)
+    template = _results_template(config, dense)
+    for method in methods:
+        if method == "cs":
+            continue
+        run = MethodRun(method, config, data, fractions=fractions, imp_rounds=imp_rounds, l0_penalty=l0_penalty)
+        results = {**template, "method": method, "tickets": run.run()["tickets"]}
+        results["config"] = {**template["config"], "fractions": list(fractions), "imp_rounds": imp_rounds,
+                             "l0_penalty": l0_penalty}
+        write_atomic(out / method / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+        per_method[method] = results
+        if progress:
+            print(f"{method}: " + ", ".join(f"{t['remaining']:.2%} -> {t['test_acc']:.3f}" for t in results["tickets"]))
+    summary = summarise(per_method, dense, config)
+    write_atomic(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+    plot_comparison(summary, out)
+    return summary
+
+
+def _results_template(config: SearchConfig, dense: dict) -> dict:
+    from . import __version__, backends
+    import torch
+
+    return {"method": None, "data": config.data, "model": config.model, "seed": config.seed,
+            "config": dataclasses.asdict(config), "dense": dense, "tickets": [],
+            "environment": {"torch": torch.__version__, "csext": __version__,
+                            "backend": backends.resolve("auto", torch.device(config.device).type),
+                            "device": config.device}}
+
+
+def summarise(per_method: dict, dense: dict, config: SearchConfig) -> dict:
+    """Per method its tickets, and the sparsest ticket within 1 point of dense accuracy."""
+    summary = {"data": config.data, "model": config.model, "seed": config.seed, "dense": dense, "methods": {}}
+    for method, results in per_method.items():
+        tickets = [{k: t[k] for k in ("round", "remaining", "test_acc", "epochs_spent")} for t in results["tickets"]]
+        close = [t for t in tickets if t["test_acc"] >= dense["test_acc"] - 0.01]
+        summary["methods"][method] = {"tickets": tickets,
+                                      "sparsest_within_1_point": min(close, key=lambda t: t["remaining"]) if close else None}
+    return summary
+
+
+def plot_comparison(summary: dict, out: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import PercentFormatter
+    except ImportError:
+        return False
+    for x_key, name, xlabel in (("remaining", "accuracy_vs_remaining.png", "fraction of gated weights remaining"),
+                                ("epochs_spent", "accuracy_vs_epochs.png", "epochs spent (search and retraining)")):
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for method, entry in summary["methods"].items():
+            tickets = sorted(entry["tickets"], key=lambda t: t[x_key])
+            ax.plot([t[x_key] for t in tickets], [t["test_acc"] for t in tickets], "o-", label=method, markersize=4)
+        ax.axhline(summary["dense"]["test_acc"], color="gray", linestyle="--", label="dense")
+        if x_key == "remaining":
+            ax.set_xscale("log")
+            ax.invert_xaxis()
+            ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"{summary['model']} on {summary['data']}, seed {summary['seed']}", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        write_atomic(out / name, buffer.getvalue())
+    return True

@@ -1,0 +1,147 @@
+"""The baselines of `python -m csext compare`: fractions, masks, hard-concrete gates, the command."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import csext
+from csext import baselines, cli
+from csext.data import load
+from csext.search import SearchConfig
+
+
+def _tiny_npz(path, n_train=128, n_test=48, features=10, classes=3):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(classes, features)) * 2
+    y_train, y_test = rng.integers(0, classes, n_train), rng.integers(0, classes, n_test)
+    np.savez(path, x_train=(centers[y_train] + rng.normal(size=(n_train, features))).astype(np.float32), y_train=y_train,
+             x_test=(centers[y_test] + rng.normal(size=(n_test, features))).astype(np.float32), y_test=y_test)
+    return path
+
+
+def _gated_mlp(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10), nn.ReLU(), nn.Linear(10, 4))
+    csext.sparsify(model)
+    return model
+
+
+def _kept(mask):
+    return sum(int(v.sum()) for v in mask.values())
+
+
+def test_top_mask_keeps_exactly_the_count_even_with_ties():
+    scores = {"a": torch.ones(3, 4), "b": torch.tensor([2.0, 1.0, 1.0])}
+    mask = baselines.top_mask(scores, 5)
+    assert _kept(mask) == 5 and bool(mask["b"][0])
+    with pytest.raises(ValueError, match="keep must lie"):
+        baselines.top_mask(scores, 16)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.1, 0.013])
+def test_magnitude_random_and_snip_reach_the_fraction_exactly(fraction):
+    model = _gated_mlp()
+    total = sum(m.weight.numel() for _, m in csext.gated_modules(model))
+    keep = max(1, round(fraction * total))
+    magnitude = baselines.magnitude_mask(model, fraction)
+    random = baselines.random_mask(model, fraction, torch.Generator().manual_seed(0))
+    snip = baselines.snip_mask(model, torch.randn(16, 20), torch.randint(0, 4, (16,)), fraction)
+    assert _kept(magnitude) == _kept(random) == _kept(snip) == keep
+    # magnitude keeps the largest |w| over all layers; random does not
+    weights = {n: m.weight.detach().abs() for n, m in csext.gated_modules(model)}
+    smallest_kept = min(weights[n][magnitude[n]].min() for n in weights if magnitude[n].any())
+    largest_pruned = max(weights[n][~magnitude[n]].max() for n in weights)
+    assert smallest_kept >= largest_pruned
+    mean_kept = {name: torch.cat([weights[n][mask[n]] for n in weights]).mean() for name, mask in
+                 (("magnitude", magnitude), ("random", random))}
+    assert mean_kept["magnitude"] > mean_kept["random"]
+    assert any(not torch.equal(magnitude[n], random[n]) for n in weights)
+    assert any(not torch.equal(snip[n], random[n]) for n in weights)
+
+
+def test_imp_removes_twenty_percent_per_round_and_ten_in_the_output_layer():
+    model = _gated_mlp()
+    layers = dict(csext.gated_modules(model))
+    mask = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in layers.items()}
+    inner, output = [n for n in layers if n != "4"], "4"
+    kept_inner, kept_output = sum(layers[n].weight.numel() for n in inner), layers[output].weight.numel()
+    for _ in range(3):
+        previous = mask
+        mask = baselines.imp_step(model, mask, output_layer=output)
+        kept_inner -= round(0.2 * kept_inner)
+        kept_output -= round(0.1 * kept_output)
+        assert sum(int(mask[n].sum()) for n in inner) == kept_inner
+        assert int(mask[output].sum()) == kept_output
+        assert all(not (mask[n] & ~previous[n]).any() for n in mask)  # pruned weights stay pruned
+
+
+def test_hard_concrete_gate_and_penalty_equal_hand_computed_values(monkeypatch):
+    gate = baselines.HardConcreteGate((3,))
+    gate.log_alpha.data = torch.tensor([0.0, 2.0, -3.0])
+    monkeypatch.setattr(torch, "rand_like", lambda t: torch.full_like(t, 0.5))  # logit(u) = 0
+    gate.train()
+    # s = sigmoid(log_alpha / (2/3)); z = clamp(s * 1.2 - 0.1, 0, 1)
+    expected_train = [0.5, min(1.0, 1.2 / (1 + math.exp(-3.0)) - 0.1), 0.0]  # 1.043 clamps to 1
+    torch.testing.assert_close(gate.gate(), torch.tensor(expected_train), rtol=1e-6, atol=1e-6)
+    gate.eval()
+    expected_eval = [0.5, min(1.0, 1.2 / (1 + math.exp(-2.0)) - 0.1), max(0.0, 1.2 / (1 + math.exp(3.0)) - 0.1)]
+    torch.testing.assert_close(gate.gate(), torch.tensor(expected_eval), rtol=1e-6, atol=1e-6)
+    shift = -(2.0 / 3.0) * math.log(0.1 / 1.1)  # -beta * log(-gamma / zeta) = 1.5986...
+    expected_l0 = sum(1 / (1 + math.exp(-(a + shift))) for a in (0.0, 2.0, -3.0))
+    assert gate.expected_l0().item() == pytest.approx(expected_l0, rel=1e-6)
+    gate.log_alpha.data = torch.tensor([-9.0, 0.0, 9.0])
+    gate.clamp_()
+    torch.testing.assert_close(gate.log_alpha.data, torch.tensor([math.log(1e-2), 0.0, math.log(1e2)]))
+    layer = nn.Linear(3, 2)
+    baselines.add_l0_gates(nn.Sequential(layer), ["0"])
+    assert layer.parametrizations.weight.original.shape == (2, 3) and layer.weight.shape == (2, 3)
+
+
+@pytest.mark.parametrize("method", ["imp", "magnitude", "snip", "l0", "random"])
+def test_every_method_keeps_pruned_weights_exactly_zero(tmp_path, monkeypatch, method):
+    data = load(str(_tiny_npz(tmp_path / "tiny.npz")))
+    config = SearchConfig(data=str(tmp_path / "tiny.npz"), epochs=2, batch_size=32, weight_decay=1e-2)
+    evaluated = []
+    real_evaluate = baselines.evaluate
+
+    def checking_evaluate(model, data, config):
+        for name, m in csext.gated_modules(model):
+            pruned = m.mask_logits <= 0
+            assert m.hard and torch.all(m.weight[pruned] == 0), name
+        evaluated.append(model)
+        return real_evaluate(model, data, config)
+
+    monkeypatch.setattr(baselines, "evaluate", checking_evaluate)
+    run = baselines.MethodRun(method, config, data, fractions=[0.3, 0.1], imp_rounds=2, l0_penalty=5.0)
+    tickets = run.run()["tickets"]
+    assert len(evaluated) == len(tickets) == (1 if method == "l0" else 2)
+    if method in ("magnitude", "snip", "random"):
+        total = sum(v.numel() for v in [m.weight for _, m in csext.gated_modules(evaluated[0])])
+        assert [round(t["remaining"] * total) for t in tickets] == [round(0.3 * total), round(0.1 * total)]
+    assert all(t["epochs_spent"] > 0 for t in tickets)
+
+
+def test_compare_command_end_to_end(tmp_path, capsys):
+    data = _tiny_npz(tmp_path / "tiny.npz")
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", "--data", str(data), "--out", str(out), "--epochs", "2", "--rounds", "2",
+                     "--batch-size", "32", "--imp-rounds", "2", "--quiet"]) == 0
+    assert "sparsest ticket within 1 point" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["methods"]) == list(baselines.METHODS)
+    cs_fractions = [t["remaining"] for t in summary["methods"]["cs"]["tickets"]]
+    for method in baselines.METHODS:
+        results = json.loads((out / method / "results.json").read_text())
+        assert results["method"] == method and results["dense"] == summary["dense"]
+        assert set(results) == {"method", "data", "model", "seed", "config", "dense", "tickets", "environment"}
+        if method in ("magnitude", "snip", "random"):  # matched to CS's tickets
+            assert [t["remaining"] for t in results["tickets"]] == pytest.approx(cs_fractions, abs=1e-3)
+    for plot in ("accuracy_vs_remaining.png", "accuracy_vs_epochs.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["compare", "--data", str(data), "--out", str(tmp_path / "x"), "--methods", "cs,obd", "--quiet"])
+    assert exit_info.value.code == 2 and "--methods must be" in capsys.readouterr().err
