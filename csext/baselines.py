@@ -153,16 +153,14 @@ class MethodRun:
     """One baseline on the search's setup; `run()` returns its results (SPEC section 3)."""
 
     def __init__(self, method: str, config: SearchConfig, data, fractions=(0.2, 0.1, 0.05), imp_rounds: int = 10,
-                 l0_penalty: float = 0.1, dense=None, progress: bool = False):
+                 l0_penalty: float = 0.1):
         if method not in METHODS or method == "cs":
             raise ValueError(f"method must be one of {METHODS[1:]}, got {method!r}")
         self.method, self.config, self.data = method, config, data
         self.fractions, self.imp_rounds, self.l0_penalty = list(fractions), imp_rounds, l0_penalty
         self.exclude = default_exclude(config)
-        self.dense = dense  # the dense baseline's results, shared by the methods of one compare
         self.phase = 1000  # generator streams apart from the search's phases
         self.epochs_spent = 0
-        self.progress = progress
 
     def _train(self, model, epochs: int, rewind: dict | None = None) -> None:
         """Train `model` for `epochs`; with `rewind`, keep the rewind point (after k iterations,
@@ -192,15 +190,17 @@ class MethodRun:
             m.mask_logits.requires_grad_(False)
         return model
 
-    def _ticket(self, mask, rewind, round_: int, started: float) -> dict:
+    def _ticket(self, mask, rewind, round_: int, started: float) -> tuple[dict, nn.Module]:
+        """Train the ticket `mask` from the weights `rewind`; its results entry and the model."""
         model = build_gated(self.config, self.data, self.exclude)
         prepare_ticket(model, mask, rewind)
         self._train(model, self.config.retrain_budget)
         kept = sum(int(v.sum()) for v in mask.values())
         total = sum(v.numel() for v in mask.values())
-        return {"round": round_, "remaining": kept / total, "test_acc": evaluate(model, self.data, self.config),
-                "epochs_spent": self.epochs_spent, "seconds": round(time.perf_counter() - started, 3),
-                "per_layer": {n: int(v.sum()) / v.numel() for n, v in mask.items()}}
+        entry = {"round": round_, "remaining": kept / total, "test_acc": evaluate(model, self.data, self.config),
+                 "epochs_spent": self.epochs_spent, "seconds": round(time.perf_counter() - started, 3),
+                 "per_layer": {n: int(v.sum()) / v.numel() for n, v in mask.items()}}
+        return entry, model
 
     def run(self) -> dict:
         started = time.perf_counter()
@@ -217,13 +217,8 @@ class MethodRun:
         for r in range(1, self.imp_rounds + 1):
             mask = imp_step(model, mask, output_layer=output_layer)
             # retraining ticket r is IMP's next round of training: its weights rank the next prune
-            model = build_gated(self.config, self.data, self.exclude)
-            prepare_ticket(model, mask, rewind["state"])
-            self._train(model, self.config.retrain_budget)
-            kept, total = sum(int(v.sum()) for v in mask.values()), sum(v.numel() for v in mask.values())
-            tickets.append({"round": r, "remaining": kept / total, "test_acc": evaluate(model, self.data, self.config),
-                            "epochs_spent": self.epochs_spent, "seconds": round(time.perf_counter() - started, 3),
-                            "per_layer": {n: int(v.sum()) / v.numel() for n, v in mask.items()}})
+            entry, model = self._ticket(mask, rewind["state"], r, started)
+            tickets.append(entry)
         return tickets
 
     def _run_magnitude(self, started) -> list[dict]:
@@ -233,7 +228,7 @@ class MethodRun:
         tickets = []
         for i, fraction in enumerate(self.fractions, start=1):
             # fine-tuning from the trained weights (not a rewind): one-shot pruning, then training
-            tickets.append(self._ticket(magnitude_mask(dense, fraction), trained, i, started))
+            tickets.append(self._ticket(magnitude_mask(dense, fraction), trained, i, started)[0])
         return tickets
 
     def _run_snip(self, started) -> list[dict]:
@@ -243,13 +238,13 @@ class MethodRun:
         batch = torch.randperm(len(self.data.y_train), generator=generator)[: self.config.batch_size]
         device = torch.device(self.config.device)
         x, y = self.data.x_train[batch].to(device), self.data.y_train[batch].to(device)
-        return [self._ticket(snip_mask(model, x, y, f), initial, i, started) for i, f in enumerate(self.fractions, start=1)]
+        return [self._ticket(snip_mask(model, x, y, f), initial, i, started)[0] for i, f in enumerate(self.fractions, start=1)]
 
     def _run_random(self, started) -> list[dict]:
         model = build_gated(self.config, self.data, self.exclude)
         initial = capture(model)
         generator = epoch_generator(self.config.seed, 998, 0)
-        return [self._ticket(random_mask(model, f, generator), initial, i, started)
+        return [self._ticket(random_mask(model, f, generator), initial, i, started)[0]
                 for i, f in enumerate(self.fractions, start=1)]
 
     def _run_l0(self, started) -> list[dict]:
@@ -276,7 +271,7 @@ class MethodRun:
         plain.eval()
         with torch.no_grad():
             mask = {n: (gates[n].gate() > 0).cpu() for n in names}
-        return [self._ticket(mask, initial, 1, started)]
+        return [self._ticket(mask, initial, 1, started)[0]]
 
     def _train_l0(self, model, optimizer, gate_optimizer, l0_loss, after_step) -> None:
         self.phase += 1

@@ -103,7 +103,7 @@ def plot_comparison(summary: dict, out: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import PercentFormatter
+        from matplotlib.ticker import FixedLocator, NullFormatter, PercentFormatter
     except ImportError:
         return False
     for x_key, name, xlabel in (("remaining", "accuracy_vs_remaining.png", "fraction of gated weights remaining"),
@@ -116,7 +116,9 @@ def plot_comparison(summary: dict, out: Path) -> bool:
         if x_key == "remaining":
             ax.set_xscale("log")
             ax.invert_xaxis()
+            ax.xaxis.set_major_locator(FixedLocator([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]))
             ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{summary['model']} on {summary['data']}, seed {summary['seed']}", fontsize=10)
