@@ -4,6 +4,7 @@ import argparse
 import sys
 
 from . import data as datasets
+from . import distributed
 from . import nets
 from .baselines import METHODS
 from .compare import compare
@@ -94,9 +95,16 @@ def main(argv=None) -> int:
     try:
         if args.command == "compare":
             return _compare(args, config)
-        results = Search(config, args.out, resume=args.resume, progress=not args.quiet).run()
+        config.device = distributed.init_from_env(config.device)  # under torchrun: join the group
+        try:
+            results = Search(config, args.out, resume=args.resume, progress=not args.quiet).run()
+            main_rank = distributed.is_main()
+        finally:
+            distributed.close()
     except (ConfigError, datasets.DataError) as error:
         parser.exit(2, f"python -m csext {args.command}: error: {error}\n")
+    if not main_rank:  # rank 0 reports
+        return 0
     dense = results["dense"]
     print(f"dense: test accuracy {dense['test_acc']:.4f} ({dense['epochs']} epochs, {dense['seconds']:.1f} s)")
     for t in results["tickets"]:

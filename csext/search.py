@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import data as datasets
-from . import nets
+from . import distributed, nets
 from ._files import write_atomic
 from .model import gated_modules, set_beta, set_hard, set_penalty, sparsify, sparsity_report
 from .schedule import RESETS, beta_at, capture, param_groups, reset_mask_logits, restore
@@ -138,13 +138,20 @@ def epoch_generator(seed: int, phase: int, epoch: int) -> torch.Generator:
 
 
 def train_epoch(model, data: datasets.Dataset, optimizer, config: SearchConfig, generator, on_step=None) -> dict:
+    """One epoch over the training set in the generator's order. Under torchrun each rank takes
+    its share of every batch (a last batch smaller than the world is dropped); `model` is then
+    the DistributedDataParallel wrapper, which averages the gradients."""
     device = torch.device(config.device)
+    check_ranks = distributed.active() and os.environ.get("CSEXT_CHECK_RANKS") == "1"
     model.train()
     order = torch.randperm(len(data.y_train), generator=generator)
     total_loss, correct, seen = 0.0, 0, 0
     for step, batch in enumerate(order.split(config.batch_size)):
         if on_step is not None:
             on_step(step)
+        if len(batch) < distributed.world_size():
+            continue
+        batch = distributed.shard(batch)
         x = data.x_train[batch]
         if data.augment:
             x = datasets.augment_batch(x, generator)
@@ -154,6 +161,8 @@ def train_epoch(model, data: datasets.Dataset, optimizer, config: SearchConfig, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if check_ranks:  # CSEXT_CHECK_RANKS=1: verify after every step that the ranks agree
+            distributed.assert_same_on_all_ranks(model)
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
@@ -245,8 +254,8 @@ class Search:
     # checkpoints
 
     def _save_checkpoint(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.out / CHECKPOINT, lambda f: torch.save(self.state, f))
+        if distributed.is_main():
+            write_atomic(self.out / CHECKPOINT, lambda f: torch.save(self.state, f))
 
     def _load_checkpoint(self, path: Path) -> dict:
         if not path.is_file():
@@ -280,14 +289,16 @@ class Search:
             self.state.update(phase=self.state["phase"] + 1, epoch=0, seconds=0.0, trainee=None, trainee_optimizer=None)
             self._save_checkpoint()
         results = self.results()
-        write_atomic(self.out / RESULTS, _json(results).encode())
-        plot_results(results, self.out / PLOT)
+        if distributed.is_main():
+            write_atomic(self.out / RESULTS, _json(results).encode())
+            plot_results(results, self.out / PLOT)
+        distributed.barrier()  # the files exist before any rank returns
         return results
 
     def _epochs(self, epochs: int, desc: str):
         """Epoch indices still to run in this phase (all of them unless resumed mid-phase)."""
         epochs_left = range(self.state["epoch"], epochs)
-        if not self.progress:
+        if not self.progress or not distributed.is_main():
             return epochs_left, None
         from tqdm import tqdm
 
@@ -304,11 +315,12 @@ class Search:
         model = self._plain()
         optimizer = make_optimizer(model, self.config)
         self._load_trainee(model, optimizer)
+        trainer = distributed.wrap(model)
         epochs_left, bar = self._epochs(epochs, "dense")
         for epoch in epochs_left:
             started = time.perf_counter()
             _set_lr(optimizer, learning_rate(self.config, epoch, epochs))
-            stats = train_epoch(model, self.data, optimizer, self.config, self._generator(epoch))
+            stats = train_epoch(trainer, self.data, optimizer, self.config, self._generator(epoch))
             self._keep_trainee(model, optimizer)
             self._finish_epoch(started, spent_by_method=False)  # the baseline is not the method's budget
             if bar is not None:
@@ -325,6 +337,7 @@ class Search:
         if self.state["search_optimizer"] is not None:  # None at the start of a round: fresh momentum
             optimizer.load_state_dict(self.state["search_optimizer"])
         steps_per_epoch = math.ceil(len(self.data.y_train) / config.batch_size)
+        trainer = distributed.wrap(model)
         epochs_left, bar = self._epochs(epochs, f"search round {round_}")
         for epoch in epochs_left:
             started = time.perf_counter()
@@ -340,7 +353,8 @@ class Search:
 
             if not config.beta_per_step:
                 set_beta(model, beta_at(epoch, epochs, config.beta_final))
-            stats = train_epoch(model, self.data, optimizer, config, self._generator(epoch), on_step)
+            stats = train_epoch(trainer, self.data, optimizer, config, self._generator(epoch), on_step)
+            distributed.assert_same_on_all_ranks(model)
             remaining = sparsity_report(model).remaining
             if config.target_remaining is not None:
                 self._steer_penalty(remaining, self._round_target(round_), epoch, epochs)
@@ -368,11 +382,12 @@ class Search:
         prepare_ticket(model, ticket["mask"], self.state["rewind"])
         optimizer = make_optimizer(model, self.config)
         self._load_trainee(model, optimizer)
+        trainer = distributed.wrap(model)
         epochs_left, bar = self._epochs(epochs, f"retrain ticket {round_}")
         for epoch in epochs_left:
             started = time.perf_counter()
             _set_lr(optimizer, learning_rate(self.config, epoch, epochs))
-            stats = train_epoch(model, self.data, optimizer, self.config, self._generator(epoch))
+            stats = train_epoch(trainer, self.data, optimizer, self.config, self._generator(epoch))
             self._keep_trainee(model, optimizer)
             self._finish_epoch(started)
             if bar is not None:

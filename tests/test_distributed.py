@@ -1,0 +1,90 @@
+"""torchrun --nproc-per-node 2 -m csext search: DDP on gloo, identical masks, files written once."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import csext
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+
+
+def _run(args, cwd, ranks=None):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks else [sys.executable]
+    env = {**os.environ, "PYTHONPATH": str(Path(csext.__file__).parents[1]), "OMP_NUM_THREADS": "1",
+           "CSEXT_CHECK_RANKS": "1"}  # every step: the ranks' mask logits must agree, else the run fails
+    return subprocess.run(command + ["-m", "csext", "search", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_two_process_search_matches_one_process(tmp_path):
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(3, 12)) * 2
+    y_train, y_test = rng.integers(0, 3, 200), rng.integers(0, 3, 60)
+    np.savez(tmp_path / "tiny.npz", x_train=(centers[y_train] + rng.normal(size=(200, 12))).astype(np.float32),
+             y_train=y_train, x_test=(centers[y_test] + rng.normal(size=(60, 12))).astype(np.float32), y_test=y_test)
+    args = ["--data", str(tmp_path / "tiny.npz"), "--epochs", "3", "--rounds", "2", "--quiet"]
+    done = _run(args + ["--out", str(tmp_path / "ddp")], tmp_path, ranks=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("results:") == 1  # rank 0 reports, once
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["accuracy_vs_remaining.png", "checkpoint.pt", "results.json"]
+    results = json.loads((tmp_path / "ddp" / "results.json").read_text())
+    checkpoint = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
+    for ticket, saved in zip(results["tickets"], checkpoint["tickets"]):
+        assert ticket["per_layer"] == pytest.approx({n: m.double().mean().item() for n, m in saved["mask"].items()})
+    # the same search in one process: the same tickets (the gradient is the same mean, split in two)
+    single = _run(args + ["--out", str(tmp_path / "one")], tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    alone = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    for a, b in zip(checkpoint["tickets"], alone["tickets"]):
+        for name in a["mask"]:
+            agree = (a["mask"][name] == b["mask"][name]).float().mean().item()
+            assert agree > 0.99, (name, agree)
+    # --resume under torchrun reads the rank-0 checkpoint on every rank
+    again = _run(args + ["--out", str(tmp_path / "ddp"), "--resume"], tmp_path, ranks=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "results.json").read_text())["tickets"] == results["tickets"]
+
+
+def _check_worker(rank, port, results):
+    import torch.distributed as dist
+    from torch import nn
+
+    from csext import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model = nn.Sequential(nn.Linear(4, 3))
+        csext.sparsify(model)
+        distributed.assert_same_on_all_ranks(model)  # equal: passes
+        if rank == 1:
+            model[0].mask_logits.data[0, 0] = 0.5  # one logit crosses the threshold on one rank
+        try:
+            distributed.assert_same_on_all_ranks(model)
+            results.put((rank, "passed"))
+        except RuntimeError as error:
+            results.put((rank, str(error)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_check_catches_a_difference():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    mp.start_processes(_check_worker, args=(port, results), nprocs=2, start_method="spawn")
+    outcomes = dict(results.get(timeout=60) for _ in range(2))
+    assert all("mask logits differ between ranks" in outcomes[r] for r in (0, 1)), outcomes
