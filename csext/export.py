@@ -1,0 +1,108 @@
+"""Tickets in other forms: torch.nn.utils.prune's, and a sparse one for inference.
+
+    to_prune_form(model)      gated layers -> plain layers pruned by torch.nn.utils.prune
+                              (weight_orig = c * w, weight_mask = 1[s > 0])
+    from_prune_form(model)    back: layers carrying weight_orig / weight_mask -> gated layers
+                              in hard mode with that mask
+    to_sparse(model)          gated (or finalized) nn.Linear layers -> SparseLinear, which holds
+                              its weight in torch's CSR layout and multiplies with torch.sparse;
+                              gated convolutions are finalized (dense, pruned weights zero)
+
+All work in place on `model` and return it (or the new layer, for a model that is one layer).
+Shrinking layers whose whole output channels are gated off is not built.
+"""
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from . import reference
+from .model import _plain, _replace, gated_modules
+from .modules import GatedConv2d, GatedLinear
+
+
+def _plain_like(module: nn.Module) -> nn.Module:
+    if isinstance(module, nn.Linear):
+        return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    return nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                     module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta")
+
+
+@torch.no_grad()
+def to_prune_form(model: nn.Module) -> nn.Module:
+    """Every gated layer becomes a plain nn.Linear / nn.Conv2d pruned with
+    prune.custom_from_mask: weight_orig holds mask_scale * w, weight_mask the hard mask."""
+    for name, module in gated_modules(model):
+        plain = _plain_like(module)
+        plain.weight = nn.Parameter((module.weight * module.mask_scale).detach().clone(),
+                                    requires_grad=module.weight.requires_grad)
+        plain.bias = module.bias
+        plain.train(module.training)
+        mask = reference.hard_mask(module.mask_logits).to(module.weight.dtype)
+        prune.custom_from_mask(plain, "weight", mask)
+        model = _replace(model, name, plain)
+    return model
+
+
+@torch.no_grad()
+def from_prune_form(model: nn.Module) -> nn.Module:
+    """Every nn.Linear / nn.Conv2d pruned by torch.nn.utils.prune (weight_orig and weight_mask)
+    becomes a gated layer in hard mode: weight = weight_orig, mask logits +1 where the mask is
+    nonzero and -1 elsewhere."""
+    found = [(n, m) for n, m in model.named_modules()
+             if type(m) in (nn.Linear, nn.Conv2d) and hasattr(m, "weight_orig") and hasattr(m, "weight_mask")]
+    for name, module in found:
+        plain = _plain_like(module)
+        plain.weight = module.weight_orig
+        plain.bias = module.bias
+        plain.train(module.training)
+        gated_type = GatedLinear if isinstance(module, nn.Linear) else GatedConv2d
+        gated = gated_type.from_dense(plain)
+        gated.mask_logits.copy_(torch.where(module.weight_mask != 0, 1.0, -1.0).to(gated.mask_logits.dtype))
+        gated.hard = True
+        model = _replace(model, name, gated)
+    return model
+
+
+class SparseLinear(nn.Module):
+    """y = x W^T + b with W in torch's CSR layout: inference only (no gradient)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.in_features, self.out_features = weight.shape[1], weight.shape[0]
+        self.register_buffer("weight", weight.detach().to_sparse_csr())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = torch.sparse.mm(self.weight, flat.t()).t()  # (W x^T)^T: CSR on the left
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        nnz = self.weight.values().numel()
+        return f"in_features={self.in_features}, out_features={self.out_features}, nonzeros={nnz}"
+
+
+@torch.no_grad()
+def to_sparse(model: nn.Module) -> nn.Module:
+    """Every gated nn.Linear (its weight c * w * 1[s > 0]) and every plain nn.Linear whose weight
+    is mostly zero (more than half, as finalize leaves it) becomes a SparseLinear; gated
+    convolutions become finalized nn.Conv2d."""
+    targets = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, GatedLinear) or (type(m) is nn.Linear and (m.weight == 0).float().mean() > 0.5)]
+    for name, module in gated_modules(model):
+        if isinstance(module, GatedConv2d):
+            model = _replace(model, name, _plain(module))
+    for name, module in targets:
+        if isinstance(module, GatedLinear):
+            weight = reference.gate(module.weight, module.mask_logits, module.beta, hard=True) * module.mask_scale
+        else:
+            weight = module.weight
+        model = _replace(model, name, SparseLinear(weight, module.bias))
+    return model
+
+
+__all__ = ["to_prune_form", "from_prune_form", "to_sparse", "SparseLinear"]

@@ -1,0 +1,65 @@
+"""Exports: torch.nn.utils.prune's form and back, and the sparse inference form."""
+
+import copy
+
+import torch
+from torch import nn
+
+import csext
+from csext import export
+from numerics import mask_logits_like
+
+
+def _ticket(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 50), nn.ReLU(),
+                          nn.Linear(50, 5))
+    csext.sparsify(model)
+    for _, m in csext.gated_modules(model):
+        with torch.no_grad():
+            m.mask_logits.copy_(mask_logits_like(m.weight) - 1.0)  # about 16% kept
+    csext.set_hard(model)
+    return model
+
+
+def test_prune_form_round_trip():
+    model = _ticket()
+    model[3].mask_scale = 1.5
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    masks = {n: m.mask_logits > 0 for n, m in csext.gated_modules(model)}
+    pruned = export.to_prune_form(copy.deepcopy(model))
+    assert not csext.gated_modules(pruned)
+    for name, m in pruned.named_modules():
+        if name in masks:
+            assert hasattr(m, "weight_orig") and torch.equal(m.weight_mask.bool(), masks[name])
+            assert torch.all(m.weight[~masks[name]] == 0)
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), expected, rtol=1e-5, atol=1e-6)
+    back = export.from_prune_form(pruned)
+    assert [n for n, _ in csext.gated_modules(back)] == list(masks)
+    for name, m in csext.gated_modules(back):
+        assert m.hard and torch.equal(m.mask_logits > 0, masks[name])
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_export_equals_the_finalized_model():
+    model = _ticket()
+    x = torch.randn(7, 3, 6, 6)
+    finalized = csext.finalize(copy.deepcopy(model))
+    sparse = export.to_sparse(copy.deepcopy(model))
+    kinds = [type(m).__name__ for m in sparse]
+    assert kinds == ["Conv2d", "ReLU", "Flatten", "SparseLinear", "ReLU", "SparseLinear"]
+    assert sparse[3].weight.layout == torch.sparse_csr
+    assert sparse[3].weight.values().numel() == int((model[3].mask_logits > 0).sum())
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), finalized(x), rtol=1e-5, atol=1e-5)
+    # a finalized model (plain layers, mostly zero weights) exports the same way
+    again = export.to_sparse(copy.deepcopy(finalized))
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), finalized(x), rtol=1e-5, atol=1e-5)
+    layer = export.to_sparse(csext.finalize(_ticket()[3]))  # a model that is one layer
+    assert isinstance(layer, export.SparseLinear)
+    assert layer(torch.randn(2, 3, 144)).shape == (2, 3, 50)
