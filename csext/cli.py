@@ -9,6 +9,7 @@ from . import nets
 from .baselines import METHODS
 from .compare import compare
 from .search import ConfigError, Search, SearchConfig
+from .sweep import run_sweep
 
 # The paper's setups (SPEC section 1; Savarese et al., section 5). They need the CIFAR-10 files
 # in --data-dir and, to finish in hours rather than days, a GPU.
@@ -29,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_run_options(search)
     search.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    search.add_argument("--sweep-mask-init", default=None,
+                        help="comma-separated s0 values: one independent search per (s0, lam), spread over the ranks")
+    search.add_argument("--sweep-penalty", default=None, help="comma-separated lam values for the sweep")
     compare = commands.add_parser("compare", help="CS against IMP, magnitude, SNIP, L0 and random pruning",
                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_run_options(compare)
@@ -97,6 +101,8 @@ def main(argv=None) -> int:
             return _compare(args, config)
         config.device = distributed.init_from_env(config.device)  # under torchrun: join the group
         try:
+            if args.sweep_mask_init or args.sweep_penalty:
+                return _sweep(args, config)
             results = Search(config, args.out, resume=args.resume, progress=not args.quiet).run()
             main_rank = distributed.is_main()
         finally:
@@ -128,5 +134,26 @@ def _compare(args, config: SearchConfig) -> int:
         found = (f"{best['remaining']:.2%} of the weights at {best['test_acc']:.4f}, {best['epochs_spent']} epochs spent"
                  if best else "no ticket within 1 point of dense")
         print(f"{method}: sparsest ticket within 1 point of dense: {found}")
+    print(f"summary: {args.out}/summary.json")
+    return 0
+
+
+def _floats(text, option: str) -> list[float]:
+    try:
+        return [float(v) for v in (text or "").split(",") if v]
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
+def _sweep(args, config: SearchConfig) -> int:
+    summary = run_sweep(config, _floats(args.sweep_mask_init, "--sweep-mask-init"),
+                        _floats(args.sweep_penalty, "--sweep-penalty"), args.out, resume=args.resume,
+                        progress=not args.quiet)
+    if summary is None:  # not rank 0
+        return 0
+    for run in summary["runs"]:
+        last = run["tickets"][-1]
+        print(f"mask_init {run['mask_init']:g}, lam {run['penalty']:g}: round {last['round']} keeps "
+              f"{last['remaining']:.2%} at test accuracy {last['test_acc']:.4f}")
     print(f"summary: {args.out}/summary.json")
     return 0

@@ -6,6 +6,7 @@ on every rank; only rank 0 writes files.
     torchrun --nproc-per-node 2 -m csext search --out runs/ddp ...
 """
 
+import contextlib
 import os
 
 import torch
@@ -25,8 +26,23 @@ def init_from_env(device: str) -> str:
     return device
 
 
+_independent = False  # inside independent(): this rank works alone
+
+
 def active() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return not _independent and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def independent():
+    """Within the block this rank runs on its own: no DDP, no sharding, and it writes its files
+    (the sweep's runs, each a whole search)."""
+    global _independent
+    _independent = True
+    try:
+        yield
+    finally:
+        _independent = False
 
 
 def rank() -> int:

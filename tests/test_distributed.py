@@ -88,3 +88,24 @@ def test_rank_check_catches_a_difference():
     mp.start_processes(_check_worker, args=(port, results), nprocs=2, start_method="spawn")
     outcomes = dict(results.get(timeout=60) for _ in range(2))
     assert all("mask logits differ between ranks" in outcomes[r] for r in (0, 1)), outcomes
+
+
+def test_sweep_spreads_runs_over_ranks_and_merges(tmp_path):
+    rng = np.random.default_rng(1)
+    centers = rng.normal(size=(3, 12)) * 2
+    y_train, y_test = rng.integers(0, 3, 160), rng.integers(0, 3, 40)
+    np.savez(tmp_path / "tiny.npz", x_train=(centers[y_train] + rng.normal(size=(160, 12))).astype(np.float32),
+             y_train=y_train, x_test=(centers[y_test] + rng.normal(size=(40, 12))).astype(np.float32), y_test=y_test)
+    args = ["--data", str(tmp_path / "tiny.npz"), "--epochs", "2", "--rounds", "2", "--quiet",
+            "--sweep-mask-init", "0,-0.05", "--sweep-penalty", "1e-4,1e-3"]
+    done = _run(args + ["--out", str(tmp_path / "ranks")], tmp_path, ranks=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("summary:") == 1
+    alone = _run(args + ["--out", str(tmp_path / "alone")], tmp_path)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    merged = json.loads((tmp_path / "ranks" / "summary.json").read_text())
+    single = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    assert [(r["mask_init"], r["penalty"]) for r in merged["runs"]] == [(0.0, 1e-4), (0.0, 1e-3), (-0.05, 1e-4), (-0.05, 1e-3)]
+    assert [r["tickets"] for r in merged["runs"]] == [r["tickets"] for r in single["runs"]]  # independent runs
+    assert (tmp_path / "ranks" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum(1 for p in (tmp_path / "ranks").iterdir() if p.is_dir()) == 4

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +60,14 @@ def test_bench_rejects_unknown_names():
         bench.parse_args(["--ops", "linear,attention"])
     with pytest.raises(SystemExit, match="--providers"):
         bench.parse_args(["--providers", "dense,nope"])
+
+
+def test_transformers_round_trip_gives_the_same_outputs():
+    """A BERT built from a config: sparsify, train, finalize, save_pretrained, reload with plain
+    transformers: the reloaded model computes what the finalized ticket computes."""
+    pytest.importorskip("transformers")
+    bert = _load(ROOT / "examples" / "huggingface_bert.py")
+    result = bert.main(["--steps", "80"])
+    assert 0.0 < result["remaining"] < 0.5
+    torch.testing.assert_close(result["finalized"], result["ticket"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(result["reloaded"], result["finalized"], rtol=0, atol=0)

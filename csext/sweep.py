@@ -1,0 +1,93 @@
+"""The paper's "all runs" mode: independent CS searches over a grid of (mask_init, lam), spread
+over the ranks of torchrun (run i on rank i mod world size; one process runs them all), merged
+by rank 0 into DIR/summary.json and one plot.
+
+    torchrun --nproc-per-node 4 -m csext search --sweep-mask-init 0,-0.05 --sweep-penalty 1e-5,2e-5 --out DIR
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import itertools
+import json
+from pathlib import Path
+
+from . import distributed
+from ._files import write_atomic
+from .search import RESULTS, Search, SearchConfig
+
+SUMMARY = "summary.json"
+PLOT = "sweep.png"
+
+
+def settings(config: SearchConfig, mask_inits, penalties) -> list[SearchConfig]:
+    """One config per (mask_init, lam) of the grid, in a fixed order."""
+    mask_inits = list(mask_inits) or [config.mask_init]
+    penalties = list(penalties) or [config.penalty]
+    return [dataclasses.replace(config, mask_init=s0, penalty=lam) for s0, lam in itertools.product(mask_inits, penalties)]
+
+
+def run_folder(out: Path, config: SearchConfig) -> Path:
+    return out / f"mask_init={config.mask_init:g},penalty={config.penalty:g}"
+
+
+def run_sweep(config: SearchConfig, mask_inits, penalties, out, resume: bool = False, progress: bool = True) -> dict | None:
+    """Run this rank's share of the grid, then (rank 0) merge. Returns the summary on rank 0."""
+    out = Path(out)
+    grid = settings(config, mask_inits, penalties)
+    rank, world = distributed.rank(), distributed.world_size()
+    with distributed.independent():  # each run is a whole single-process search
+        for i, run_config in enumerate(grid):
+            if i % world != rank:
+                continue
+            folder = run_folder(out, run_config)
+            finished = (folder / RESULTS).exists()
+            if not (resume and finished):
+                Search(run_config, folder, resume=resume and (folder / "checkpoint.pt").exists(),
+                       progress=progress).run()
+    distributed.barrier()
+    if not distributed.is_main():
+        return None
+    runs = []
+    for run_config in grid:
+        results = json.loads((run_folder(out, run_config) / RESULTS).read_text())
+        runs.append({"mask_init": run_config.mask_init, "penalty": run_config.penalty, "dense": results["dense"],
+                     "tickets": [{k: t[k] for k in ("round", "remaining", "test_acc", "epochs_spent")}
+                                 for t in results["tickets"]]})
+    summary = {"data": config.data, "model": config.model, "seed": config.seed, "runs": runs}
+    write_atomic(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
+    _plot(summary, out / PLOT)
+    return summary
+
+
+def _plot(summary: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, NullFormatter, PercentFormatter
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for run in summary["runs"]:
+        tickets = run["tickets"]
+        ax.plot([t["remaining"] for t in tickets], [t["test_acc"] for t in tickets], "o-", markersize=4,
+                label=f"s0={run['mask_init']:g}, lam={run['penalty']:g}")
+    ax.axhline(summary["runs"][0]["dense"]["test_acc"], color="gray", linestyle="--", label="dense")
+    ax.set_xscale("log")
+    ax.invert_xaxis()
+    ax.xaxis.set_major_locator(FixedLocator([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]))
+    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("fraction of gated weights remaining")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"CS sweep: {summary['model']} on {summary['data']}, seed {summary['seed']}", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+    return True
