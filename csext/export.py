@@ -7,9 +7,10 @@
     to_sparse(model)          gated (or finalized) nn.Linear layers -> SparseLinear, which holds
                               its weight in torch's CSR layout and multiplies with torch.sparse;
                               gated convolutions are finalized (dense, pruned weights zero)
+    shrink(sequential)        physically smaller dense layers where whole output neurons or
+                              channels are gated off (in an nn.Sequential of finalized layers)
 
 All work in place on `model` and return it (or the new layer, for a model that is one layer).
-Shrinking layers whose whole output channels are gated off is not built.
 """
 
 import torch
@@ -105,4 +106,70 @@ def to_sparse(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["to_prune_form", "from_prune_form", "to_sparse", "SparseLinear"]
+
+
+# Elementwise layers a dead unit's constant output passes through unchanged in kind.
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Identity, nn.Dropout)
+
+
+@torch.no_grad()
+def shrink(model: nn.Sequential) -> nn.Sequential:
+    """Physically smaller dense layers where whole units are gated off, in an nn.Sequential of
+    finalized (plain) layers: a Linear output neuron whose weight row is all zero, followed
+    (through elementwise activations) by another Linear, is removed from both; its constant
+    output act(bias) is folded into the next layer's bias. Conv2d -> activations -> Conv2d
+    drops an all-zero output channel only where act(bias) is 0 (zero padding makes any other
+    constant inexact). Works in place on the Sequential (and nested ones) and returns it."""
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"shrink takes an nn.Sequential, got {type(model).__name__}")
+    for child in model:
+        if isinstance(child, nn.Sequential):
+            shrink(child)
+    layers = list(model)
+    for i, layer in enumerate(layers):
+        if type(layer) not in (nn.Linear, nn.Conv2d):  # exact types: gated layers are finalized first
+            continue
+        j = i + 1
+        while j < len(layers) and isinstance(layers[j], _ELEMENTWISE):
+            j += 1
+        if j == len(layers) or type(layers[j]) is not type(layer):
+            continue
+        following = layers[j]
+        if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or following.groups != 1):
+            continue
+        dead = (layer.weight.flatten(1) == 0).all(1)
+        bias = layer.bias if layer.bias is not None else torch.zeros(layer.weight.shape[0], device=layer.weight.device)
+        constant = bias.view(1, -1, *([1] * (layer.weight.dim() - 2)))  # a dead unit outputs act(bias)
+        for activation in layers[i + 1:j]:
+            if not isinstance(activation, nn.Dropout):  # dropout is the identity at inference
+                constant = activation(constant)
+        constant = constant.flatten()
+        if isinstance(layer, nn.Conv2d):
+            dead &= constant == 0
+        if not dead.any() or dead.all():
+            continue
+        alive = ~dead
+        following_bias = following.bias
+        if isinstance(layer, nn.Linear):  # the dead neurons' constant output, folded in
+            folded = following.weight[:, dead] @ constant[dead]
+            following_bias = folded if following_bias is None else following_bias + folded
+            smaller = nn.Linear(layer.in_features, int(alive.sum()), bias=layer.bias is not None)
+            after = nn.Linear(int(alive.sum()), following.out_features, bias=following_bias is not None)
+        else:
+            smaller = nn.Conv2d(layer.in_channels, int(alive.sum()), layer.kernel_size, layer.stride, layer.padding,
+                                layer.dilation, 1, layer.bias is not None, layer.padding_mode)
+            after = nn.Conv2d(int(alive.sum()), following.out_channels, following.kernel_size, following.stride,
+                              following.padding, following.dilation, 1, following.bias is not None,
+                              following.padding_mode)
+        smaller.weight = nn.Parameter(layer.weight[alive].clone())
+        if layer.bias is not None:
+            smaller.bias = nn.Parameter(layer.bias[alive].clone())
+        after.weight = nn.Parameter(following.weight[:, alive].clone())
+        if following_bias is not None:
+            after.bias = nn.Parameter(following_bias.clone())
+        model[i], model[j] = smaller.to(layer.weight.device), after.to(layer.weight.device)
+        layers[i], layers[j] = model[i], model[j]
+    return model
+
+
+__all__ = ["to_prune_form", "from_prune_form", "to_sparse", "shrink", "SparseLinear"]

@@ -63,3 +63,30 @@ def test_sparse_export_equals_the_finalized_model():
     layer = export.to_sparse(csext.finalize(_ticket()[3]))  # a model that is one layer
     assert isinstance(layer, export.SparseLinear)
     assert layer(torch.randn(2, 3, 144)).shape == (2, 3, 50)
+
+
+def test_shrink_removes_gated_off_units_and_keeps_outputs():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 3),
+                          nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 5, 3, padding=1)))
+    linear_part = nn.Sequential(*copy.deepcopy(list(model)[:5]))
+    conv_part = model[5]
+    with torch.no_grad():
+        linear_part[0].weight[[1, 4, 7]] = 0  # three dead neurons: relu(bias) folds into the next bias
+        linear_part[0].bias[1] = -1.0  # ...one of them outputs 0 anyway
+        linear_part[2].weight[[0, 15]] = 0
+        linear_part[2].bias[0] = 0.3  # tanh(0.3) folds into the last bias
+        linear_part[4].bias = None  # a following layer without bias gains one
+        conv_part[0].weight[[2, 6]] = 0
+        conv_part[0].bias[2] = -0.5  # relu(-0.5) = 0: droppable
+        conv_part[0].bias[6] = 0.5  # relu(0.5) != 0: kept (zero padding makes the constant inexact)
+    x, images = torch.randn(9, 12), torch.randn(2, 3, 7, 7)
+    with torch.no_grad():
+        expected, expected_images = linear_part(x), conv_part(images)
+        export.shrink(linear_part)
+        export.shrink(model)  # nested Sequential: the conv part
+        torch.testing.assert_close(linear_part(x), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(conv_part(images), expected_images, rtol=1e-5, atol=1e-6)
+    assert (linear_part[0].out_features, linear_part[2].in_features) == (17, 17)
+    assert (linear_part[2].out_features, linear_part[4].in_features) == (14, 14)
+    assert (conv_part[0].out_channels, conv_part[2].in_channels) == (7, 7)
