@@ -115,11 +115,12 @@ _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn
 @torch.no_grad()
 def shrink(model: nn.Sequential) -> nn.Sequential:
     """Physically smaller dense layers where whole units are gated off, in an nn.Sequential of
-    finalized (plain) layers: a Linear output neuron whose weight row is all zero, followed
-    (through elementwise activations) by another Linear, is removed from both; its constant
-    output act(bias) is folded into the next layer's bias. Conv2d -> activations -> Conv2d
-    drops an all-zero output channel only where act(bias) is 0 (zero padding makes any other
-    constant inexact). Works in place on the Sequential (and nested ones) and returns it."""
+    finalized (plain) layers. Between a Linear and the next Linear (through elementwise
+    activations) a hidden neuron goes when the next layer reads nothing of it (its column is all
+    zero) or when nothing reaches it (its row is all zero: its constant output act(bias) is
+    folded into the next layer's bias). Between two Conv2d the same holds for channels, a
+    row-dead channel only where act(bias) is 0 (zero padding makes any other constant inexact).
+    Works in place on the Sequential (and nested ones) and returns it."""
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"shrink takes an nn.Sequential, got {type(model).__name__}")
     for child in model:
@@ -137,7 +138,8 @@ def shrink(model: nn.Sequential) -> nn.Sequential:
         following = layers[j]
         if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or following.groups != 1):
             continue
-        dead = (layer.weight.flatten(1) == 0).all(1)
+        dead = (layer.weight.flatten(1) == 0).all(1)  # no input reaches the unit: it outputs act(bias)
+        unused = (following.weight.transpose(0, 1).flatten(1) == 0).all(1)  # nothing reads the unit
         bias = layer.bias if layer.bias is not None else torch.zeros(layer.weight.shape[0], device=layer.weight.device)
         constant = bias.view(1, -1, *([1] * (layer.weight.dim() - 2)))  # a dead unit outputs act(bias)
         for activation in layers[i + 1:j]:
@@ -146,9 +148,10 @@ def shrink(model: nn.Sequential) -> nn.Sequential:
         constant = constant.flatten()
         if isinstance(layer, nn.Conv2d):
             dead &= constant == 0
-        if not dead.any() or dead.all():
+        removed = dead | unused
+        if not removed.any() or removed.all():
             continue
-        alive = ~dead
+        alive = ~removed
         following_bias = following.bias
         if isinstance(layer, nn.Linear):  # the dead neurons' constant output, folded in
             folded = following.weight[:, dead] @ constant[dead]

@@ -90,3 +90,16 @@ def test_shrink_removes_gated_off_units_and_keeps_outputs():
     assert (linear_part[0].out_features, linear_part[2].in_features) == (17, 17)
     assert (linear_part[2].out_features, linear_part[4].in_features) == (14, 14)
     assert (conv_part[0].out_channels, conv_part[2].in_channels) == (7, 7)
+
+
+def test_shrink_also_removes_units_nothing_reads():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 4))
+    with torch.no_grad():
+        model[2].weight[:, [2, 3, 8]] = 0  # hidden neurons 2, 3, 8 feed nothing
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        expected = model(x)
+        export.shrink(model)
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    assert model[0].out_features == model[2].in_features == 7
