@@ -9,13 +9,13 @@ fractions CS's tickets reached (when cs is among the methods), else to `fraction
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 from pathlib import Path
 
 from . import data as datasets
 from ._files import write_atomic
+from ._plots import pyplot, remaining_axis, save_png
 from .baselines import METHODS, MethodRun
 from .search import ConfigError, Search, SearchConfig, build_plain, epoch_generator, evaluate, learning_rate, \
     make_optimizer, train_epoch
@@ -98,34 +98,21 @@ def summarise(per_method: dict, dense: dict, config: SearchConfig) -> dict:
 
 
 def plot_comparison(summary: dict, out: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FixedLocator, NullFormatter, PercentFormatter
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
-    for x_key, name, xlabel in (("remaining", "accuracy_vs_remaining.png", "fraction of gated weights remaining"),
-                                ("epochs_spent", "accuracy_vs_epochs.png", "epochs spent (search and retraining)")):
+    for x_key, name in (("remaining", "accuracy_vs_remaining.png"), ("epochs_spent", "accuracy_vs_epochs.png")):
         fig, ax = plt.subplots(figsize=(6, 4.2))
         for method, entry in summary["methods"].items():
             tickets = sorted(entry["tickets"], key=lambda t: t[x_key])
             ax.plot([t[x_key] for t in tickets], [t["test_acc"] for t in tickets], "o-", label=method, markersize=4)
         ax.axhline(summary["dense"]["test_acc"], color="gray", linestyle="--", label="dense")
         if x_key == "remaining":
-            ax.set_xscale("log")
-            ax.invert_xaxis()
-            ax.xaxis.set_major_locator(FixedLocator([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]))
-            ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-            ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_xlabel(xlabel)
+            remaining_axis(ax, [], log=True)
+        else:
+            ax.set_xlabel("epochs spent (search and retraining)")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"{summary['model']} on {summary['data']}, seed {summary['seed']}", fontsize=10)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
-        write_atomic(out / name, buffer.getvalue())
+        save_png(plt, fig, out / name)
     return True

@@ -39,6 +39,13 @@ def _image_channels(name: str, input_shape) -> int:
     return input_shape[0]
 
 
+def _kaiming_convolutions(model: nn.Module) -> None:
+    """He initialisation of every convolution, as the CIFAR ResNet and VGG of the paper use."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+
 class Conv4(nn.Module):
     def __init__(self, input_shape, num_classes: int):
         super().__init__()
@@ -90,9 +97,7 @@ class ResNet20(nn.Module):
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(64, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        _kaiming_convolutions(self)
 
     def forward(self, x):
         x = self.blocks(nn.functional.relu(self.bn(self.conv(x))))
@@ -114,9 +119,7 @@ class VGG16(nn.Module):
                 cin = item
         self.features = nn.Sequential(*layers)
         self.fc = nn.Linear(512, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        _kaiming_convolutions(self)
 
     def forward(self, x):
         return self.fc(nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1))

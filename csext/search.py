@@ -25,6 +25,7 @@ from torch import nn
 from . import data as datasets
 from . import distributed, nets
 from ._files import write_atomic
+from ._plots import pyplot, remaining_axis, save_png
 from .model import gated_modules, set_beta, set_hard, set_penalty, sparsify, sparsity_report
 from .schedule import RESETS, beta_at, capture, param_groups, reset_mask_logits, restore
 
@@ -494,15 +495,9 @@ def _json(results: dict) -> str:
 
 def plot_results(results: dict, path: Path) -> bool:
     """Test accuracy against remaining fraction, a point per round, the dense accuracy as a line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
-    import io
-
     tickets = results["tickets"]
     fig, ax = plt.subplots(figsize=(5.5, 4))
     ax.plot([t["remaining"] for t in tickets], [t["test_acc"] for t in tickets], "o-", label="CS ticket")
@@ -510,21 +505,9 @@ def plot_results(results: dict, path: Path) -> bool:
         ax.annotate(f"round {t['round']}", (t["remaining"], t["test_acc"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if results.get("dense"):
         ax.axhline(results["dense"]["test_acc"], color="gray", linestyle="--", label="dense")
-    from matplotlib.ticker import NullFormatter, PercentFormatter
-
-    remaining = [t["remaining"] for t in tickets if t["remaining"] > 0]
-    if remaining and max(remaining) > 10 * min(remaining):
-        ax.set_xscale("log")  # rounds that span decades of sparsity
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.invert_xaxis()
-    ax.set_xlabel("fraction of gated weights remaining")
+    remaining_axis(ax, [t["remaining"] for t in tickets])
     ax.set_ylabel("test accuracy")
     ax.set_title(f"{results['model']} on {results['data']}, seed {results['seed']}", fontsize=10)
     ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
+    save_png(plt, fig, path)
     return True

@@ -8,13 +8,13 @@ by rank 0 into DIR/summary.json and one plot.
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import json
 from pathlib import Path
 
 from . import distributed
 from ._files import write_atomic
+from ._plots import pyplot, remaining_axis, save_png
 from .search import RESULTS, Search, SearchConfig
 
 SUMMARY = "summary.json"
@@ -62,13 +62,8 @@ def run_sweep(config: SearchConfig, mask_inits, penalties, out, resume: bool = F
 
 
 def _plot(summary: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import FixedLocator, NullFormatter, PercentFormatter
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for run in summary["runs"]:
@@ -76,18 +71,9 @@ def _plot(summary: dict, path: Path) -> bool:
         ax.plot([t["remaining"] for t in tickets], [t["test_acc"] for t in tickets], "o-", markersize=4,
                 label=f"s0={run['mask_init']:g}, lam={run['penalty']:g}")
     ax.axhline(summary["runs"][0]["dense"]["test_acc"], color="gray", linestyle="--", label="dense")
-    ax.set_xscale("log")
-    ax.invert_xaxis()
-    ax.xaxis.set_major_locator(FixedLocator([0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]))
-    ax.xaxis.set_major_formatter(PercentFormatter(1.0))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("fraction of gated weights remaining")
+    remaining_axis(ax, [], log=True)
     ax.set_ylabel("test accuracy")
     ax.set_title(f"CS sweep: {summary['model']} on {summary['data']}, seed {summary['seed']}", fontsize=10)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_atomic(path, buffer.getvalue())
+    save_png(plt, fig, path)
     return True

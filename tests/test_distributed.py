@@ -16,6 +16,14 @@ import csext
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 
 
+def _tiny_npz(path, n_train, n_test, seed):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(3, 12)) * 2
+    y_train, y_test = rng.integers(0, 3, n_train), rng.integers(0, 3, n_test)
+    np.savez(path, x_train=(centers[y_train] + rng.normal(size=(n_train, 12))).astype(np.float32), y_train=y_train,
+             x_test=(centers[y_test] + rng.normal(size=(n_test, 12))).astype(np.float32), y_test=y_test)
+
+
 def _run(args, cwd, ranks=None):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks else [sys.executable]
     env = {**os.environ, "PYTHONPATH": str(Path(csext.__file__).parents[1]), "OMP_NUM_THREADS": "1",
@@ -25,11 +33,7 @@ def _run(args, cwd, ranks=None):
 
 
 def test_two_process_search_matches_one_process(tmp_path):
-    rng = np.random.default_rng(0)
-    centers = rng.normal(size=(3, 12)) * 2
-    y_train, y_test = rng.integers(0, 3, 200), rng.integers(0, 3, 60)
-    np.savez(tmp_path / "tiny.npz", x_train=(centers[y_train] + rng.normal(size=(200, 12))).astype(np.float32),
-             y_train=y_train, x_test=(centers[y_test] + rng.normal(size=(60, 12))).astype(np.float32), y_test=y_test)
+    _tiny_npz(tmp_path / "tiny.npz", 200, 60, seed=0)
     args = ["--data", str(tmp_path / "tiny.npz"), "--epochs", "3", "--rounds", "2", "--quiet"]
     done = _run(args + ["--out", str(tmp_path / "ddp")], tmp_path, ranks=2)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -91,11 +95,7 @@ def test_rank_check_catches_a_difference():
 
 
 def test_sweep_spreads_runs_over_ranks_and_merges(tmp_path):
-    rng = np.random.default_rng(1)
-    centers = rng.normal(size=(3, 12)) * 2
-    y_train, y_test = rng.integers(0, 3, 160), rng.integers(0, 3, 40)
-    np.savez(tmp_path / "tiny.npz", x_train=(centers[y_train] + rng.normal(size=(160, 12))).astype(np.float32),
-             y_train=y_train, x_test=(centers[y_test] + rng.normal(size=(40, 12))).astype(np.float32), y_test=y_test)
+    _tiny_npz(tmp_path / "tiny.npz", 160, 40, seed=1)
     args = ["--data", str(tmp_path / "tiny.npz"), "--epochs", "2", "--rounds", "2", "--quiet",
             "--sweep-mask-init", "0,-0.05", "--sweep-penalty", "1e-4,1e-3"]
     done = _run(args + ["--out", str(tmp_path / "ranks")], tmp_path, ranks=2)
