@@ -4,7 +4,7 @@ Each gated weight w has mask logits s; training uses w * sigmoid(beta * s) with 
 upwards and a penalty lam * sum(sigmoid(beta * s)); the ticket is the hard mask s > 0.
 """
 
-from . import backends, functional, reference, schedule
+from . import backends, export, functional, reference, schedule, search
 from .model import (
     SparsityReport,
     finalize,
@@ -27,6 +27,8 @@ __all__ = [
     "reference",
     "backends",
     "schedule",
+    "search",
+    "export",
     "sparsify",
     "set_beta",
     "set_hard",
