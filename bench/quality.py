@@ -1,6 +1,6 @@
 """Ticket quality of the CS search on the default data and model, recorded in the repository.
 
-    python bench/quality.py                 # about 4 minutes on 2 CPU cores
+    python bench/quality.py                 # about 3.5 minutes on 2 CPU cores
 
 Runs `python -m csext search` with its defaults (mnist1d, mlp, 3 rounds) for seeds 0, 1, 2, and
 with --target-remaining 0.2, 0.05 and 0.01 for seed 0. Prints a markdown table (dense accuracy;

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from .model import gated_modules
 from .schedule import capture
 from .search import (SearchConfig, build_gated, build_plain, default_exclude, epoch_generator, evaluate,
-                     learning_rate, make_optimizer, prepare_ticket, train_epoch)
+                     make_optimizer, prepare_ticket, train_epochs)
 
 METHODS = ("cs", "imp", "magnitude", "snip", "l0", "random")
 
@@ -162,22 +162,17 @@ class MethodRun:
         self.phase = 1000  # generator streams apart from the search's phases
         self.epochs_spent = 0
 
-    def _train(self, model, epochs: int, rewind: dict | None = None) -> None:
+    def _train(self, model, epochs: int, rewind: dict | None = None, optimizer=None, **hooks) -> None:
         """Train `model` for `epochs`; with `rewind`, keep the rewind point (after k iterations,
         or the end if training is shorter) in rewind["state"]."""
-        optimizer = make_optimizer(model, self.config)
-        steps_per_epoch = math.ceil(len(self.data.y_train) / self.config.batch_size)
-        self.phase += 1
-        for epoch in range(epochs):
-            def on_step(step, epoch=epoch):
-                if rewind is not None and "state" not in rewind and epoch * steps_per_epoch + step == self.config.rewind_iter:
-                    rewind["state"] = capture(model)
+        def on_step(step):
+            if rewind is not None and "state" not in rewind and step == self.config.rewind_iter:
+                rewind["state"] = capture(model)
 
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(self.config, epoch, epochs)
-            train_epoch(model, self.data, optimizer, self.config, epoch_generator(self.config.seed, self.phase, epoch),
-                        on_step=on_step)
-            self.epochs_spent += 1
+        self.phase += 1
+        train_epochs(model, self.data, optimizer or make_optimizer(model, self.config), self.config, epochs,
+                     self.phase, on_step=on_step, **hooks)
+        self.epochs_spent += epochs
         if rewind is not None:
             rewind.setdefault("state", capture(model))
 
@@ -267,28 +262,10 @@ class MethodRun:
             for g in gates.values():
                 g.clamp_()
 
-        self._train_l0(plain, weights, gate_optimizer, l0_loss, after_step)
+        # the schedule sets the weights' learning rate; Adam keeps its own
+        self._train(plain, self.config.epochs, optimizer=[weights, gate_optimizer], extra_loss=l0_loss,
+                    after_step=after_step)
         plain.eval()
         with torch.no_grad():
             mask = {n: (gates[n].gate() > 0).cpu() for n in names}
         return [self._ticket(mask, initial, 1, started)[0]]
-
-    def _train_l0(self, model, optimizer, gate_optimizer, l0_loss, after_step) -> None:
-        self.phase += 1
-        device = torch.device(self.config.device)
-        epochs = self.config.epochs
-        for epoch in range(epochs):
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(self.config, epoch, epochs)
-            generator = epoch_generator(self.config.seed, self.phase, epoch)
-            model.train()
-            for batch in torch.randperm(len(self.data.y_train), generator=generator).split(self.config.batch_size):
-                x, y = self.data.x_train[batch].to(device), self.data.y_train[batch].to(device)
-                loss = nn.functional.cross_entropy(model(x), y) + l0_loss()
-                optimizer.zero_grad(set_to_none=True)
-                gate_optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                gate_optimizer.step()
-                after_step()
-            self.epochs_spent += 1

@@ -17,8 +17,7 @@ from . import data as datasets
 from ._files import write_atomic
 from ._plots import pyplot, remaining_axis, save_png
 from .baselines import METHODS, MethodRun
-from .search import ConfigError, Search, SearchConfig, build_plain, epoch_generator, evaluate, learning_rate, \
-    make_optimizer, train_epoch
+from .search import ConfigError, Search, SearchConfig, build_plain, evaluate, make_optimizer, train_epochs
 
 SUMMARY = "summary.json"
 
@@ -27,13 +26,9 @@ def dense_baseline(config: SearchConfig, data) -> dict:
     """The plain network trained for the dense budget: {"test_acc", "epochs", "seconds"}."""
     started = time.perf_counter()
     model = build_plain(config, data)
-    optimizer = make_optimizer(model, config)
-    epochs = config.dense_budget
-    for epoch in range(epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, epoch, epochs)
-        train_epoch(model, data, optimizer, config, epoch_generator(config.seed, 0, epoch))
-    return {"test_acc": evaluate(model, data, config), "epochs": epochs, "seconds": round(time.perf_counter() - started, 3)}
+    train_epochs(model, data, make_optimizer(model, config), config, config.dense_budget, phase=0)
+    return {"test_acc": evaluate(model, data, config), "epochs": config.dense_budget,
+            "seconds": round(time.perf_counter() - started, 3)}
 
 
 def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_rounds: int = 10,

@@ -138,10 +138,14 @@ def epoch_generator(seed: int, phase: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003) + phase) * 10_007 + epoch)
 
 
-def train_epoch(model, data: datasets.Dataset, optimizer, config: SearchConfig, generator, on_step=None) -> dict:
+def train_epoch(model, data: datasets.Dataset, optimizer, config: SearchConfig, generator, on_step=None,
+                extra_loss=None, after_step=None) -> dict:
     """One epoch over the training set in the generator's order. Under torchrun each rank takes
     its share of every batch (a last batch smaller than the world is dropped); `model` is then
-    the DistributedDataParallel wrapper, which averages the gradients."""
+    the DistributedDataParallel wrapper, which averages the gradients. `optimizer` may be a list
+    (all step together); `extra_loss()` is added to each batch's loss; `after_step()` runs after
+    each step."""
+    optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
     device = torch.device(config.device)
     check_ranks = distributed.active() and os.environ.get("CSEXT_CHECK_RANKS") == "1"
     model.train()
@@ -159,15 +163,34 @@ def train_epoch(model, data: datasets.Dataset, optimizer, config: SearchConfig, 
         x, y = x.to(device, non_blocking=True), data.y_train[batch].to(device, non_blocking=True)
         logits = model(x)
         loss = nn.functional.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        for o in optimizers:
+            o.step()
+        if after_step is not None:
+            after_step()
         if check_ranks:  # CSEXT_CHECK_RANKS=1: verify after every step that the ranks agree
             distributed.assert_same_on_all_ranks(model)
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
     return {"loss": total_loss / seen, "train_acc": correct / seen}
+
+
+def train_epochs(model, data: datasets.Dataset, optimizer, config: SearchConfig, epochs: int, phase: int,
+                 on_step=None, **hooks) -> None:
+    """`epochs` of train_epoch under the lr schedule (set on the first optimizer), epoch e drawn
+    from (seed, phase, e); on_step gets the number of steps since the first epoch."""
+    first = optimizer[0] if isinstance(optimizer, (list, tuple)) else optimizer
+    steps_per_epoch = math.ceil(len(data.y_train) / config.batch_size)
+    for epoch in range(epochs):
+        for group in first.param_groups:
+            group["lr"] = learning_rate(config, epoch, epochs)
+        step_hook = None if on_step is None else (lambda step, epoch=epoch: on_step(epoch * steps_per_epoch + step))
+        train_epoch(model, data, optimizer, config, epoch_generator(config.seed, phase, epoch), step_hook, **hooks)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """Continuous Sparsification in one round: sparsify a small MLP, train weights and masks together
 while beta rises from 1 to beta_final, then switch to the ticket (hard) mask and report.
 
-    python examples/quickstart.py            # about 15 seconds on 2 CPU cores
+    python examples/quickstart.py            # about 12 seconds on 2 CPU cores
 
 The data is generated here: inputs x ~ N(0, I) labelled by a random "teacher" network that
 reads only a few of the input features, so a much sparser network than the student can fit it.
