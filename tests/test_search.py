@@ -376,3 +376,13 @@ def test_download_checks_md5_and_takes_only_the_expected_files(tmp_path, monkeyp
     assert sorted(p.name for p in (tmp_path / "data" / "cifar-10-batches-bin").iterdir()) == sorted(csext.data.CIFAR10_FILES)
     load("cifar10", str(tmp_path / "data"), download=True)  # already there: not fetched again
     assert len(fetched) == 2
+
+
+def test_beta_per_step_follows_the_schedule_over_steps(tmp_path, monkeypatch):
+    data = _write_npz(tmp_path / "small.npz")  # 96 samples, batch 32: 3 steps an epoch
+    config = search.SearchConfig(data=str(data), rounds=1, epochs=2, batch_size=32, beta_per_step=True)
+    seen = []
+    real_set_beta = search.set_beta
+    monkeypatch.setattr(search, "set_beta", lambda model, beta: (seen.append(beta), real_set_beta(model, beta)))
+    search.Search(config, tmp_path / "run", progress=False).run()
+    assert seen == pytest.approx([schedule.beta_at(i, 6) for i in range(6)])  # 1 ... 200 over the 6 steps
