@@ -36,7 +36,8 @@ def _extensions():
     cxx = opt + ["-fvisibility=hidden"] + (["-fopenmp"] if openmp else [])
     link = ["-fopenmp"] if openmp else []
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # The CUDA kernels (csrc/cuda/*.cu, free of torch) and their registration (csrc/cuda/*.cpp).
+    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
 
     want_cuda = not _flag("FORCE_ONLY_CPU") and (
         _flag("FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)

@@ -1,10 +1,12 @@
 """Time csext's gated layers against plain nn.Linear / nn.Conv2d, within one process.
 
     python bench/run.py --device cpu --ops linear,conv --modes fwd,bwd,full
+    python bench/run.py --device cuda --autocast bf16 --shapes gpu [--channels-last]
 
 Providers: `dense` (the plain layer), `torch` (the reference backend, eager), `torch-compile`
 (torch.compile of the reference backend) and every fused backend available on the device
-(csext.backends.available()). Each case runs all providers in turn, `--repeats` times, in a
+(csext.backends.available()); on CUDA also `triton-fused` and `triton-gate`, the triton
+backend's two linear paths forced (fused GEMMs; elementwise gate + cuBLAS). Each case runs all providers in turn, `--repeats` times, in a
 rotating order so that drift on a noisy machine hits them alike; a provider's time is the
 median of its samples and its ratio is that median over dense's median from the same run.
 
@@ -42,6 +44,10 @@ RESULTS = HERE / "results"
 LINEAR_SHAPES = [(32, 4096, 4096), (64, 1024, 1024), (256, 1024, 1024), (128, 784, 300)]
 # (N, C, H): ResNet-20's 3x3 convolutions, C -> C channels at H x H pixels, batch 128
 CONV_SHAPES = [(128, 16, 32), (128, 32, 16), (128, 64, 8)]
+# The GPU issues' shapes: K = N = 4096 at three batch sizes, and LeNet-300's first layer;
+# ResNet-20's and VGG-16's 3x3 convolutions (CIFAR-10, batch 128).
+GPU_LINEAR_SHAPES = [(256, 4096, 4096), (2048, 4096, 4096), (8192, 4096, 4096), (128, 784, 300)]
+GPU_CONV_SHAPES = CONV_SHAPES + [(128, 64, 32), (128, 128, 16), (128, 256, 8), (128, 512, 4), (128, 512, 2)]
 QUICK_LINEAR_SHAPES = [(8, 97, 43)]
 QUICK_CONV_SHAPES = [(4, 8, 8)]
 
@@ -75,6 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--ops", default="linear,conv", help=f"comma-separated, from {OPS}")
     parser.add_argument("--modes", default="fwd,bwd,full", help=f"comma-separated, from {MODES}")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None,
+                        help="float32 layers and inputs run under torch.autocast in this dtype (rows say autocast-bf16)")
+    parser.add_argument("--shapes", choices=["default", "gpu"], default="default",
+                        help="default: the CPU shapes; gpu: the GPU issues' larger linear shapes and VGG-16's convolutions")
+    parser.add_argument("--inner", type=int, default=None,
+                        help="calls per timed sample, its time divided by them (default: 1 on CPU, 10 on CUDA)")
+    parser.add_argument("--compile-ops", default="linear,conv",
+                        help="ops whose torch-compile provider runs (compiling takes long); default both")
     parser.add_argument("--providers", default="all",
                         help="comma-separated, from dense, torch, torch-compile and the fused backends; default all")
     parser.add_argument("--repeats", type=int, default=25, help="timed samples per provider and case")
@@ -93,20 +107,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.modes = _split(args.modes, MODES, "--modes")
     if args.repeats < 1 or args.warmup < 0:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
+    args.compile_ops = _split(args.compile_ops, OPS, "--compile-ops") if args.compile_ops else []
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
     args.device = device
-    fused = [b for b in csext.backends.available() if b != "torch" and _runs_on(b, device.type)]
+    fused = [b for b in csext.backends.available() if b != "torch" and csext.backends.runs_on(b, device.type)]
+    if device.type == "cuda" and "triton" in fused:
+        fused += ["triton-fused", "triton-gate"]
     known = ["dense", "torch", "torch-compile"] + fused
     args.providers = known if args.providers == "all" else _split(args.providers, known, "--providers")
     if "dense" not in args.providers:
         args.providers = ["dense"] + args.providers  # every ratio is against dense
+    if args.inner is None:
+        args.inner = 10 if device.type == "cuda" else 1
+    if args.autocast:
+        args.dtype = "float32"
+    args.label = f"autocast-{args.autocast}" if args.autocast else args.dtype  # the CSV's dtype column
     if args.plot is None:
         suffix = "-channels-last" if args.channels_last else ""
-        args.plot = args.csv.parent / f"{device.type}-{args.dtype}{suffix}.png"
+        args.plot = args.csv.parent / f"{device.type}-{args.label}{suffix}.png"
     return args
 
 
@@ -118,18 +140,27 @@ def _split(text: str, allowed, option: str) -> list[str]:
     return items
 
 
-def _runs_on(backend: str, device_type: str) -> bool:
-    try:
-        csext.backends.resolve(backend, device_type)
-        return True
-    except ValueError:
-        return False
-
-
 # --- what is timed ---------------------------------------------------------------------------
 
 
-def make_layers(case: Case, providers: list[str], device: torch.device, dtype: torch.dtype) -> dict:
+class ForcedTritonPath(nn.Module):
+    """A gated linear layer on the triton backend with one of its two paths forced."""
+
+    def __init__(self, layer: nn.Module, fused: bool):
+        super().__init__()
+        self.layer, self.max_rows = layer, (1 << 62) if fused else -1
+
+    def forward(self, x):
+        saved = csext.functional.TRITON_FUSED_MAX_ROWS
+        csext.functional.TRITON_FUSED_MAX_ROWS = self.max_rows
+        try:
+            return self.layer(x)
+        finally:
+            csext.functional.TRITON_FUSED_MAX_ROWS = saved
+
+
+def make_layers(case: Case, providers: list[str], device: torch.device, dtype: torch.dtype,
+                compile_ops=OPS) -> dict:
     """One module per provider, all with the same weights; gated ones with random mask logits."""
     torch.manual_seed(0)
     if case.op == "linear":
@@ -143,15 +174,21 @@ def make_layers(case: Case, providers: list[str], device: torch.device, dtype: t
         dense = dense.to(memory_format=torch.channels_last)
     layers = {"dense": dense}
     for provider in providers:
-        if provider == "dense":
+        if provider == "dense" or (provider == "torch-compile" and case.op not in compile_ops):
+            continue
+        if provider.startswith("triton-") and case.op != "linear":
             continue
         gated_type = csext.GatedLinear if case.op == "linear" else csext.GatedConv2d
         gated = gated_type.from_dense(copy.deepcopy(dense))
         with torch.no_grad():
             gated.mask_logits.normal_()
         gated.beta, gated.penalty = 4.0, 1e-4
-        gated.backend = "torch" if provider == "torch-compile" else provider
-        layers[provider] = torch.compile(gated) if provider == "torch-compile" else gated
+        gated.backend = {"torch-compile": "torch", "triton-fused": "triton", "triton-gate": "triton"}.get(provider, provider)
+        if provider == "torch-compile":
+            gated = torch.compile(gated)
+        elif provider.startswith("triton-"):
+            gated = ForcedTritonPath(gated, fused=provider == "triton-fused")
+        layers[provider] = gated
     return layers
 
 
@@ -188,36 +225,55 @@ class Clock:
         return (time.perf_counter() - start) * 1e3
 
 
-def sample(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, mode: str, clock: Clock) -> float:
-    """One timed call, in ms. Gradients start empty each time, as after zero_grad()."""
-    x.grad = None
-    for p in layer.parameters():
-        p.grad = None
+def sample(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, mode: str, clock: Clock,
+           inner: int = 1, autocast=None) -> float:
+    """One timed sample: the mean of `inner` calls, in ms. Gradients start empty each call, as
+    after zero_grad(); `autocast` is None or the dtype the forward runs under."""
+    params = list(layer.parameters())
+
+    def forward():
+        x.grad = None
+        for p in params:
+            p.grad = None
+        if autocast is None:
+            return layer(x)
+        with torch.autocast(x.device.type, dtype=autocast):
+            return layer(x)
+
     if mode == "fwd":
-        return clock.time(lambda: layer(x))
+        return clock.time(lambda: [forward() for _ in range(inner)]) / inner
     if mode == "full":
-        return clock.time(lambda: layer(x).backward(grad_out))
-    y = layer(x)
-    return clock.time(lambda: y.backward(grad_out))
+        return clock.time(lambda: [forward().backward(grad_out) for _ in range(inner)]) / inner
+    outputs = [forward() for _ in range(inner)]
+
+    def backward():
+        for y in outputs:
+            x.grad = None
+            for p in params:
+                p.grad = None
+            y.backward(grad_out)
+
+    return clock.time(backward) / inner
 
 
 def run_case(case: Case, args, clock: Clock) -> list[dict]:
     dtype = DTYPES[args.dtype]
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast)
     torch._dynamo.reset()  # each case compiles for its own static shape
-    layers = make_layers(case, args.providers, args.device, dtype)
+    layers = make_layers(case, args.providers, args.device, dtype, args.compile_ops)
     x = make_input(case, args.device, dtype)
-    with torch.no_grad():
-        grad_out = torch.randn_like(layers["dense"](x))  # in the output's layout
+    with torch.no_grad(), torch.autocast(args.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        grad_out = torch.randn_like(layers["dense"](x))  # in the output's layout and dtype
     rows = []
     for mode in args.modes:
         for layer in layers.values():
             for _ in range(max(args.warmup, 1)):
-                sample(layer, x, grad_out, "full", clock)  # compiles forward and backward
+                sample(layer, x, grad_out, "full", clock, 1, autocast)  # compiles forward and backward
         times = {name: [] for name in layers}
         names = list(layers)
         for r in range(args.repeats):
             for name in names[r % len(names):] + names[: r % len(names)]:
-                times[name].append(sample(layers[name], x, grad_out, mode, clock))
+                times[name].append(sample(layers[name], x, grad_out, mode, clock, args.inner, autocast))
         dense = statistics.median(times["dense"])
         for name, ts in times.items():
             q1, median, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0],) * 3
@@ -266,6 +322,8 @@ def _cpu_model() -> str:
 
 
 def _commit() -> str:
+    if os.environ.get("BENCH_COMMIT"):  # a copy of the tree without .git (the GPU machine's)
+        return os.environ["BENCH_COMMIT"]
     try:
         root = HERE.parent
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
@@ -356,16 +414,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     layout = "channels_last" if args.channels_last else "contiguous"
     if args.plot_only:
-        rows = latest_run(args.csv, args.device.type, args.dtype, layout) if args.csv.exists() else []
+        rows = latest_run(args.csv, args.device.type, args.label, layout) if args.csv.exists() else []
         if not rows:
-            raise SystemExit(f"--plot-only: {args.csv} holds no {args.device.type} {args.dtype} {layout} rows")
+            raise SystemExit(f"--plot-only: {args.csv} holds no {args.device.type} {args.label} {layout} rows")
         print(f"plot: {args.plot}" if plot(rows, args.plot) else "no plot: matplotlib is not installed")
         return 0
     info = machine_info(args.device)
     cases = []
     for op in args.ops:
-        shapes = {"linear": QUICK_LINEAR_SHAPES if args.quick else LINEAR_SHAPES,
-                  "conv": QUICK_CONV_SHAPES if args.quick else CONV_SHAPES}[op]
+        if args.quick:
+            shapes = {"linear": QUICK_LINEAR_SHAPES, "conv": QUICK_CONV_SHAPES}[op]
+        elif args.shapes == "gpu":
+            shapes = {"linear": GPU_LINEAR_SHAPES, "conv": GPU_CONV_SHAPES}[op]
+        else:
+            shapes = {"linear": LINEAR_SHAPES, "conv": CONV_SHAPES}[op]
         cases += [Case(op, shape, channels_last=args.channels_last and op == "conv") for shape in shapes]
     try:
         from tqdm import tqdm
@@ -375,15 +437,15 @@ def main(argv=None) -> int:
     clock = Clock(args.device)
     rows = []
     for case in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
-        rows += [{**info, "dtype": args.dtype, "layout": layout, **row} for row in run_case(case, args, clock)]
+        rows += [{**info, "dtype": args.label, "layout": layout, **row} for row in run_case(case, args, clock)]
 
     print(f"{info['machine']} | torch {info['torch']} | triton {info['triton']} | {info['threads']} threads | "
-          f"{args.dtype} | commit {info['commit']} | {info['run']}")
-    print("median of", args.repeats, "runs; (ratio) = time / plain nn.Linear or nn.Conv2d in the same run")
+          f"{args.label} | commit {info['commit']} | {info['run']}")
+    print(f"median of {args.repeats} samples of {args.inner} calls; (ratio) = time / plain nn.Linear or nn.Conv2d in the same run")
     print(table(rows, args.providers))
     if not args.no_save:
         append_rows(args.csv, rows)
-        drawn = plot(latest_run(args.csv, args.device.type, args.dtype, layout), args.plot)
+        drawn = plot(latest_run(args.csv, args.device.type, args.label, layout), args.plot)
         print(f"appended {len(rows)} rows to {args.csv}" + (f"; plot: {args.plot}" if drawn else "; no plot (matplotlib is not installed)"))
     return 0
 

@@ -12,6 +12,10 @@ import torch.nn.functional as F
 
 from . import _ops, backends, reference
 
+_triton = None
+if backends.triton_usable():
+    from . import _triton  # registers the csext::triton_* ops
+
 _WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -99,9 +103,50 @@ def gate(
     """
     check_gate_args(weight, mask_logits, beta, penalty)
     name = backends.resolve(backend, weight.device.type)
-    if name == "cpp":
+    if name in ("cpp", "cuda"):
         return torch.ops.csext.gate(weight, mask_logits, _ops.beta_tensor(beta), bool(hard), float(penalty), dtype)
+    if name == "triton":
+        _check_triton_dtype(weight)
+        beta_on_device = _triton.device_beta(beta, weight.device)
+        return _triton.triton_gate(weight, mask_logits, beta_on_device, bool(hard), float(penalty), dtype or weight.dtype)
     return reference.gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=dtype)
+
+
+def _check_triton_dtype(weight: torch.Tensor) -> None:
+    if weight.dtype == torch.float64:
+        raise TypeError("backend 'triton' takes float32, bfloat16 or float16 weights, got float64; "
+                        "use backend 'torch', 'cpp' or 'cuda' for float64")
+
+
+# Up to this many rows of x, the triton backend runs a gated linear layer as fused GEMMs that
+# gate each weight tile as they load it; above, the gated weight is written once by the
+# elementwise kernel and cuBLAS runs the GEMMs (the per-tile gating is repeated for every tile
+# of rows, and costs more than one pass over the weight once there are many). bench/README.md.
+TRITON_FUSED_MAX_ROWS = 4096
+
+
+def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale):
+    """gated_linear on the triton backend: x (..., K) in the compute dtype, fused or not."""
+    _check_triton_dtype(weight)
+    dtype = compute_dtype(weight)
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(dtype)  # as autocast casts F.linear's input
+    elif x.dtype != weight.dtype:
+        raise TypeError(f"x and weight must have the same dtype outside autocast, got x {x.dtype} and weight {weight.dtype}")
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > TRITON_FUSED_MAX_ROWS:
+        w_eff = gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=dtype, backend="triton")
+        y = F.linear(rows, w_eff)
+    else:
+        beta_on_device = _triton.device_beta(beta, weight.device)
+        y = _triton.triton_gated_linear(rows, weight, mask_logits, beta_on_device,
+                                        bias if mask_scale == 1.0 else None, bool(hard), float(penalty))
+        if mask_scale == 1.0:
+            return y.reshape(*x.shape[:-1], weight.shape[0])
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    if mask_scale != 1.0:
+        y = y * mask_scale
+    return _add_bias(y, bias, channel_dim=-1)
 
 
 def gated_linear(
@@ -125,6 +170,9 @@ def gated_linear(
         )
     _check_same_device(weight, x=x, bias=bias)
     check_mask_scale(mask_scale)
+    if backends.resolve(backend, weight.device.type, op="linear") == "triton":
+        check_gate_args(weight, mask_logits, beta, penalty)
+        return _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale)
     w_eff = gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=compute_dtype(weight), backend=backend)
     if mask_scale == 1.0:
         return F.linear(x, w_eff, bias)

@@ -17,6 +17,7 @@
 #include <unistd.h>
 #endif
 
+#include "gate_checks.h"
 #include "gate_cpu.h"
 
 // `import csext._C` loads this library, which registers the ops below with the dispatcher.
@@ -104,55 +105,6 @@ CSEXT_ISA_CLONES void gate_backward_kernel(ScalarType weight_type, ScalarType gr
       static_cast<double*>(grad_mask_logits), n, beta, penalty);
 }
 
-bool is_gate_dtype(ScalarType t) {
-  return t == ScalarType::Float || t == ScalarType::BFloat16 || t == ScalarType::Half ||
-         t == ScalarType::Double;
-}
-
-// The checks every entry point shares; messages name the argument and what was expected.
-void check_gate_args(const char* op, const char* weight_name, const at::Tensor& weight,
-                     const at::Tensor& mask_logits, double beta) {
-  TORCH_CHECK_VALUE(weight.sizes() == mask_logits.sizes(), op, ": ", weight_name,
-                    " and mask_logits must have the same shape, got ", weight_name, " ",
-                    weight.sizes(), " and mask_logits ", mask_logits.sizes());
-  TORCH_CHECK_VALUE(weight.device() == mask_logits.device(), op, ": ", weight_name,
-                    " and mask_logits must be on the same device, got ", weight.device(),
-                    " and ", mask_logits.device());
-  TORCH_CHECK_TYPE(is_gate_dtype(weight.scalar_type()), op, ": ", weight_name,
-                   " must be float32, float64, bfloat16 or float16, got ", weight.scalar_type());
-  const bool fp64 = weight.scalar_type() == ScalarType::Double;
-  TORCH_CHECK_TYPE(mask_logits.scalar_type() == ScalarType::Float ||
-                       (fp64 && mask_logits.scalar_type() == ScalarType::Double),
-                   op, ": mask_logits must be float32 (or float64 beside a float64 ", weight_name,
-                   "), got ", mask_logits.scalar_type());
-  TORCH_CHECK_TYPE(!fp64 || mask_logits.scalar_type() == ScalarType::Double, op, ": a float64 ",
-                   weight_name, " needs float64 mask_logits, got ", mask_logits.scalar_type());
-  TORCH_CHECK_VALUE(std::isfinite(beta) && beta >= 1.0, op,
-                    ": beta must be a finite number >= 1, got ", beta);
-}
-
-// beta travels as a 0-dim CPU tensor, not a float: torch.compile bakes float arguments of
-// custom ops into the graph, which would recompile at every step of the beta schedule.
-double read_beta(const char* op, const at::Tensor& beta) {
-  TORCH_CHECK_VALUE(beta.dim() == 0 && beta.device().is_cpu() && beta.is_floating_point(), op,
-                    ": beta must be a 0-dim floating-point tensor on the CPU, got a ",
-                    beta.dim(), "-dim ", beta.scalar_type(), " tensor on ", beta.device());
-  return beta.item<double>();
-}
-
-// The layout the kernels run in: channels_last when every operand already is (conv weights
-// stay channels_last), else contiguous. csext/_ops.py mirrors this rule in the fake kernels.
-at::MemoryFormat common_layout(std::initializer_list<at::Tensor> tensors) {
-  bool all_contiguous = true, all_channels_last = true;
-  for (const at::Tensor& t : tensors) {
-    all_contiguous = all_contiguous && t.is_contiguous();
-    all_channels_last = all_channels_last && t.dim() == 4 &&
-                        t.is_contiguous(at::MemoryFormat::ChannelsLast);
-  }
-  return all_channels_last && !all_contiguous ? at::MemoryFormat::ChannelsLast
-                                              : at::MemoryFormat::Contiguous;
-}
-
 template <typename Fn>
 void parallel_chunks(int64_t n, const Fn& fn) {
   at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) { fn(begin, end - begin); });
@@ -193,12 +145,7 @@ at::Tensor gate_cpu(const at::Tensor& weight, const at::Tensor& mask_logits,
   check_gate_args("csext::gate", "weight", weight, mask_logits, beta);
   TORCH_CHECK(weight.device().is_cpu(), "csext::gate: the CPU kernel got a tensor on ",
               weight.device());
-  const ScalarType out_type = dtype.value_or(weight.scalar_type());
-  const bool fp64 = weight.scalar_type() == ScalarType::Double;
-  TORCH_CHECK_TYPE(is_gate_dtype(out_type) && (out_type == ScalarType::Double) == fp64,
-                   "csext::gate: dtype must be float32, bfloat16 or float16 (float64 only for a "
-                   "float64 weight), got ",
-                   out_type, " for a ", weight.scalar_type(), " weight");
+  const ScalarType out_type = gate_output_type(weight, dtype);
   const at::MemoryFormat layout = common_layout({weight, mask_logits});
   const at::Tensor w = weight.contiguous(layout);
   const at::Tensor s = mask_logits.contiguous(layout);
@@ -216,21 +163,10 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad,
                                                      const at::Tensor& beta_tensor,
                                                      double penalty) {
   const double beta = read_beta("csext::gate_backward", beta_tensor);
-  check_gate_args("csext::gate_backward", "weight", weight, mask_logits, beta);
-  TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(),
-                    "csext::gate_backward: grad must have the shape of weight ", weight.sizes(),
-                    ", got ", grad.sizes());
+  check_gate_backward_args(grad, weight, mask_logits, beta, penalty);
   TORCH_CHECK(weight.device().is_cpu() && grad.device().is_cpu(),
               "csext::gate_backward: the CPU kernel got tensors on ", grad.device(), " and ",
               weight.device());
-  TORCH_CHECK_VALUE(std::isfinite(penalty) && penalty >= 0.0,
-                    "csext::gate_backward: penalty must be a finite number >= 0, got ", penalty);
-  const bool fp64 = weight.scalar_type() == ScalarType::Double;
-  TORCH_CHECK_TYPE(is_gate_dtype(grad.scalar_type()) &&
-                       (grad.scalar_type() == ScalarType::Double) == fp64,
-                   "csext::gate_backward: grad must be float32, bfloat16 or float16 (float64 "
-                   "beside a float64 weight), got ",
-                   grad.scalar_type());
   const at::MemoryFormat layout = common_layout({grad, weight, mask_logits});
   const at::Tensor g = grad.contiguous(layout);
   const at::Tensor w = weight.contiguous(layout);

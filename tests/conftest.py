@@ -3,7 +3,12 @@ import os
 import pytest
 import torch
 
-import csext
+# Without a GPU, the Triton kernels run in Triton's CPU interpreter (tests/test_triton.py); the
+# variable must be set before triton is first imported, which importing csext does.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import csext  # noqa: E402
 
 # CI sets CSEXT_REQUIRE_EXTENSION=1: a missing C++ extension then fails the run instead of
 # quietly skipping every cpp test.

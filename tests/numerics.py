@@ -4,7 +4,10 @@ import torch
 
 import csext
 
-FUSED_BACKENDS = [b for b in csext.backends.available() if b != "torch"]
+# The backends that run natively on CPU tensors, which these tests use. Triton's interpreter
+# (tests/test_triton.py) and the CUDA kernels (tests/test_cuda.py) have tests of their own.
+CPU_BACKENDS = [b for b in csext.backends.available() if b in ("torch", "cpp")]
+FUSED_BACKENDS = [b for b in CPU_BACKENDS if b != "torch"]
 
 
 def mask_logits_like(weight: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import csext
+from numerics import CPU_BACKENDS
 from csext import functional as CF
 
-BACKENDS = csext.backends.available()
+BACKENDS = CPU_BACKENDS
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

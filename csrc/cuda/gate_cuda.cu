@@ -1,0 +1,136 @@
+// Host side of the CUDA gate kernels: dtype dispatch, alignment choice and launch.
+#include <algorithm>
+#include <cstdint>
+
+#include "gate_cuda.h"
+#include "gate_kernels.cuh"
+
+namespace csext {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+bool aligned(const void* p, int vec) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * vec) == 0;
+}
+
+// A few waves of the current device's multiprocessors (read once per device).
+int max_blocks() {
+  constexpr int kMaxDevices = 64;
+  static int multiprocessors[kMaxDevices] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices) return 1024;
+  if (multiprocessors[device] == 0) {
+    int count = 0;
+    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      return 1024;
+    }
+    multiprocessors[device] = count;  // a benign race: every thread writes the same value
+  }
+  return multiprocessors[device] * 8;
+}
+
+// Enough blocks for every pack once, capped: the grid-stride loop covers the rest.
+int blocks_for(int64_t work) {
+  const int64_t wanted = (work + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, max_blocks())));
+}
+
+template <typename A, typename B, typename C>
+constexpr int vec_width() {
+  // 16 bytes of the narrowest operand per access; wider operands take two or four accesses.
+  constexpr size_t narrowest = std::min(sizeof(A), std::min(sizeof(B), sizeof(C)));
+  return static_cast<int>(16 / narrowest);
+}
+
+template <typename Acc, typename W, typename Out>
+cudaError_t launch_forward(const void* weight, const void* mask_logits, void* out, int64_t n,
+                           double beta, bool hard, cudaStream_t stream) {
+  constexpr int VEC = vec_width<Acc, W, Out>();
+  const W* w = static_cast<const W*>(weight);
+  const Acc* s = static_cast<const Acc*>(mask_logits);
+  Out* y = static_cast<Out*>(out);
+  const Acc b = static_cast<Acc>(beta);
+  if (aligned<W>(w, VEC) && aligned<Acc>(s, VEC) && aligned<Out>(y, VEC)) {
+    gate_forward_kernel<Acc, W, Out, VEC>
+        <<<blocks_for(n / VEC + 1), kThreads, 0, stream>>>(w, s, y, n, b, hard);
+  } else {
+    gate_forward_kernel<Acc, W, Out, 1>
+        <<<blocks_for(n), kThreads, 0, stream>>>(w, s, y, n, b, hard);
+  }
+  return cudaGetLastError();
+}
+
+template <typename Acc, typename W, typename G>
+cudaError_t launch_backward(const void* grad, const void* weight, const void* mask_logits,
+                            void* grad_weight, void* grad_mask_logits, int64_t n, double beta,
+                            double penalty, cudaStream_t stream) {
+  constexpr int VEC = vec_width<Acc, W, G>();
+  const G* g = static_cast<const G*>(grad);
+  const W* w = static_cast<const W*>(weight);
+  const Acc* s = static_cast<const Acc*>(mask_logits);
+  W* dw = static_cast<W*>(grad_weight);
+  Acc* ds = static_cast<Acc*>(grad_mask_logits);
+  const Acc b = static_cast<Acc>(beta), lam = static_cast<Acc>(penalty);
+  if (aligned<G>(g, VEC) && aligned<W>(w, VEC) && aligned<Acc>(s, VEC) && aligned<W>(dw, VEC) &&
+      aligned<Acc>(ds, VEC)) {
+    gate_backward_kernel<Acc, W, G, VEC>
+        <<<blocks_for(n / VEC + 1), kThreads, 0, stream>>>(g, w, s, dw, ds, n, b, lam);
+  } else {
+    gate_backward_kernel<Acc, W, G, 1>
+        <<<blocks_for(n), kThreads, 0, stream>>>(g, w, s, dw, ds, n, b, lam);
+  }
+  return cudaGetLastError();
+}
+
+// Calls fn with a value of the storage type of `t`, for the three float32-mask dtypes.
+template <typename Fn>
+cudaError_t with_half_or_float(DType t, const Fn& fn) {
+  switch (t) {
+    case DType::Float32: return fn(float{});
+    case DType::Float16: return fn(__half{});
+    case DType::BFloat16: return fn(__nv_bfloat16{});
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t gate_forward(DType weight_type, DType out_type, const void* weight,
+                         const void* mask_logits, void* out, int64_t n, double beta, bool hard,
+                         cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (weight_type == DType::Float64 || out_type == DType::Float64) {
+    if (weight_type != out_type) return cudaErrorInvalidValue;
+    return launch_forward<double, double, double>(weight, mask_logits, out, n, beta, hard, stream);
+  }
+  return with_half_or_float(weight_type, [&](auto w) {
+    return with_half_or_float(out_type, [&](auto y) {
+      return launch_forward<float, decltype(w), decltype(y)>(weight, mask_logits, out, n, beta,
+                                                              hard, stream);
+    });
+  });
+}
+
+cudaError_t gate_backward(DType weight_type, DType grad_type, const void* grad,
+                          const void* weight, const void* mask_logits, void* grad_weight,
+                          void* grad_mask_logits, int64_t n, double beta, double penalty,
+                          cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  if (weight_type == DType::Float64 || grad_type == DType::Float64) {
+    if (weight_type != grad_type) return cudaErrorInvalidValue;
+    return launch_backward<double, double, double>(grad, weight, mask_logits, grad_weight,
+                                                   grad_mask_logits, n, beta, penalty, stream);
+  }
+  return with_half_or_float(weight_type, [&](auto w) {
+    return with_half_or_float(grad_type, [&](auto g) {
+      return launch_backward<float, decltype(w), decltype(g)>(
+          grad, weight, mask_logits, grad_weight, grad_mask_logits, n, beta, penalty, stream);
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace csext

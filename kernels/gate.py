@@ -1,0 +1,77 @@
+"""Elementwise Triton kernels of the CS gate (SPEC section 1), over flat storage:
+
+    forward   w_eff = w * m,  m = sigmoid(beta * s)  (soft)  or  m = 1[s > 0]  (hard)
+    backward  dL/dw = G * m,  dL/ds = beta * m * (1 - m) * (G * w + lam)
+
+They serve convolution weights and the linear shapes where the fused GEMM does not pay
+(kernels/gated_matmul.py). beta is read from a 0-dim float32 tensor on the device, so that a
+changing beta neither recompiles the kernel nor a torch.compile graph. Each output element is
+written exactly once: autotuning or a relaunch can never corrupt an output.
+"""
+
+import triton
+import triton.language as tl
+
+BLOCK = 1024
+
+
+@triton.jit
+def soft_mask_and_slope(s, beta):
+    """m = sigmoid(beta * s) and m * (1 - m), from z = exp(-|x|): no overflow, and 1 - m stays
+    accurate where m rounds to 1. NaN fails x >= 0 and takes z * r, which is NaN."""
+    x = beta * s
+    z = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + z)
+    zr = z * r
+    return tl.where(x >= 0, r, zr), zr * r
+
+
+@triton.jit
+def mask_of(s, beta, HARD: tl.constexpr):
+    """The soft mask, or with HARD the ticket mask 1[s > 0] with NaN passed through."""
+    if HARD:
+        m = tl.where(s > 0, 1.0, tl.where(s <= 0, 0.0, s))
+    else:
+        m, _ = soft_mask_and_slope(s, beta)
+    return m
+
+
+@triton.jit
+def gate_forward_kernel(w_ptr, s_ptr, out_ptr, beta_ptr, n, HARD: tl.constexpr, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    beta = tl.load(beta_ptr)
+    s = tl.load(s_ptr + offsets, mask=inside)
+    w = tl.load(w_ptr + offsets, mask=inside).to(tl.float32)
+    tl.store(out_ptr + offsets, (w * mask_of(s, beta, HARD)).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def gate_backward_kernel(grad_ptr, w_ptr, s_ptr, grad_w_ptr, grad_s_ptr, beta_ptr, penalty, n,
+                         BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inside = offsets < n
+    beta = tl.load(beta_ptr)
+    s = tl.load(s_ptr + offsets, mask=inside)
+    w = tl.load(w_ptr + offsets, mask=inside).to(tl.float32)
+    g = tl.load(grad_ptr + offsets, mask=inside).to(tl.float32)
+    m, slope = soft_mask_and_slope(s, beta)
+    tl.store(grad_w_ptr + offsets, (g * m).to(grad_w_ptr.dtype.element_ty), mask=inside)
+    tl.store(grad_s_ptr + offsets, beta * slope * (g * w + penalty), mask=inside)
+
+
+def gate_forward(weight, mask_logits, beta, out, hard: bool) -> None:
+    """out = weight * m over the flat storage of same-layout dense tensors; beta a device tensor."""
+    n = weight.numel()
+    if n:
+        gate_forward_kernel[(triton.cdiv(n, BLOCK),)](weight, mask_logits, out, beta, n, HARD=hard,
+                                                      BLOCK=BLOCK, num_warps=4)
+
+
+def gate_backward(grad, weight, mask_logits, beta, penalty: float, grad_weight, grad_mask_logits) -> None:
+    """(dL/dw, dL/ds) of the soft gate into grad_weight and grad_mask_logits."""
+    n = weight.numel()
+    if n:
+        gate_backward_kernel[(triton.cdiv(n, BLOCK),)](grad, weight, mask_logits, grad_weight,
+                                                       grad_mask_logits, beta, penalty, n,
+                                                       BLOCK=BLOCK, num_warps=4)

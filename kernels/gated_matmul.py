@@ -1,0 +1,203 @@
+"""Fused Triton GEMMs of a gated linear layer y = x @ (w * m)^T + b (SPEC section 1):
+
+    forward      y   = x @ w_eff^T + b   each (w, s) tile is gated as it is loaded
+    input grad   dx  = G @ w_eff         the same kernel, on the transposed weight
+    weight grad  dL/dw = (G^T x) * m,  dL/ds = beta * m * (1 - m) * ((G^T x) * w + lam)
+                 from the epilogue of the G^T @ x GEMM
+
+so neither w_eff nor dL/dw_eff is ever written to memory. The gate is computed in float32 and
+cast to the activations' dtype for `tl.dot`; accumulation is float32.
+
+The gated tile is the dot's first operand: the kernels compute y^T tile by tile, which lets the
+matrix units take it straight from registers. Configurations are autotuned per (M, N, K) and
+dtype on sm_80 and sm_90; under TRITON_INTERPRET=1 (and with CSEXT_TRITON_AUTOTUNE=0) one fixed
+configuration runs instead. Every output element is written once, never accumulated into, so
+autotuning's repeated launches cannot corrupt it.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+from .gate import mask_of, soft_mask_and_slope
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+AUTOTUNE = not INTERPRET and os.environ.get("CSEXT_TRITON_AUTOTUNE", "1") != "0"
+
+
+def _config(block_w, block_x, block_k, warps, stages):
+    return triton.Config({"BLOCK_W": block_w, "BLOCK_X": block_x, "BLOCK_K": block_k, "GROUP": 8},
+                         num_warps=warps, num_stages=stages)
+
+
+# BLOCK_W rows of the weight (the gated operand), BLOCK_X rows of the activations, BLOCK_K of
+# the reduction. Stages are few because each stage holds float32 w and s tiles beside x's.
+GATED_CONFIGS = [
+    _config(128, 256, 64, 8, 2),
+    _config(128, 128, 64, 8, 2),
+    _config(128, 128, 32, 4, 4),
+    _config(64, 128, 64, 4, 3),
+    _config(64, 64, 64, 4, 4),
+    _config(64, 32, 64, 4, 4),
+]
+# The weight-gradient GEMM: BLOCK_W x BLOCK_K output tiles, BLOCK_X rows of the reduction.
+WEIGHT_GRAD_CONFIGS = [
+    _config(128, 64, 128, 8, 3),
+    _config(128, 64, 256, 8, 3),
+    _config(128, 32, 128, 4, 4),
+    _config(64, 64, 128, 4, 4),
+    _config(64, 64, 64, 4, 4),
+]
+FIXED_CONFIG = {"BLOCK_W": 32, "BLOCK_X": 32, "BLOCK_K": 32, "GROUP": 4}  # interpreter and tests
+if not INTERPRET:
+    FIXED_CONFIG = {"BLOCK_W": 64, "BLOCK_X": 64, "BLOCK_K": 32, "GROUP": 8}
+
+
+@triton.jit
+def _tile_ids(rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP: tl.constexpr):
+    """Program id -> (row tile, column tile), GROUP row tiles at a time so that the tiles running
+    together share their operands in L2."""
+    pid = tl.program_id(0)
+    row_tiles = tl.cdiv(rows, BLOCK_ROWS)
+    col_tiles = tl.cdiv(cols, BLOCK_COLS)
+    in_group = GROUP * col_tiles
+    first_row = (pid // in_group) * GROUP
+    group_rows = min(row_tiles - first_row, GROUP)
+    return first_row + (pid % in_group) % group_rows, (pid % in_group) // group_rows
+
+
+@triton.jit
+def gated_matmul_kernel(
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, beta_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_om, stride_on,
+    HARD: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """out[M, N] = x[M, K] @ (w * m)[N, K]^T (+ bias[N]), any strides."""
+    pid_n, pid_m = _tile_ids(N, M, BLOCK_W, BLOCK_X, GROUP)
+    offs_n = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_m = pid_m * BLOCK_X + tl.arange(0, BLOCK_X)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows_n = offs_n.to(tl.int64)[:, None]
+    rows_m = offs_m.to(tl.int64)[:, None]
+    w_ptrs = w_ptr + rows_n * stride_wn + offs_k[None, :] * stride_wk
+    s_ptrs = s_ptr + rows_n * stride_sn + offs_k[None, :] * stride_sk
+    x_ptrs = x_ptr + rows_m * stride_xm + offs_k[None, :] * stride_xk
+    beta = tl.load(beta_ptr)
+    acc = tl.zeros((BLOCK_W, BLOCK_X), dtype=tl.float32)
+    for step in range(0, tl.cdiv(K, BLOCK_K)):
+        k_inside = offs_k[None, :] < K - step * BLOCK_K
+        w_inside = (offs_n[:, None] < N) & k_inside
+        w = tl.load(w_ptrs, mask=w_inside, other=0.0).to(tl.float32)
+        s = tl.load(s_ptrs, mask=w_inside, other=0.0)
+        x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_inside, other=0.0)
+        w_eff = (w * mask_of(s, beta, HARD)).to(x.dtype)
+        acc = tl.dot(w_eff, tl.trans(x), acc, input_precision=PRECISION)  # out^T tile
+        w_ptrs += BLOCK_K * stride_wk
+        s_ptrs += BLOCK_K * stride_sk
+        x_ptrs += BLOCK_K * stride_xk
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + rows_n * stride_on + offs_m.to(tl.int64)[None, :] * stride_om
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
+
+
+@triton.jit
+def gated_weight_grad_kernel(
+    grad_ptr, x_ptr, w_ptr, s_ptr, grad_w_ptr, grad_s_ptr, beta_ptr, penalty,
+    M, N, K,
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
+    HARD: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+):
+    """D = grad[M, N]^T @ x[M, K] tile by tile; the epilogue writes dL/dw = D * m (w's dtype and
+    strides) and, for a soft mask, dL/ds = beta * m * (1 - m) * (D * w + penalty) (s's)."""
+    pid_n, pid_k = _tile_ids(N, K, BLOCK_W, BLOCK_K, GROUP)
+    offs_n = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_m = tl.arange(0, BLOCK_X)
+    g_ptrs = grad_ptr + offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    acc = tl.zeros((BLOCK_W, BLOCK_K), dtype=tl.float32)
+    for step in range(0, tl.cdiv(M, BLOCK_X)):
+        m_inside = offs_m[:, None] < M - step * BLOCK_X
+        g = tl.load(g_ptrs, mask=m_inside & (offs_n[None, :] < N), other=0.0)
+        x = tl.load(x_ptrs, mask=m_inside & (offs_k[None, :] < K), other=0.0)
+        acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
+        g_ptrs += BLOCK_X * stride_gm
+        x_ptrs += BLOCK_X * stride_xm
+    inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    rows_n = offs_n.to(tl.int64)[:, None]
+    s = tl.load(s_ptr + rows_n * stride_sn + offs_k[None, :] * stride_sk, mask=inside, other=0.0)
+    beta = tl.load(beta_ptr)
+    if HARD:
+        m = mask_of(s, beta, True)
+    else:
+        m, slope = soft_mask_and_slope(s, beta)
+    if NEED_WEIGHT:
+        grad_w = (acc * m).to(grad_w_ptr.dtype.element_ty)
+        tl.store(grad_w_ptr + rows_n * stride_wn + offs_k[None, :] * stride_wk, grad_w, mask=inside)
+    if NEED_MASK and not HARD:
+        w = tl.load(w_ptr + rows_n * stride_wn + offs_k[None, :] * stride_wk, mask=inside, other=0.0)
+        grad_s = beta * slope * (acc * w.to(tl.float32) + penalty)
+        tl.store(grad_s_ptr + rows_n * stride_sn + offs_k[None, :] * stride_sk, grad_s, mask=inside)
+
+
+gated_matmul_tuned = triton.autotune(GATED_CONFIGS, key=["M", "N", "K"])(gated_matmul_kernel)
+gated_weight_grad_tuned = triton.autotune(WEIGHT_GRAD_CONFIGS, key=["M", "N", "K"])(gated_weight_grad_kernel)
+
+
+def _launch(kernel, tuned, rows, cols, row_block, col_block, args, flags):
+    """Launch the autotuned kernel, or the plain one with FIXED_CONFIG."""
+    if AUTOTUNE:
+        grid = lambda meta: (triton.cdiv(rows, meta[row_block]) * triton.cdiv(cols, meta[col_block]),)  # noqa: E731
+        tuned[grid](*args, **flags)
+    else:
+        grid = (triton.cdiv(rows, FIXED_CONFIG[row_block]) * triton.cdiv(cols, FIXED_CONFIG[col_block]),)
+        kernel[grid](*args, **flags, **FIXED_CONFIG)
+
+
+def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision: str) -> None:
+    """out[M, N] = x[M, K] @ (weight * m)[N, K]^T (+ bias). Any strides: the input gradient
+    G @ (w * m) is this call with weight.t() and mask_logits.t()."""
+    (M, K), N = x.shape, weight.shape[0]
+    if M == 0 or N == 0:
+        return
+    if K == 0:
+        out.copy_(bias.expand_as(out) if bias is not None else out.new_zeros(()).expand_as(out))
+        return
+    args = (x, weight, mask_logits, bias if bias is not None else out, out, beta, M, N, K,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            mask_logits.stride(0), mask_logits.stride(1), out.stride(0), out.stride(1))
+    flags = dict(HARD=hard, HAS_BIAS=bias is not None, PRECISION=precision)
+    _launch(gated_matmul_kernel, gated_matmul_tuned, N, M, "BLOCK_W", "BLOCK_X", args, flags)
+
+
+def gated_weight_grad(grad, x, weight, mask_logits, beta, penalty: float, grad_weight, grad_mask_logits,
+                      hard: bool, precision: str) -> None:
+    """grad_weight = (grad^T @ x) * m and, unless hard, grad_mask_logits (SPEC section 1); either
+    may be None when not needed. The outputs have the strides of weight and mask_logits."""
+    (M, N), K = grad.shape, x.shape[1]
+    if N == 0 or K == 0:
+        return
+    need_weight, need_mask = grad_weight is not None, grad_mask_logits is not None and not hard
+    if M == 0:  # no rows: D = 0
+        if need_weight:
+            grad_weight.zero_()
+        if need_mask:
+            grad_mask_logits.copy_(penalty * beta * _slope(mask_logits, beta))
+        return
+    placeholder = grad_weight if grad_weight is not None else grad_mask_logits
+    args = (grad, x, weight, mask_logits, grad_weight if need_weight else placeholder,
+            grad_mask_logits if need_mask else placeholder, beta, penalty, M, N, K,
+            grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            mask_logits.stride(0), mask_logits.stride(1))
+    flags = dict(HARD=hard, NEED_WEIGHT=need_weight, NEED_MASK=need_mask, PRECISION=precision)
+    _launch(gated_weight_grad_kernel, gated_weight_grad_tuned, N, K, "BLOCK_W", "BLOCK_K", args, flags)
+
+
+def _slope(mask_logits, beta):
+    m = (beta * mask_logits).sigmoid()
+    return m * (1 - m)

@@ -1,0 +1,180 @@
+"""The triton backend against the torch backend by SPEC section 4.
+
+On a machine without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set
+by conftest.py): float32 and float16 on small awkward shapes, few enough to keep CI quick. With
+a GPU the same tests run on CUDA and add bfloat16 and autocast (bf16).
+"""
+
+import pytest
+import torch
+
+import csext
+from csext import functional as CF
+from numerics import assert_close_rule, mask_logits_like
+
+pytestmark = pytest.mark.skipif("triton" not in csext.backends.available(), reason="Triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+LINEAR_SHAPES = [  # (x shape, out_features): none a multiple of a block size
+    ((37, 45), 29),
+    ((2, 3, 17), 70),
+    ((1, 9), 1),
+]
+
+
+def _leaves(tensors, dtype, device):
+    out = []
+    for name, t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        wanted = t.dtype if name == "s" and dtype != torch.float64 else dtype
+        out.append(t.detach().to(device=device, dtype=wanted).requires_grad_())
+    return out
+
+
+def _run(op, tensors, dtype, device, backend, grad_out):
+    leaves = _leaves(tensors, dtype, device)
+    y = op(*leaves, backend=backend)
+    y.backward(grad_out.to(device=device, dtype=y.dtype))
+    return [y.detach().cpu()] + [None if t is None or t.grad is None else t.grad.cpu() for t in leaves]
+
+
+def _compare(op, tensors, dtype, out_shape):
+    grad_out = torch.randn(out_shape)
+    exact = _run(op, tensors, torch.float64, "cpu", "torch", grad_out)
+    plain = _run(op, tensors, dtype, DEVICE, "torch", grad_out)
+    torch.manual_seed(1)
+    fused = _run(op, tensors, dtype, DEVICE, "triton", grad_out)
+    names = ["output"] + [f"grad of {name}" for name, _ in tensors]
+    for name, f, p, e in zip(names, fused, plain, exact):
+        assert (f is None) == (p is None) == (e is None), f"{name}: present in one run only"
+        if f is not None:
+            assert not torch.isnan(f).any(), f"{name}: NaN (an element left unwritten?)"
+            assert_close_rule(f, p, e, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("shape", LINEAR_SHAPES)
+def test_fused_linear_matches_torch_backend(dtype, hard, shape):
+    x_shape, n = shape
+    w = torch.randn(n, x_shape[-1])
+    tensors = [("x", torch.randn(x_shape)), ("w", w), ("s", mask_logits_like(w)), ("b", torch.randn(n))]
+
+    def op(x, w, s, b, backend):
+        return CF.gated_linear(x, w, s, 3.7, b, hard=hard, penalty=0.01, backend=backend)
+
+    _compare(op, tensors, dtype, x_shape[:-1] + (n,))
+
+
+@pytest.mark.parametrize("fused_max_rows", [0, 4096])
+def test_linear_paths_without_bias_and_with_mask_scale(monkeypatch, fused_max_rows):
+    """Both linear paths (fused GEMMs; elementwise gate + library GEMM), no bias, mask_scale."""
+    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", fused_max_rows)
+    w = torch.randn(19, 33)
+    tensors = [("x", torch.randn(21, 33)), ("w", w), ("s", mask_logits_like(w)), ("b", torch.randn(19))]
+
+    def op(x, w, s, b, backend):
+        return CF.gated_linear(x, w, s, 2.0, None, penalty=0.05, backend=backend, mask_scale=1.7) + b
+
+    _compare(op, tensors, torch.float32, (21, 19))
+
+
+def test_non_contiguous_input_and_gradient():
+    """x a transposed view, the output gradient an expanded one: the kernels follow strides."""
+    w = torch.randn(23, 31, device=DEVICE, requires_grad=True)
+    s = mask_logits_like(w).to(DEVICE).requires_grad_()
+    x = torch.randn(31, 40, device=DEVICE).t().requires_grad_()
+    grads = {}
+    for backend in ("triton", "torch"):
+        for t in (w, s, x):
+            t.grad = None
+        y = CF.gated_linear(x, w, s, 2.5, penalty=0.1, backend=backend)
+        y.backward(torch.ones(1, 1, device=DEVICE).expand_as(y))
+        grads[backend] = (y.detach(), x.grad, w.grad, s.grad)
+    for a, b in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("hard", [False, True])
+def test_elementwise_gate_for_conv_weights(dtype, hard):
+    w = torch.randn(6, 3, 3, 5)
+    tensors = [("x", torch.randn(2, 6, 9, 11)), ("w", w), ("s", mask_logits_like(w)), ("b", torch.randn(6))]
+
+    def op(x, w, s, b, backend):
+        return CF.gated_conv2d(x, w, s, 1.9, b, 1, (1, 2), 1, 2, hard=hard, penalty=0.02, backend=backend)
+
+    _compare(op, tensors, dtype, (2, 6, 9, 11))
+
+
+def test_gate_channels_last_and_saturated_beta():
+    w = torch.randn(8, 4, 3, 3, device=DEVICE).to(memory_format=torch.channels_last)
+    s = (mask_logits_like(w) * 0.2).to(DEVICE).to(memory_format=torch.channels_last)
+    out = CF.gate(w, s, 200.0, backend="triton")
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, csext.reference.gate(w, s, 200.0), rtol=2e-6, atol=1e-7)
+    _compare(lambda w, s, backend: CF.gate(w, s, 200.0, penalty=1e-3, backend=backend),
+             [("w", w.cpu().contiguous()), ("s", s.cpu().contiguous())], torch.float32, w.shape)
+
+
+def test_autocast():
+    """Under autocast the kernels run in the autocast dtype; weights and gradients stay float32."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    layer = csext.GatedLinear(45, 29, device=DEVICE)
+    with torch.no_grad():
+        layer.mask_logits.copy_(mask_logits_like(layer.weight))
+    layer.beta, layer.penalty = 2.0, 0.01
+    x = torch.randn(37, 45, device=DEVICE)
+    results = {}
+    for backend in ("triton", "torch"):
+        layer.backend = backend
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast(DEVICE, dtype=dtype):
+            y = layer(x)
+        y.float().square().sum().backward()
+        results[backend] = (y.detach().float(), layer.weight.grad, layer.mask_logits.grad, layer.bias.grad)
+        assert y.dtype == dtype and layer.weight.grad.dtype == torch.float32
+    for a, b in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+
+
+def test_compile_fullgraph_without_recompiling_for_beta():
+    layer = csext.GatedLinear(17, 11, device=DEVICE)
+    layer.backend, layer.penalty = "triton", 0.01
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"  # the interpreter has no Inductor codegen
+    compiled = torch.compile(layer, fullgraph=True, backend=backend)
+    x = torch.randn(5, 17, device=DEVICE)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for beta in (1.0, 2.0, 3.5, 7.25, 200.0):
+        layer.beta = beta
+        y = compiled(x)
+        y.sum().backward()
+        torch.testing.assert_close(y, CF.gated_linear(x, layer.weight, layer.mask_logits, beta, layer.bias,
+                                                      backend="torch"), rtol=1e-5, atol=1e-5)
+    # dynamo compiles once for the first value, then once more with beta dynamic
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+
+
+def test_opcheck_triton_ops():
+    from csext import _triton
+
+    w = torch.randn(13, 21, device=DEVICE)
+    s = mask_logits_like(w).to(DEVICE)
+    x = torch.randn(7, 21, device=DEVICE)
+    g = torch.randn(7, 13, device=DEVICE)
+    beta = _triton.device_beta(2.0, w.device)
+    torch.library.opcheck(_triton.triton_gate, (w, s, beta, False, 0.01, torch.float32))
+    torch.library.opcheck(_triton.triton_gate_backward, (g.new_ones(w.shape), w, s, beta, 0.01))
+    torch.library.opcheck(_triton.triton_gated_linear, (x, w, s, beta, torch.randn(13, device=DEVICE), False, 0.01))
+    torch.library.opcheck(_triton.triton_gated_linear_grad_input, (g, w, s, beta, True))
+    torch.library.opcheck(_triton.triton_gated_linear_grad_weight, (g, x, w, s, beta, False, 0.01, True))
+
+
+def test_float64_is_refused_with_a_clear_error():
+    w = torch.randn(3, 4, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(TypeError, match="triton.*float64"):
+        CF.gate(w, torch.randn(3, 4, dtype=torch.float64, device=DEVICE), 1.0, backend="triton")
