@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU session in one call (the device is lent by the minute): build csext with its CUDA
 # kernels, run the GPU tests, then the benchmarks. Everything lands under $OUT (default
-# ./gpu-out): log.txt, gpu.csv + two PNGs (bench/run.py), step.csv (bench/step.py).
+# ./gpu-out): log.txt, gpu.csv + three PNGs (bench/run.py), step.csv (bench/step.py).
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 REPO=$PWD
@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.g
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 
 stage build
-TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 python3 -m pip install --no-build-isolation --no-deps -q . || exit 1
+TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 240 python3 -m pip install --no-build-isolation --no-deps -q . || exit 1
 SO=$(cd /tmp && python3 -c "import csext._C as c; print(c.__file__)")
 cd /tmp && python3 -c "import csext; print('backends', csext.backends.available())"
 echo "16-byte loads in the CUDA gate kernels (LDG.E.128):" \
@@ -23,18 +23,23 @@ echo "16-byte loads in the CUDA gate kernels (LDG.E.128):" \
 
 stage tests
 # From /tmp, so that the installed csext (with csext._C) is imported, not the source tree.
-cd /tmp && CSEXT_TRITON_AUTOTUNE=0 timeout 240 python3 -m pytest -q -x -p no:cacheprovider \
+cd /tmp && CSEXT_TRITON_AUTOTUNE=0 timeout 150 python3 -m pytest -q -x -p no:cacheprovider \
   "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" -m "gpu or not gpu" 2>&1 | tail -25
 
 cd "$REPO"
-stage bench linear and conv, bf16 autocast
-timeout 300 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops linear,conv \
-  --compile-ops linear --repeats 10 --csv "$OUT/gpu.csv" --plot "$OUT/cuda-autocast-bf16.png"
-stage bench conv channels_last
-timeout 120 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv --channels-last \
-  --repeats 10 --csv "$OUT/gpu.csv" --plot "$OUT/cuda-autocast-bf16-channels-last.png"
+# One invocation per op and layout: each saves its rows when it ends, so a stage cut short by
+# its timeout loses only its own rows.
+stage bench linear, bf16 autocast
+timeout 200 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops linear \
+  --compile-ops linear --repeats 8 --csv "$OUT/gpu.csv" --plot "$OUT/linear.png"
 stage bench ResNet-20 step
 for layout in "" --channels-last; do
-  timeout 90 python3 bench/step.py --device cuda --model resnet20 --autocast bf16 $layout --csv "$OUT/step.csv"
+  timeout 45 python3 bench/step.py --device cuda --model resnet20 --autocast bf16 $layout --csv "$OUT/step.csv"
 done
+stage bench conv, bf16 autocast
+timeout 90 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv \
+  --compile-ops "" --repeats 8 --csv "$OUT/gpu.csv" --plot "$OUT/conv.png"
+stage bench conv channels_last
+timeout 60 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv --channels-last \
+  --compile-ops "" --repeats 8 --csv "$OUT/gpu.csv" --plot "$OUT/conv-channels-last.png"
 stage done
