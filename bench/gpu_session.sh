@@ -23,8 +23,8 @@ echo "16-byte loads in the CUDA gate kernels (LDG.E.128):" \
 
 stage tests
 # From /tmp, so that the installed csext (with csext._C) is imported, not the source tree.
-cd /tmp && CSEXT_TRITON_AUTOTUNE=0 timeout 150 python3 -m pytest -q -x -p no:cacheprovider \
-  "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" -m "gpu or not gpu" 2>&1 | tail -25
+cd /tmp && CSEXT_TRITON_AUTOTUNE=0 timeout 180 python3 -m pytest -q -p no:cacheprovider -rfEs \
+  "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" 2>&1 | tail -40
 
 cd "$REPO"
 # One invocation per op and layout: each saves its rows when it ends, so a stage cut short by

@@ -30,10 +30,21 @@ def extension_error() -> str:
     return "" if _EXTENSION_ERROR is None else f"csext._C did not load: {_EXTENSION_ERROR}"
 
 
+_beta_tensors: dict = {}
+
+
 def beta_tensor(beta: float) -> torch.Tensor:
-    """beta as the ops take it: a 0-dim float64 CPU tensor. Built by a multiply so that
-    torch.compile keeps beta a graph input instead of recompiling for each new value."""
-    return torch.ones((), dtype=torch.float64) * beta
+    """beta as the ops take it: a 0-dim float64 CPU tensor. Under torch.compile it is built by
+    a multiply, which keeps beta a graph input instead of recompiling for each new value; in
+    eager mode the few values in use are cached (building one costs two ATen calls, ~5 us)."""
+    if torch.compiler.is_compiling():
+        return torch.ones((), dtype=torch.float64) * beta
+    tensor = _beta_tensors.get(beta)
+    if tensor is None:
+        if len(_beta_tensors) >= 64:
+            _beta_tensors.clear()
+        tensor = _beta_tensors[beta] = torch.full((), float(beta), dtype=torch.float64)
+    return tensor
 
 
 def _kernel_layout(*tensors: torch.Tensor) -> torch.memory_format:

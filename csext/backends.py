@@ -5,9 +5,9 @@
     cuda    the CUDA kernels of csext._C, on CUDA tensors (around cuBLAS and cuDNN)
     triton  the Triton kernels of csext.kernels: on CUDA tensors, or on CPU tensors under
             TRITON_INTERPRET=1 (Triton's interpreter: for tests, slow)
-`auto` takes the fastest one available for the tensors' device and the op, and falls back to
-`torch`: on the CPU `cpp`; on CUDA `triton` for linear layers (fused GEMMs) and `cuda` for the
-gate alone and for convolutions (cuDNN around it), measured in bench/README.md.
+`auto` takes the fastest one available for the tensors' device and falls back to `torch`: on
+the CPU `cpp`; on CUDA `cuda` (faster than `triton` at every shape measured, linear and conv:
+bench/README.md), then `triton`.
 """
 
 import importlib.util
@@ -18,9 +18,7 @@ import torch
 from . import _ops
 
 NAMES = ("torch", "cpp", "triton", "cuda")
-# The order `auto` tries on CUDA tensors, per op ("linear": a gated linear layer; "gate": the gate
-# alone, which convolutions use).
-_AUTO_CUDA = {"linear": ("triton", "cuda"), "gate": ("cuda", "triton")}
+_AUTO_CUDA = ("cuda", "triton")  # the order `auto` tries on CUDA tensors
 
 
 # Read once, at import: torch.compile traces resolve() and cannot trace these probes. Triton
@@ -70,15 +68,14 @@ def runs_on(backend: str, device_type: str) -> bool:
     return False
 
 
-def resolve(backend: str, device_type: str, op: str = "gate") -> str:
-    """The backend a call of `op` ("gate" or "linear") with tensors on `device_type` runs on;
-    errors name what is available."""
+def resolve(backend: str, device_type: str) -> str:
+    """The backend a call with tensors on `device_type` runs on; errors name what is available."""
     names = _AVAILABLE
     if backend == "auto":
         if device_type == "cpu":
             return "cpp" if "cpp" in names else "torch"
         if device_type == "cuda":
-            return next((b for b in _AUTO_CUDA[op] if b in names), "torch")
+            return next((b for b in _AUTO_CUDA if b in names), "torch")
         return "torch"
     if backend not in NAMES:
         raise ValueError(f"backend must be 'auto' or one of {NAMES}, got {backend!r}")

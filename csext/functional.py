@@ -170,7 +170,7 @@ def gated_linear(
         )
     _check_same_device(weight, x=x, bias=bias)
     check_mask_scale(mask_scale)
-    if backends.resolve(backend, weight.device.type, op="linear") == "triton":
+    if backends.resolve(backend, weight.device.type) == "triton":
         check_gate_args(weight, mask_logits, beta, penalty)
         return _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale)
     w_eff = gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=compute_dtype(weight), backend=backend)
