@@ -2,6 +2,7 @@
 # One GPU session in one call (the device is lent by the minute): build csext with its CUDA
 # kernels, run the GPU tests, then the benchmarks. Everything lands under $OUT (default
 # ./gpu-out): log.txt, gpu.csv + three PNGs (bench/run.py), step.csv (bench/step.py).
+# A shorter session: TEST_TIMEOUT=110 LINEAR_PROVIDERS=dense,torch,cuda,triton SKIP_CHANNELS_LAST=1.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
 REPO=$PWD
@@ -23,7 +24,7 @@ echo "16-byte loads in the CUDA gate kernels (LDG.E.128):" \
 
 stage tests
 # From /tmp, so that the installed csext (with csext._C) is imported, not the source tree.
-cd /tmp && CSEXT_TRITON_AUTOTUNE=0 timeout 180 python3 -m pytest -q -p no:cacheprovider -rfEs \
+cd /tmp && CSEXT_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -rfEs \
   "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" 2>&1 | tail -40
 
 cd "$REPO"
@@ -31,7 +32,7 @@ cd "$REPO"
 # its timeout loses only its own rows.
 stage bench linear, bf16 autocast
 timeout 200 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops linear \
-  --compile-ops linear --repeats 8 --csv "$OUT/gpu.csv" --plot "$OUT/linear.png"
+  --compile-ops linear --repeats 8 --providers "${LINEAR_PROVIDERS:-all}" --csv "$OUT/gpu.csv" --plot "$OUT/linear.png"
 stage bench ResNet-20 step
 for layout in "" --channels-last; do
   timeout 45 python3 bench/step.py --device cuda --model resnet20 --autocast bf16 $layout --csv "$OUT/step.csv"
@@ -39,6 +40,7 @@ done
 stage bench conv, bf16 autocast
 timeout 90 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv \
   --compile-ops "" --repeats 8 --csv "$OUT/gpu.csv" --plot "$OUT/conv.png"
+[ -n "${SKIP_CHANNELS_LAST:-}" ] && { stage done; exit 0; }
 stage bench conv channels_last
 timeout 60 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv --channels-last \
   --compile-ops "" --repeats 8 --csv "$OUT/gpu.csv" --plot "$OUT/conv-channels-last.png"

@@ -14,7 +14,7 @@ from . import _ops, backends, reference
 
 _triton = None
 if backends.triton_usable():
-    from . import _triton  # registers the csext::triton_* ops
+    from . import _triton  # registers the csext::triton_* ops (torch.compile's route)
 
 _WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -104,11 +104,12 @@ def gate(
     check_gate_args(weight, mask_logits, beta, penalty)
     name = backends.resolve(backend, weight.device.type)
     if name in ("cpp", "cuda"):
-        return torch.ops.csext.gate(weight, mask_logits, _ops.beta_tensor(beta), bool(hard), float(penalty), dtype)
+        # .default skips the overload lookup of the packet: a few microseconds a call
+        return torch.ops.csext.gate.default(weight, mask_logits, _ops.beta_tensor(beta), bool(hard), float(penalty), dtype)
     if name == "triton":
         _check_triton_dtype(weight)
         beta_on_device = _triton.device_beta(beta, weight.device)
-        return _triton.triton_gate(weight, mask_logits, beta_on_device, bool(hard), float(penalty), dtype or weight.dtype)
+        return _triton.gate(weight, mask_logits, beta_on_device, bool(hard), float(penalty), dtype or weight.dtype)
     return reference.gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=dtype)
 
 
@@ -139,8 +140,8 @@ def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale
         y = F.linear(rows, w_eff)
     else:
         beta_on_device = _triton.device_beta(beta, weight.device)
-        y = _triton.triton_gated_linear(rows, weight, mask_logits, beta_on_device,
-                                        bias if mask_scale == 1.0 else None, bool(hard), float(penalty))
+        y = _triton.gated_linear(rows, weight, mask_logits, beta_on_device,
+                                 bias if mask_scale == 1.0 else None, bool(hard), float(penalty))
         if mask_scale == 1.0:
             return y.reshape(*x.shape[:-1], weight.shape[0])
     y = y.reshape(*x.shape[:-1], weight.shape[0])

@@ -56,8 +56,8 @@ if not INTERPRET:
 
 @triton.jit
 def _tile_ids(rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GROUP: tl.constexpr):
-    """Program id -> (row tile, column tile), GROUP row tiles at a time so that the tiles running
-    together share their operands in L2."""
+    """Program id -> (row tile, column tile), the row tile moving fastest within groups of GROUP
+    row tiles: programs running together read the same column tile (from L2)."""
     pid = tl.program_id(0)
     row_tiles = tl.cdiv(rows, BLOCK_ROWS)
     col_tiles = tl.cdiv(cols, BLOCK_COLS)
@@ -76,7 +76,9 @@ def gated_matmul_kernel(
     BLOCK_W: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """out[M, N] = x[M, K] @ (w * m)[N, K]^T (+ bias[N]), any strides."""
-    pid_n, pid_m = _tile_ids(N, M, BLOCK_W, BLOCK_X, GROUP)
+    # Programs side by side share a weight tile: its float32 w and s, the widest operands,
+    # then come from L2 after the first read instead of from memory once per row tile of x.
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_X, BLOCK_W, GROUP)
     offs_n = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_m = pid_m * BLOCK_X + tl.arange(0, BLOCK_X)
     offs_k = tl.arange(0, BLOCK_K)
@@ -172,7 +174,7 @@ def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision:
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
             mask_logits.stride(0), mask_logits.stride(1), out.stride(0), out.stride(1))
     flags = dict(HARD=hard, HAS_BIAS=bias is not None, PRECISION=precision)
-    _launch(gated_matmul_kernel, gated_matmul_tuned, N, M, "BLOCK_W", "BLOCK_X", args, flags)
+    _launch(gated_matmul_kernel, gated_matmul_tuned, M, N, "BLOCK_X", "BLOCK_W", args, flags)
 
 
 def gated_weight_grad(grad, x, weight, mask_logits, beta, penalty: float, grad_weight, grad_mask_logits,

@@ -19,6 +19,7 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" 
 LINEAR_SHAPES = [  # (x shape, out_features): none a multiple of a block size
     ((37, 45), 29),
     ((2, 3, 17), 70),
+    ((70, 40), 75),  # several tiles along every dimension
     ((1, 9), 1),
 ]
 
