@@ -120,10 +120,11 @@ def _check_triton_dtype(weight: torch.Tensor) -> None:
 
 
 # Up to this many rows of x, the triton backend runs a gated linear layer as fused GEMMs that
-# gate each weight tile as they load it; above, the gated weight is written once by the
-# elementwise kernel and cuBLAS runs the GEMMs (the per-tile gating is repeated for every tile
-# of rows, and costs more than one pass over the weight once there are many). bench/README.md.
-TRITON_FUSED_MAX_ROWS = 4096
+# gate each weight tile as they load it; above, the elementwise kernel writes the gated weight
+# once and cuBLAS runs the GEMMs, since the per-tile gating is repeated for every tile of rows.
+# On an H100 (bench/README.md, K = N = 4096, bf16) the fused path was ahead at 128 and 256 rows
+# and behind at 2048 and 8192; the switch sits between the measured sizes.
+TRITON_FUSED_MAX_ROWS = 1024
 
 
 def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale):

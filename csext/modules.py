@@ -8,7 +8,7 @@ keep their parameter names; each adds
     penalty      lam: the backward adds the gradient of lam * sum(sigmoid(beta * s))
     mask_scale   c, the effective weight is c * w * m (default 1; 1 / sigmoid(s0) reproduces the
                  paper's code, SPEC section 1 `rescale=True`)
-    backend      "auto", "torch" or "cpp" (csext.backends)
+    backend      "auto", "torch", "cpp", "cuda" or "triton" (csext.backends)
 beta, hard, penalty and mask_scale travel in the state_dict (as `_extra_state`).
 """
 

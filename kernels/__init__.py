@@ -1,6 +1,8 @@
 """Triton kernels of csext, installed as ``csext.kernels``.
 
-One file per op: the ``@triton.jit`` kernels, then their launchers; the autograd glue stays in
-``csext/``. No Triton kernel is built yet, so ``csext.backends.available()`` does not list
-``"triton"``.
+One file per op: the ``@triton.jit`` kernels, then their launchers; the autograd glue (custom
+ops for torch.compile, autograd.Function for eager calls) is csext/_triton.py.
+
+    gate.py           elementwise gate and mask gradient (convolution weights, large-M linear)
+    gated_matmul.py   fused gated GEMMs of a linear layer: forward, input and weight gradients
 """
