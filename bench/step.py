@@ -1,12 +1,14 @@
 """Time one CS training step of a whole network against the dense step, within one process.
 
-    python bench/step.py --device cuda --model resnet20 --autocast bf16 [--channels-last]
+    python bench/step.py --device cuda --model resnet20 --autocast bf16 [--channels-last] [--compile]
 
 Providers: `dense` (the plain network), and the CS network (csext.sparsify, lam > 0, beta 4)
 on each backend that runs on the device, `cs-<backend>`. A step is forward, cross-entropy
 loss, backward and an SGD (momentum) update of weights and mask logits, on a CIFAR-10-shaped
 random batch. Samples rotate among providers; each time is a median, each ratio is over the
-dense median of the same run. Rows are appended (atomically) to bench/results/step.csv.
+dense median of the same run. With --compile every model's forward (dense ones too) runs
+through torch.compile, which removes most of the per-layer host work of eager mode. Rows are
+appended (atomically) to bench/results/step.csv.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model (dense and CS alike)")
     parser.add_argument("--repeats", type=int, default=30, help="timed steps per provider")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "results" / "step.csv")
@@ -51,8 +54,10 @@ def parse_args(argv=None):
     return args
 
 
-def make_step(model, x, y, autocast):
+def make_step(model, x, y, autocast, compile_model=False):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    if compile_model:
+        model = torch.compile(model)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -72,7 +77,7 @@ def main(argv=None) -> int:
     dense = nets.build(args.model, (3, 32, 32), 10).to(args.device, memory_format=layout)
     x = torch.randn(args.batch, 3, 32, 32, device=args.device).contiguous(memory_format=layout)
     y = torch.randint(0, 10, (args.batch,), device=args.device)
-    steps = {"dense": make_step(dense, x, y, autocast)}
+    steps = {"dense": make_step(dense, x, y, autocast, args.compile)}
     for backend in csext.backends.available():
         if not csext.backends.runs_on(backend, args.device.type):
             continue
@@ -81,7 +86,7 @@ def main(argv=None) -> int:
             m.beta, m.backend = 4.0, backend
             with torch.no_grad():
                 m.mask_logits.normal_()
-        steps[f"cs-{backend}"] = make_step(model.to(memory_format=layout), x, y, autocast)
+        steps[f"cs-{backend}"] = make_step(model.to(memory_format=layout), x, y, autocast, args.compile)
     clock = Clock(args.device)
     for step in steps.values():
         for _ in range(args.warmup):
@@ -99,13 +104,14 @@ def main(argv=None) -> int:
         median = statistics.median(ts)
         rows.append({**info, "model": args.model, "batch": args.batch,
                      "dtype": f"autocast-{args.autocast}" if args.autocast else "float32",
-                     "layout": "channels_last" if args.channels_last else "contiguous", "provider": name,
+                     "layout": "channels_last" if args.channels_last else "contiguous",
+                     "provider": name + ("-compile" if args.compile else ""),
                      "median_ms": f"{median:.4f}", "q1_ms": f"{q1:.4f}", "q3_ms": f"{q3:.4f}",
                      "ratio_to_dense": f"{median / dense_median:.3f}", "repeats": len(ts)})
     print(f"{info['machine']} | torch {info['torch']} | {args.model} batch {args.batch} | "
           f"{rows[0]['dtype']} {rows[0]['layout']} | commit {info['commit']}")
     for row in rows:
-        print(f"  {row['provider']:12s} {float(row['median_ms']):8.3f} ms  ({row['ratio_to_dense']}x dense)")
+        print(f"  {row['provider']:20s} {float(row['median_ms']):8.3f} ms  ({row['ratio_to_dense']}x dense)")
     if not args.no_save:
         args.csv.parent.mkdir(parents=True, exist_ok=True)
         old = args.csv.read_text() if args.csv.exists() else ""

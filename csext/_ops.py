@@ -1,8 +1,9 @@
 """The ops csext::gate and csext::gate_backward of the C++ extension: loading them, and their
 fake (shape) registrations, which let torch.compile and FakeTensor trace them.
 
-Their schemas and CPU kernels are in csrc/ops.cpp, the autograd of gate in csrc/autograd.cpp;
-the math they implement is csext.reference.
+Their schemas and CPU kernels are in csrc/ops.cpp, their CUDA kernels in csrc/cuda (built
+where CUDA torch is present), the autograd of gate in csrc/autograd.cpp; the math they
+implement is csext.reference.
 """
 
 import warnings

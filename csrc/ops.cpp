@@ -1,5 +1,6 @@
-// csext::gate and csext::gate_backward: schemas, argument checks and the CPU kernels.
-// Fake (meta) and autograd registrations live in csext/_ops.py; the math is SPEC section 1.
+// csext::gate and csext::gate_backward: schemas and the CPU kernels (the checks they share
+// with the CUDA kernels of csrc/cuda are in gate_checks.h). Fake registrations live in
+// csext/_ops.py, the autograd in autograd.cpp; the math is SPEC section 1.
 #include <Python.h>
 
 #include <ATen/ATen.h>
