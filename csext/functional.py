@@ -63,10 +63,11 @@ def check_gate_args(weight: torch.Tensor, mask_logits: torch.Tensor, beta, penal
     check_penalty(penalty)
 
 
-def _check_same_device(weight: torch.Tensor, **tensors) -> None:
-    for name, tensor in tensors.items():
-        if tensor is not None and tensor.device != weight.device:
-            raise ValueError(f"{name} must be on the device of weight ({weight.device}), got {tensor.device}")
+def _check_same_device(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> None:
+    device = weight.device
+    for name, tensor in (("x", x), ("bias", bias)):
+        if tensor is not None and tensor.device != device:
+            raise ValueError(f"{name} must be on the device of weight ({device}), got {tensor.device}")
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
@@ -102,7 +103,11 @@ def gate(
     lam * sum(sigmoid(beta * mask_logits)).
     """
     check_gate_args(weight, mask_logits, beta, penalty)
-    name = backends.resolve(backend, weight.device.type)
+    return _gate(weight, mask_logits, beta, hard, penalty, dtype, backends.resolve(backend, weight.device.type))
+
+
+def _gate(weight, mask_logits, beta, hard, penalty, dtype, name: str) -> torch.Tensor:
+    """gate() once its arguments are checked, on the resolved backend `name`."""
     if name in ("cpp", "cuda"):
         # .default skips the overload lookup of the packet: a few microseconds a call
         return torch.ops.csext.gate.default(weight, mask_logits, _ops.beta_tensor(beta), bool(hard), float(penalty), dtype)
@@ -137,7 +142,7 @@ def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale
         raise TypeError(f"x and weight must have the same dtype outside autocast, got x {x.dtype} and weight {weight.dtype}")
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] > TRITON_FUSED_MAX_ROWS:
-        w_eff = gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=dtype, backend="triton")
+        w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, "triton")
         y = F.linear(rows, w_eff)
     else:
         beta_on_device = _triton.device_beta(beta, weight.device)
@@ -170,12 +175,13 @@ def gated_linear(
         raise ValueError(
             f"x must have shape (..., {weight.shape[1]}) to match in_features, got {tuple(x.shape)}"
         )
-    _check_same_device(weight, x=x, bias=bias)
+    _check_same_device(weight, x, bias)
     check_mask_scale(mask_scale)
-    if backends.resolve(backend, weight.device.type) == "triton":
-        check_gate_args(weight, mask_logits, beta, penalty)
+    check_gate_args(weight, mask_logits, beta, penalty)
+    name = backends.resolve(backend, weight.device.type)
+    if name == "triton":
         return _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale)
-    w_eff = gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=compute_dtype(weight), backend=backend)
+    w_eff = _gate(weight, mask_logits, beta, hard, penalty, compute_dtype(weight), name)
     if mask_scale == 1.0:
         return F.linear(x, w_eff, bias)
     return _add_bias(F.linear(x, w_eff) * mask_scale, bias, channel_dim=-1)  # c scales the output, not the weight
@@ -208,9 +214,11 @@ def gated_conv2d(
             f"x must have shape (N, {in_channels}, H, W) or ({in_channels}, H, W) to match "
             f"in_channels, got {tuple(x.shape)}"
         )
-    _check_same_device(weight, x=x, bias=bias)
+    _check_same_device(weight, x, bias)
     check_mask_scale(mask_scale)
-    w_eff = gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=compute_dtype(weight), backend=backend)
+    check_gate_args(weight, mask_logits, beta, penalty)
+    name = backends.resolve(backend, weight.device.type)
+    w_eff = _gate(weight, mask_logits, beta, hard, penalty, compute_dtype(weight), name)
     if mask_scale == 1.0:
         return F.conv2d(x, w_eff, bias, stride, padding, dilation, groups)
     return _add_bias(F.conv2d(x, w_eff, None, stride, padding, dilation, groups) * mask_scale, bias, channel_dim=-3)
