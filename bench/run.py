@@ -114,7 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
     args.device = device
-    fused = [b for b in csext.backends.available() if b != "torch" and csext.backends.runs_on(b, device.type)]
+    # Triton on the CPU is its interpreter (TRITON_INTERPRET=1): nothing worth timing
+    fused = [b for b in csext.backends.available()
+             if b != "torch" and csext.backends.runs_on(b, device.type) and (b, device.type) != ("triton", "cpu")]
     if device.type == "cuda" and "triton" in fused:
         fused += ["triton-fused", "triton-gate"]
     known = ["dense", "torch", "torch-compile"] + fused

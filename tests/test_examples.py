@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import csext
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -52,6 +54,29 @@ def test_bench_appends_rows_and_draws_the_plot(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="no cpu float32 channels_last rows"):
         bench.main(["--plot-only", "--channels-last", "--csv", str(results)])
+
+
+def test_bench_under_autocast_labels_its_rows(tmp_path):
+    bench = _load(ROOT / "bench" / "run.py")
+    results = tmp_path / "results.csv"
+    assert bench.main(["--quick", "--ops", "linear", "--repeats", "2", "--warmup", "1", "--providers",
+                       "dense,torch", "--modes", "full", "--autocast", "bf16", "--csv", str(results)]) == 0
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["dtype"] for r in rows} == {"autocast-bf16"} and len(rows) == 2
+
+
+def test_step_bench_times_dense_and_cs_steps(tmp_path, capsys):
+    step = _load(ROOT / "bench" / "step.py")
+    results = tmp_path / "step.csv"
+    assert step.main(["--device", "cpu", "--model", "conv4", "--batch", "2", "--repeats", "2", "--warmup", "1",
+                      "--csv", str(results)]) == 0
+    with open(results, newline="") as f:
+        rows = {r["provider"]: r for r in csv.DictReader(f)}
+    assert set(rows) == {"dense"} | {f"cs-{b}" for b in ("torch", "cpp") if b in csext.backends.available()}
+    assert rows["dense"]["ratio_to_dense"] == "1.000"
+    assert all(float(r["median_ms"]) > 0 for r in rows.values())
+    assert "cs-torch" in capsys.readouterr().out
 
 
 def test_bench_rejects_unknown_names():
