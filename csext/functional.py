@@ -141,19 +141,17 @@ def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale
     elif x.dtype != weight.dtype:
         raise TypeError(f"x and weight must have the same dtype outside autocast, got x {x.dtype} and weight {weight.dtype}")
     rows = x.reshape(-1, x.shape[-1])
+    fused_bias = bias if mask_scale == 1.0 else None  # added in the GEMM's epilogue
     if rows.shape[0] > TRITON_FUSED_MAX_ROWS:
         w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, "triton")
-        y = F.linear(rows, w_eff)
+        y = F.linear(rows, w_eff, fused_bias)
     else:
         beta_on_device = _triton.device_beta(beta, weight.device)
-        y = _triton.gated_linear(rows, weight, mask_logits, beta_on_device,
-                                 bias if mask_scale == 1.0 else None, bool(hard), float(penalty))
-        if mask_scale == 1.0:
-            return y.reshape(*x.shape[:-1], weight.shape[0])
+        y = _triton.gated_linear(rows, weight, mask_logits, beta_on_device, fused_bias, bool(hard), float(penalty))
     y = y.reshape(*x.shape[:-1], weight.shape[0])
-    if mask_scale != 1.0:
-        y = y * mask_scale
-    return _add_bias(y, bias, channel_dim=-1)
+    if mask_scale == 1.0:
+        return y
+    return _add_bias(y * mask_scale, bias, channel_dim=-1)
 
 
 def gated_linear(

@@ -71,14 +71,15 @@ def test_fused_linear_matches_torch_backend(dtype, hard, shape):
 
 
 @pytest.mark.parametrize("fused_max_rows", [0, 4096])
-def test_linear_paths_without_bias_and_with_mask_scale(monkeypatch, fused_max_rows):
-    """Both linear paths (fused GEMMs; elementwise gate + library GEMM), no bias, mask_scale."""
+@pytest.mark.parametrize("mask_scale", [1.0, 1.7])
+def test_both_linear_paths_with_bias_and_mask_scale(monkeypatch, fused_max_rows, mask_scale):
+    """Both linear paths (fused GEMMs; elementwise gate + library GEMM), with mask_scale."""
     monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", fused_max_rows)
     w = torch.randn(19, 33)
     tensors = [("x", torch.randn(21, 33)), ("w", w), ("s", mask_logits_like(w)), ("b", torch.randn(19))]
 
     def op(x, w, s, b, backend):
-        return CF.gated_linear(x, w, s, 2.0, None, penalty=0.05, backend=backend, mask_scale=1.7) + b
+        return CF.gated_linear(x, w, s, 2.0, b, penalty=0.05, backend=backend, mask_scale=mask_scale)
 
     _compare(op, tensors, torch.float32, (21, 19))
 
