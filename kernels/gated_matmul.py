@@ -9,8 +9,8 @@ so neither w_eff nor dL/dw_eff is ever written to memory. The gate is computed i
 cast to the activations' dtype for `tl.dot`; accumulation is float32.
 
 The gated tile is the dot's first operand (the kernels compute y^T tile by tile), the operand
-Hopper's wgmma can take from registers rather than shared memory; whether Triton does so here
-has not been read off the SASS yet. One list of configurations, for sm_80 and sm_90, is
+Hopper's wgmma can take from registers rather than shared memory; compiled for sm_90 it does
+(`python bench/inspect_triton.py` reads the PTX, no GPU needed). One list of configurations, for sm_80 and sm_90, is
 autotuned per (M, N, K) and dtype; under TRITON_INTERPRET=1 (and with CSEXT_TRITON_AUTOTUNE=0)
 one fixed configuration runs instead. Every output element is written once, never accumulated into, so
 autotuning's repeated launches cannot corrupt it.

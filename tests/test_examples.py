@@ -2,6 +2,8 @@
 
 import csv
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -77,6 +79,19 @@ def test_step_bench_times_dense_and_cs_steps(tmp_path, capsys):
     assert rows["dense"]["ratio_to_dense"] == "1.000"
     assert all(float(r["median_ms"]) > 0 for r in rows.values())
     assert "cs-torch" in capsys.readouterr().out
+
+
+def test_triton_kernels_compile_for_hopper_with_wgmma():
+    """The fused GEMMs compile for sm_90 here, without a GPU, to wgmma with the gated tile as the
+    register operand (a subprocess: the tests run Triton's interpreter, which does not compile)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "inspect_triton.py"), "--configs", "1"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    forward = next(line for line in done.stdout.splitlines() if line.startswith("| forward"))
+    _, _, _, wgmma, mma_sync, operand, *_ = (cell.strip() for cell in forward.split("|"))
+    assert int(wgmma) > 0 and mma_sync == "0" and operand == "registers", forward
 
 
 def test_bench_rejects_unknown_names():
