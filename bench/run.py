@@ -337,14 +337,14 @@ def _commit() -> str:
         return "unknown"
 
 
-def append_rows(path: Path, rows: list[dict]) -> None:
+def append_rows(path: Path, rows: list[dict], fields: list[str] = FIELDS) -> None:
     """Append to the CSV by writing a complete new file and renaming it over the old one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     old = path.read_text() if path.exists() else ""
-    if old and old.splitlines()[0].split(",") != FIELDS:
-        raise SystemExit(f"--csv {path}: its header is not this harness's ({','.join(FIELDS)}); use another file")
+    if old and old.splitlines()[0].split(",") != fields:
+        raise SystemExit(f"--csv {path}: its header is not this harness's ({','.join(fields)}); use another file")
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, FIELDS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fields, lineterminator="\n", extrasaction="ignore")
     if not old:
         writer.writeheader()
     writer.writerows(rows)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import io
 import statistics
 import sys
 from pathlib import Path
@@ -26,10 +24,9 @@ import torch.nn.functional as F
 
 import csext
 from csext import nets
-from csext._files import write_atomic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Clock, machine_info  # noqa: E402
+from run import Clock, append_rows, machine_info  # noqa: E402
 
 FIELDS = ["run", "commit", "device", "machine", "torch", "triton", "threads", "model", "batch", "dtype",
           "layout", "provider", "median_ms", "q1_ms", "q3_ms", "ratio_to_dense", "repeats"]
@@ -113,14 +110,7 @@ def main(argv=None) -> int:
     for row in rows:
         print(f"  {row['provider']:20s} {float(row['median_ms']):8.3f} ms  ({row['ratio_to_dense']}x dense)")
     if not args.no_save:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        old = args.csv.read_text() if args.csv.exists() else ""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, FIELDS, lineterminator="\n", extrasaction="ignore")
-        if not old:
-            writer.writeheader()
-        writer.writerows(rows)
-        write_atomic(args.csv, (old + buffer.getvalue()).encode())
+        append_rows(args.csv, rows, FIELDS)
         print(f"appended {len(rows)} rows to {args.csv}")
     return 0
 

@@ -34,17 +34,19 @@ def extension_error() -> str:
 _beta_tensors: dict = {}
 
 
-def beta_tensor(beta: float) -> torch.Tensor:
-    """beta as the ops take it: a 0-dim float64 CPU tensor. Under torch.compile it is built by
-    a multiply, which keeps beta a graph input instead of recompiling for each new value; in
-    eager mode the few values in use are cached (building one costs two ATen calls, ~5 us)."""
+def beta_tensor(beta: float, device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """beta as the ops take it: a 0-dim tensor, by default float64 on the CPU (the C++ ops; the
+    Triton kernels read a float32 one on their device). Under torch.compile it is built by a
+    multiply, which keeps beta a graph input instead of recompiling for each new value; in
+    eager mode the few values in use are cached, so a call costs no ATen call (or launch)."""
     if torch.compiler.is_compiling():
-        return torch.ones((), dtype=torch.float64) * beta
-    tensor = _beta_tensors.get(beta)
+        return torch.ones((), dtype=dtype, device=device) * beta
+    key = (float(beta), device, dtype)
+    tensor = _beta_tensors.get(key)
     if tensor is None:
         if len(_beta_tensors) >= 64:
             _beta_tensors.clear()
-        tensor = _beta_tensors[beta] = torch.full((), float(beta), dtype=torch.float64)
+        tensor = _beta_tensors[key] = torch.full((), float(beta), dtype=dtype, device=device)
     return tensor
 
 

@@ -25,22 +25,9 @@ from . import _ops
 from .kernels import gate as gate_kernels
 from .kernels import gated_matmul as matmul_kernels
 
-_device_betas: dict = {}
-
-
 def device_beta(beta: float, device: torch.device) -> torch.Tensor:
-    """beta as the kernels read it: a 0-dim float32 tensor on `device`. Under torch.compile a
-    multiply keeps it a graph input (no recompile per value); in eager mode the few values in
-    use are cached, so a step costs no extra launch."""
-    if torch.compiler.is_compiling():
-        return torch.ones((), dtype=torch.float32, device=device) * beta
-    key = (device, float(beta))
-    tensor = _device_betas.get(key)
-    if tensor is None:
-        if len(_device_betas) >= 64:
-            _device_betas.clear()
-        tensor = _device_betas[key] = torch.full((), float(beta), dtype=torch.float32, device=device)
-    return tensor
+    """beta as the kernels read it: a 0-dim float32 tensor on `device` (see _ops.beta_tensor)."""
+    return _ops.beta_tensor(beta, device, torch.float32)
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:

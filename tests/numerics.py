@@ -34,3 +34,40 @@ def assert_close_rule(fused: torch.Tensor, plain: torch.Tensor, exact: torch.Ten
     assert fused_err <= 2 * plain_err + floor * max(scale, 1.0), (
         f"{name}: fused error {fused_err:.3g} > 2 x torch-backend error {plain_err:.3g} + floor"
     )
+
+
+def _run(op, tensors, dtype, device, backend, grad_out, channels_last):
+    """op on fresh leaf copies of `tensors` (name, tensor) in `dtype` on `device`; mask logits
+    ("s") stay float32 except in the float64 reference. Returns the output and every gradient,
+    on the CPU, with outputs poisoned beforehand."""
+    leaves = []
+    for name, t in tensors:
+        if t is None:
+            leaves.append(None)
+            continue
+        wanted = t.dtype if name == "s" and dtype != torch.float64 else dtype
+        t = t.detach().to(device=device, dtype=wanted)
+        if channels_last and t.dim() == 4:
+            t = t.contiguous(memory_format=torch.channels_last)
+        leaves.append(t.requires_grad_())
+    poison_allocator(*[t for t in leaves if t is not None])
+    y = op(*leaves, backend=backend)
+    poison_allocator(*[t for t in leaves if t is not None])
+    y.backward(grad_out.to(device=device, dtype=y.dtype))
+    return [y.detach().cpu()] + [None if t is None or t.grad is None else t.grad.cpu() for t in leaves]
+
+
+def compare_with_torch_backend(op, tensors, dtype, out_shape, backend, device="cpu", channels_last=False):
+    """SPEC section 4 for `op(*leaves, backend=...)`: `backend` in `dtype` on `device` against
+    the torch backend there, both against the torch backend in float64 on the CPU; output and
+    every gradient, none missing, none NaN."""
+    grad_out = torch.randn(out_shape)
+    exact = _run(op, tensors, torch.float64, "cpu", "torch", grad_out, False)
+    plain = _run(op, tensors, dtype, device, "torch", grad_out, channels_last)
+    fused = _run(op, tensors, dtype, device, backend, grad_out, channels_last)
+    names = ["output"] + [f"grad of {name}" for name, _ in tensors]
+    for name, f, p, e in zip(names, fused, plain, exact):
+        assert (f is None) == (p is None) == (e is None), f"{name}: present in one run only"
+        if f is not None:
+            assert not torch.isnan(f).any(), f"{name}: NaN (an element left unwritten?)"
+            assert_close_rule(f, p, e, name)

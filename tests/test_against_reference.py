@@ -5,7 +5,7 @@ import torch
 
 import csext
 from csext import functional as CF
-from numerics import FUSED_BACKENDS, assert_close_rule, mask_logits_like, poison_allocator
+from numerics import FUSED_BACKENDS, assert_close_rule, compare_with_torch_backend, mask_logits_like, poison_allocator
 
 pytestmark = pytest.mark.skipif(not FUSED_BACKENDS, reason="no fused backend is built")
 
@@ -23,39 +23,6 @@ CONV_SHAPES = [  # (x shape, out_channels, kernel, stride, padding, dilation, gr
 ]
 
 
-def _leaves(tensors, dtype):
-    """Copies in `dtype` (mask logits stay float32, or float64 in the fp64 reference)."""
-    out = []
-    for name, t in tensors:
-        if t is None:
-            out.append(None)
-            continue
-        wanted = t.dtype if name == "s" and dtype != torch.float64 else dtype
-        out.append(t.detach().to(wanted).requires_grad_())
-    return out
-
-
-def _run(op, tensors, dtype, backend, grad_out):
-    leaves = _leaves(tensors, dtype)
-    y = op(*leaves, backend=backend)
-    poison_allocator(*[t for t in leaves if t is not None])
-    y.backward(grad_out.to(y.dtype))
-    return [y.detach()] + [None if t is None else t.grad for t in leaves]
-
-
-def _compare(op, tensors, dtype, backend, out_shape):
-    grad_out = torch.randn(out_shape)
-    exact = _run(op, tensors, torch.float64, "torch", grad_out)
-    plain = _run(op, tensors, dtype, "torch", grad_out)
-    fused = _run(op, tensors, dtype, backend, grad_out)
-    names = ["output"] + [f"grad of {name}" for name, _ in tensors]
-    for name, f, p, e in zip(names, fused, plain, exact):
-        assert (f is None) == (p is None) == (e is None), f"{name}: present in one run only"
-        if f is not None:
-            assert not torch.isnan(f).any(), f"{name}: NaN (an element left unwritten?)"
-            assert_close_rule(f, p, e, name)
-
-
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hard", [False, True])
@@ -69,7 +36,7 @@ def test_linear_matches_torch_backend(backend, dtype, hard, shape):
     def op(x, w, s, b, backend):
         return CF.gated_linear(x, w, s, beta, b, hard=hard, penalty=penalty, backend=backend)
 
-    _compare(op, tensors, dtype, backend, x_shape[:-1] + (n,))
+    compare_with_torch_backend(op, tensors, dtype, backend=backend, out_shape=x_shape[:-1] + (n,))
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -89,7 +56,7 @@ def test_conv2d_matches_torch_backend(backend, dtype, hard, shape):
     out_shape = torch.nn.functional.conv2d(
         torch.empty(x_shape), torch.empty(w.shape), None, stride, padding, dilation, groups
     ).shape
-    _compare(op, tensors, dtype, backend, out_shape)
+    compare_with_torch_backend(op, tensors, dtype, backend=backend, out_shape=out_shape)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -103,7 +70,7 @@ def test_gate_across_temperatures(backend, beta):
     def op(w, s, backend):
         return CF.gate(w, s, beta, penalty=1e-3, backend=backend)
 
-    _compare(op, tensors, torch.float32, backend, w.shape)
+    compare_with_torch_backend(op, tensors, torch.float32, backend=backend, out_shape=w.shape)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

@@ -7,7 +7,7 @@ import torch
 
 import csext
 from csext import functional as CF
-from numerics import assert_close_rule, mask_logits_like
+from numerics import compare_with_torch_backend, mask_logits_like
 
 pytestmark = [
     pytest.mark.gpu,
@@ -23,31 +23,6 @@ CONV_CASES = [  # (x shape, out_channels, kernel, stride, padding, dilation, gro
 ]
 
 
-def _run(op, tensors, dtype, device, backend, grad_out, channels_last=False):
-    leaves = []
-    for name, t in tensors:
-        wanted = t.dtype if name == "s" and dtype != torch.float64 else dtype
-        t = t.detach().to(device=device, dtype=wanted)
-        if channels_last and t.dim() == 4:
-            t = t.contiguous(memory_format=torch.channels_last)
-        leaves.append(t.requires_grad_())
-    y = op(*leaves, backend=backend)
-    y.backward(grad_out.to(device=device, dtype=y.dtype))
-    return [y.detach().cpu()] + [None if t.grad is None else t.grad.cpu() for t in leaves]
-
-
-def _compare(op, tensors, dtype, out_shape, channels_last=False):
-    grad_out = torch.randn(out_shape)
-    exact = _run(op, tensors, torch.float64, "cpu", "torch", grad_out)
-    plain = _run(op, tensors, dtype, "cuda", "torch", grad_out, channels_last)
-    fused = _run(op, tensors, dtype, "cuda", "cuda", grad_out, channels_last)
-    for name, f, p, e in zip(["output"] + [f"grad of {n}" for n, _ in tensors], fused, plain, exact):
-        assert (f is None) == (p is None) == (e is None), f"{name}: present in one run only"
-        if f is not None:
-            assert not torch.isnan(f).any(), f"{name}: NaN (an element left unwritten?)"
-            assert_close_rule(f, p, e, name)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("shape", [((97, 431), 13), ((2, 3, 17), 33), ((1, 1), 1)])
@@ -59,7 +34,7 @@ def test_linear(dtype, hard, shape):
     def op(x, w, s, b, backend):
         return CF.gated_linear(x, w, s, 3.7, b, hard=hard, penalty=0.01, backend=backend)
 
-    _compare(op, tensors, dtype, x_shape[:-1] + (n,))
+    compare_with_torch_backend(op, tensors, dtype, x_shape[:-1] + (n,), backend="cuda", device="cuda")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -77,7 +52,7 @@ def test_conv2d(dtype, hard, case):
 
     out_shape = torch.nn.functional.conv2d(torch.empty(x_shape), torch.empty(w.shape), None, stride, padding,
                                            dilation, groups).shape
-    _compare(op, tensors, dtype, out_shape, channels_last)
+    compare_with_torch_backend(op, tensors, dtype, out_shape, backend="cuda", device="cuda", channels_last=channels_last)
 
 
 @pytest.mark.parametrize("hard", [False, True])
