@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session in one call (the device is lent by the minute): build csext with its CUDA
 # kernels, run the GPU tests, then the benchmarks. Everything lands under $OUT (default
-# ./gpu-out): log.txt, gpu.csv + three PNGs (bench/run.py), step.csv (bench/step.py).
+# ./gpu-out): log.txt, gpu.csv + three PNGs (bench/run.py), host.csv (bench/host.py),
+# step.csv (bench/step.py).
 # A shorter session: TEST_TIMEOUT=110 LINEAR_PROVIDERS=dense,torch,cuda,triton SKIP_CHANNELS_LAST=1.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -33,6 +34,8 @@ cd "$REPO"
 stage bench linear, bf16 autocast
 timeout 200 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops linear \
   --compile-ops linear --repeats 8 --providers "${LINEAR_PROVIDERS:-all}" --csv "$OUT/gpu.csv" --plot "$OUT/linear.png"
+stage bench host time per layer
+timeout 30 python3 bench/host.py --device cuda --csv "$OUT/host.csv"
 stage bench ResNet-20 step
 for layout in "" --channels-last; do
   timeout 45 python3 bench/step.py --device cuda --model resnet20 --autocast bf16 $layout --csv "$OUT/step.csv"

@@ -2,8 +2,9 @@
 fake (shape) registrations, which let torch.compile and FakeTensor trace them.
 
 Their schemas and CPU kernels are in csrc/ops.cpp, their CUDA kernels in csrc/cuda (built
-where CUDA torch is present), the autograd of gate in csrc/autograd.cpp; the math they
-implement is csext.reference.
+where CUDA torch is present); the math they implement is csext.reference. csrc/autograd.cpp
+holds the autograd of gate and the gated layer ops csext::gated_linear / csext::gated_conv2d,
+which call gate and ATen's layers through the dispatcher (so need no fake kernel of their own).
 """
 
 import warnings

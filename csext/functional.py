@@ -63,11 +63,16 @@ def check_gate_args(weight: torch.Tensor, mask_logits: torch.Tensor, beta, penal
     check_penalty(penalty)
 
 
-def _check_same_device(weight: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale) -> str:
+    """The checks both gated layers make beside their shape checks; returns weight's device type."""
+    check_gate_args(weight, mask_logits, beta, penalty)
     device = weight.device
-    for name, tensor in (("x", x), ("bias", bias)):
-        if tensor is not None and tensor.device != device:
-            raise ValueError(f"{name} must be on the device of weight ({device}), got {tensor.device}")
+    if x.device != device:
+        raise ValueError(f"x must be on the device of weight ({device}), got {x.device}")
+    if bias is not None and bias.device != device:
+        raise ValueError(f"bias must be on the device of weight ({device}), got {bias.device}")
+    check_mask_scale(mask_scale)
+    return device.type
 
 
 def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
@@ -78,10 +83,16 @@ def _add_bias(y: torch.Tensor, bias: torch.Tensor | None, channel_dim: int) -> t
     return y + bias.to(y.dtype).view(shape)
 
 
+def _autocast_applies(weight: torch.Tensor, device_type: str) -> bool:
+    """Autocast is on for weight's device and would cast it (it never casts float64; the meta
+    device has no autocast and would raise)."""
+    return weight.dtype != torch.float64 and device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype the matmul or convolution runs in: autocast's where it is on, else weight's."""
     device_type = weight.device.type
-    if weight.dtype != torch.float64 and torch.is_autocast_enabled(device_type):
+    if _autocast_applies(weight, device_type):
         return torch.get_autocast_dtype(device_type)
     return weight.dtype
 
@@ -118,6 +129,12 @@ def _gate(weight, mask_logits, beta, hard, penalty, dtype, name: str) -> torch.T
     return reference.gate(weight, mask_logits, beta, hard=hard, penalty=penalty, dtype=dtype)
 
 
+# Backends whose gated layers are one op and one autograd node (csrc/autograd.cpp): the gate,
+# then ATen's linear or convolution. A small layer on a GPU costs what its host code costs, and
+# one op and node instead of two of each is most of the gain measured by bench/host.py.
+_LAYER_OPS = ("cpp", "cuda")
+
+
 def _check_triton_dtype(weight: torch.Tensor) -> None:
     if weight.dtype == torch.float64:
         raise TypeError("backend 'triton' takes float32, bfloat16 or float16 weights, got float64; "
@@ -132,14 +149,27 @@ def _check_triton_dtype(weight: torch.Tensor) -> None:
 TRITON_FUSED_MAX_ROWS = 1024
 
 
-def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale):
-    """gated_linear on the triton backend: x (..., K) in the compute dtype, fused or not."""
+def _layer_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """(x, dtype) for a gated layer: dtype is what the matmul or convolution runs in, and x is
+    cast to it as autocast casts F.linear's and F.conv2d's input. Outside autocast, x and bias
+    must have weight's dtype, as F.linear and F.conv2d demand (one error for every backend)."""
+    device_type = weight.device.type
+    if _autocast_applies(weight, device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        if x.dtype != dtype and x.is_floating_point() and x.dtype != torch.float64:
+            x = x.to(dtype)
+    else:
+        dtype = weight.dtype
+        if bias is not None and bias.dtype != dtype:
+            raise TypeError(f"bias must have the dtype of weight ({dtype}), got {bias.dtype}")
+    if x.dtype != dtype:
+        raise TypeError(f"x must have the dtype of weight ({dtype}), got {x.dtype}")
+    return x, dtype
+
+
+def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale, dtype):
+    """gated_linear on the triton backend: x (..., K) in the compute dtype `dtype`, fused or not."""
     _check_triton_dtype(weight)
-    dtype = compute_dtype(weight)
-    if torch.is_autocast_enabled(x.device.type):
-        x = x.to(dtype)  # as autocast casts F.linear's input
-    elif x.dtype != weight.dtype:
-        raise TypeError(f"x and weight must have the same dtype outside autocast, got x {x.dtype} and weight {weight.dtype}")
     rows = x.reshape(-1, x.shape[-1])
     fused_bias = bias if mask_scale == 1.0 else None  # added in the GEMM's epilogue
     if rows.shape[0] > TRITON_FUSED_MAX_ROWS:
@@ -173,13 +203,14 @@ def gated_linear(
         raise ValueError(
             f"x must have shape (..., {weight.shape[1]}) to match in_features, got {tuple(x.shape)}"
         )
-    _check_same_device(weight, x, bias)
-    check_mask_scale(mask_scale)
-    check_gate_args(weight, mask_logits, beta, penalty)
-    name = backends.resolve(backend, weight.device.type)
+    name = backends.resolve(backend, _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale))
+    x, dtype = _layer_input(x, weight, bias)
     if name == "triton":
-        return _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale)
-    w_eff = _gate(weight, mask_logits, beta, hard, penalty, compute_dtype(weight), name)
+        return _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale, dtype)
+    if name in _LAYER_OPS and mask_scale == 1.0:
+        return torch.ops.csext.gated_linear.default(
+            x, weight, mask_logits, _ops.beta_tensor(beta), bias, bool(hard), float(penalty), dtype)
+    w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, name)
     if mask_scale == 1.0:
         return F.linear(x, w_eff, bias)
     return _add_bias(F.linear(x, w_eff) * mask_scale, bias, channel_dim=-1)  # c scales the output, not the weight
@@ -212,11 +243,13 @@ def gated_conv2d(
             f"x must have shape (N, {in_channels}, H, W) or ({in_channels}, H, W) to match "
             f"in_channels, got {tuple(x.shape)}"
         )
-    _check_same_device(weight, x, bias)
-    check_mask_scale(mask_scale)
-    check_gate_args(weight, mask_logits, beta, penalty)
-    name = backends.resolve(backend, weight.device.type)
-    w_eff = _gate(weight, mask_logits, beta, hard, penalty, compute_dtype(weight), name)
+    name = backends.resolve(backend, _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale))
+    x, dtype = _layer_input(x, weight, bias)
+    if name in _LAYER_OPS and mask_scale == 1.0 and x.dim() == 4 and not isinstance(padding, str):
+        return torch.ops.csext.gated_conv2d.default(
+            x, weight, mask_logits, _ops.beta_tensor(beta), bias, stride, padding, dilation, groups, bool(hard),
+            float(penalty), dtype)
+    w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, name)
     if mask_scale == 1.0:
         return F.conv2d(x, w_eff, bias, stride, padding, dilation, groups)
     return _add_bias(F.conv2d(x, w_eff, None, stride, padding, dilation, groups) * mask_scale, bias, channel_dim=-3)

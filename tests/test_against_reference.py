@@ -15,6 +15,7 @@ LINEAR_SHAPES = [  # (x shape, out_features)
     ((5, 97), 431),
     ((2, 3, 17), 33),
     ((1, 1), 1),
+    ((19,), 6),
 ]
 CONV_SHAPES = [  # (x shape, out_channels, kernel, stride, padding, dilation, groups)
     ((2, 6, 9, 11), 4, 3, 2, 1, 1, 2),
@@ -116,22 +117,26 @@ def test_huge_page_sized_outputs(backend):
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("frozen", ["weight", "mask_logits"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("frozen", ["weight", "mask_logits", "bias"])
 @pytest.mark.parametrize("hard", [False, True])
-def test_frozen_parameter_gets_no_gradient(backend, frozen, hard):
-    """A frozen weight or frozen mask logits get no gradient; the other gets the reference's."""
+def test_frozen_parameter_gets_no_gradient(backend, kind, frozen, hard):
+    """A frozen weight, mask logits or bias gets no gradient; the others get the reference's."""
     grads = {}
     for name in (backend, "torch"):
         torch.manual_seed(3)
-        layer = csext.GatedLinear(23, 9)
+        if kind == "linear":
+            layer, x = csext.GatedLinear(23, 9), torch.randn(4, 23)
+        else:
+            layer, x = csext.GatedConv2d(3, 5, 3, padding=1), torch.randn(2, 3, 6, 6)
         with torch.no_grad():
             layer.mask_logits.copy_(mask_logits_like(layer.weight))
         layer.beta, layer.hard, layer.penalty, layer.backend = 5.0, hard, 0.02, name
         getattr(layer, frozen).requires_grad_(False)
-        layer(torch.randn(4, 23)).square().sum().backward()
-        grads[name] = (layer.weight.grad, layer.mask_logits.grad)
+        layer(x).square().sum().backward()  # x needs no gradient either
+        grads[name] = (layer.weight.grad, layer.mask_logits.grad, layer.bias.grad)
     for a, b in zip(grads[backend], grads["torch"]):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert grads[backend][0 if frozen == "weight" else 1] is None
+    assert grads[backend][["weight", "mask_logits", "bias"].index(frozen)] is None

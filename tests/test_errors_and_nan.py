@@ -28,12 +28,15 @@ def test_bad_arguments_are_named(backend):
         (lambda: CF.gated_linear(x, w, s.to("meta"), 1.0, backend=backend), ValueError, "same device"),
         (lambda: CF.gated_linear(x, w.int(), s, 1.0, backend=backend), TypeError, "weight must be float32"),
         (lambda: CF.gated_linear(x, w.view(2, 2, 6), s.view(2, 2, 6), 1.0, backend=backend), ValueError, "weight must be 2-D"),
+        (lambda: CF.gated_linear(x.double(), w, s, 1.0, backend=backend), TypeError, r"x must have the dtype of weight \(torch.float32\)"),
+        (lambda: CF.gated_linear(x, w, s, 1.0, torch.randn(4).half(), backend=backend), TypeError, "bias must have the dtype of weight"),
     ]
     cw, cs = torch.randn(5, 3, 3, 3), torch.randn(5, 3, 3, 3)
     cases += [
         (lambda: CF.gated_conv2d(torch.randn(2, 4, 8, 8), cw, cs, 1.0, backend=backend), ValueError, r"x must have shape \(N, 3, H, W\)"),
         (lambda: CF.gated_conv2d(torch.randn(2, 2, 3, 8, 8), cw, cs, 1.0, backend=backend), ValueError, "x must have shape"),
         (lambda: CF.gated_conv2d(torch.randn(2, 3, 8, 8), cw, cs[:4], 1.0, backend=backend), ValueError, "same shape"),
+        (lambda: CF.gated_conv2d(torch.randn(2, 3, 8, 8).bfloat16(), cw, cs, 1.0, backend=backend), TypeError, "x must have the dtype"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):

@@ -81,6 +81,18 @@ def test_step_bench_times_dense_and_cs_steps(tmp_path, capsys):
     assert "cs-torch" in capsys.readouterr().out
 
 
+def test_host_bench_times_each_backend_against_the_plain_layer(tmp_path):
+    host = _load(ROOT / "bench" / "host.py")
+    results = tmp_path / "host.csv"
+    assert host.main(["--device", "cpu", "--repeats", "2", "--calls", "2", "--csv", str(results)]) == 0
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    backends = {"dense"} | {b for b in ("torch", "cpp") if b in csext.backends.available()}
+    assert {(r["layer"].split()[0], r["provider"]) for r in rows} == {(l, b) for l in ("linear", "conv") for b in backends}
+    assert all(float(r["median_us"]) > 0 for r in rows)
+    assert {r["extra_us"] for r in rows if r["provider"] == "dense"} == {"0.00"}
+
+
 def test_triton_kernels_compile_for_hopper_with_wgmma():
     """The fused GEMMs compile for sm_90 here, without a GPU, to wgmma with the gated tile as the
     register operand (a subprocess: the tests run Triton's interpreter, which does not compile)."""

@@ -197,3 +197,13 @@ def test_mask_scale_multiplies_the_effective_weight(backend):
         torch.testing.assert_close(csext.finalize(copy.deepcopy(model))(x), y, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="mask_scale must be a finite number > 0"):
         csext.functional.gated_linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, 4), 1.0, mask_scale=0.0)
+
+
+def test_layers_run_on_the_meta_device():
+    """Shape inference and deferred initialisation build models on the meta device."""
+    with torch.device("meta"):
+        model = nn.Sequential(csext.GatedConv2d(3, 4, 3), nn.Flatten(), csext.GatedLinear(4 * 6 * 6, 5))
+        y = model(torch.randn(2, 3, 8, 8))
+        y.sum().backward()
+    assert y.shape == (2, 5) and y.device.type == "meta"
+    assert model[0].mask_logits.grad.shape == model[0].weight.shape

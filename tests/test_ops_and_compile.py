@@ -45,6 +45,116 @@ def test_opcheck_gate_backward(dtype):
     torch.library.opcheck(torch.ops.csext.gate_backward.default, (g, w, s, csext._ops.beta_tensor(2.0), 0.1))
 
 
+def _layer_samples():
+    """(op, args) for csext::gated_linear and csext::gated_conv2d: bias or not, soft or hard,
+    a lower-precision compute dtype, channels_last, float64."""
+    B = csext._ops.beta_tensor
+    w = torch.randn(7, 5, requires_grad=True)
+    s = mask_logits_like(w).requires_grad_()
+    b = torch.randn(7, requires_grad=True)
+    cw = torch.randn(6, 2, 3, 3, requires_grad=True)
+    cs = mask_logits_like(cw).requires_grad_()
+    cb = torch.randn(6, requires_grad=True)
+    wd = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    sd = mask_logits_like(wd, torch.float64).requires_grad_()
+    x4 = torch.randn(2, 4, 9, 8)
+    linear, conv = torch.ops.csext.gated_linear.default, torch.ops.csext.gated_conv2d.default
+    return [
+        (linear, (torch.randn(3, 5, requires_grad=True), w, s, B(2.0), b, False, 0.1, None)),
+        (linear, (torch.randn(2, 3, 5), w, s, B(3.0), None, True, 0.0, None)),
+        (linear, (torch.randn(4, 5, dtype=torch.bfloat16), w, s, B(1.5), b, False, 0.2, torch.bfloat16)),
+        (linear, (torch.randn(5, 4, dtype=torch.float64, requires_grad=True), wd, sd, B(1.0), None, False, 0.3, None)),
+        (conv, (x4.requires_grad_(), cw, cs, B(2.0), cb, [2, 1], [1, 0], [1, 2], 2, False, 0.1, None)),
+        (conv, (x4.to(memory_format=torch.channels_last), cw, cs, B(4.0), None, [1, 1], [1, 1], [1, 1], 2, True, 0.0, None)),
+        (conv, (x4.bfloat16(), cw, cs, B(1.0), cb, [1, 1], [0, 0], [1, 1], 2, False, 0.0, torch.bfloat16)),
+    ]
+
+
+@needs_cpp
+@pytest.mark.parametrize("sample", range(7))
+def test_opcheck_gated_layers(sample):
+    op, args = _layer_samples()[sample]
+    torch.library.opcheck(op, args)
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_gated_layer_is_one_autograd_node(kind):
+    """Gate and layer in one node (csrc/autograd.cpp); a second backward fails as ATen's do."""
+    if kind == "linear":
+        layer, x = csext.GatedLinear(5, 3), torch.randn(2, 5)
+    else:
+        layer, x = csext.GatedConv2d(2, 3, 3), torch.randn(1, 2, 5, 5)
+    y = layer(x.requires_grad_())
+    assert y.grad_fn.name() == ("csext::GatedLinearBackward" if kind == "linear" else "csext::GatedConv2dBackward")
+    assert [f.name() for f, _ in y.grad_fn.next_functions] == ["torch::autograd::AccumulateGrad"] * 4
+    y.sum().backward(retain_graph=True)
+    first = [t.grad.clone() for t in (x, layer.weight, layer.mask_logits, layer.bias)]
+    y.sum().backward()
+    for t, g in zip((x, layer.weight, layer.mask_logits, layer.bias), first):
+        torch.testing.assert_close(t.grad, 2 * g)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["gate", "linear", "conv2d"])
+@pytest.mark.parametrize("hard", [False, True])
+def test_forward_mode_ad_matches_torch_backend(kind, hard):
+    """torch.func.jvp with a tangent for every input, and for the first alone, equals the torch
+    backend's. The penalty acts on the backward only: the torch backend runs without it (its
+    penalty Function is not written for torch.func)."""
+    F64 = torch.float64
+    if kind == "gate":
+        shape, x = (5, 4), None
+    elif kind == "linear":
+        shape, x = (5, 4), torch.randn(3, 4, dtype=F64)
+    else:
+        shape, x = (4, 2, 3, 3), torch.randn(2, 4, 6, 7, dtype=F64)
+    w = torch.randn(shape, dtype=F64)
+    s = mask_logits_like(w, F64)
+    b = torch.randn(shape[0], dtype=F64)
+
+    def run(backend, *args):
+        penalty = 0.1 if backend == "cpp" else 0.0
+        if kind == "gate":
+            return csext.functional.gate(*args, 2.5, hard=hard, penalty=penalty, backend=backend)
+        layer = csext.functional.gated_linear if kind == "linear" else csext.functional.gated_conv2d
+        x, w, s, b = args
+        extra = (1, 1, 1, 2) if kind == "conv2d" else ()  # stride, padding, dilation, groups
+        return layer(x, w, s, 2.5, b, *extra, hard=hard, penalty=penalty, backend=backend)
+
+    primals = (w, s) if kind == "gate" else (x, w, s, b)
+    tangents = tuple(torch.randn_like(p) for p in primals)
+    for chosen in (tangents, tuple(t if i == 0 else torch.zeros_like(t) for i, t in enumerate(tangents))):
+        out, tangent = torch.func.jvp(lambda *a: run("cpp", *a), primals, chosen)
+        out_ref, tangent_ref = torch.func.jvp(lambda *a: run("torch", *a), primals, chosen)
+        torch.testing.assert_close(out, out_ref)
+        torch.testing.assert_close(tangent, tangent_ref)
+
+
+@needs_cpp
+def test_functorch_grad_and_vmap_match_torch_backend():
+    """torch.func.grad and vmap through the C++ layer op, penalty included."""
+    F64 = torch.float64
+    w, x, b = torch.randn(5, 4, dtype=F64), torch.randn(3, 4, dtype=F64), torch.randn(5, dtype=F64)
+    s = mask_logits_like(w, F64)
+    results = {}
+    for backend in ("cpp", "torch"):
+        def loss(w, s):
+            if backend == "cpp":  # the penalty's gradient comes from the op's backward
+                return csext.functional.gated_linear(x, w, s, 2.0, b, penalty=0.1, backend="cpp").square().sum()
+            task = csext.functional.gated_linear(x, w, s, 2.0, b, backend="torch").square().sum()
+            return task + 0.1 * csext.reference.penalty_term(s, 2.0)
+
+        def rows(x):
+            return csext.functional.gated_linear(x, w, s, 2.0, b, backend=backend)
+
+        results[backend] = torch.func.grad(loss, argnums=(0, 1))(w, s) + (torch.func.vmap(rows)(x.unsqueeze(1)),)
+    for got, want in zip(results["cpp"], results["torch"]):
+        torch.testing.assert_close(got, want)
+
+
 class SmallNet(nn.Module):
     def __init__(self):
         super().__init__()
