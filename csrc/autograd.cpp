@@ -16,6 +16,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <array>
@@ -141,15 +142,52 @@ at::Tensor layer_tangent(const at::Tensor& out, const at::Tensor& input, const a
 
 // The nodes below are written as ATen writes its generated ones: the generic
 // torch::autograd::Function node (CppNode: saved_data map, argument wrapping) cost ~15 us more
-// per forward+backward on this CPU.
+// per forward+backward on this CPU. Each computes its backward in a static function of its
+// saved state, which apply() calls, and which compiled autograd (torch._dynamo.compiled_autograd)
+// gets as a function of IValues (apply_with_saved) to put in its graph.
+
+using torch::autograd::SavedVariable;
+using torch::dynamo::autograd::CompiledNodeArgs;
+using torch::dynamo::autograd::PackedArgs;
+using torch::dynamo::autograd::SwapSavedVariables;
+
+// Binds `functional` into compiled autograd's graph and calls it there on `grads` and `args`,
+// as CppNode does for torch::autograd::Function.
+variable_list call_compiled(const torch::autograd::Node& node, SwapSavedVariables& saved,
+                            const std::string& name, torch::autograd::functional_apply_t functional,
+                            const variable_list& grads, const std::vector<at::IValue>& args) {
+  std::vector<at::TypePtr> schema;
+  schema.reserve(args.size());
+  for (const at::IValue& arg : args) {
+    schema.emplace_back(arg.isTensor() ? at::TensorType::get() : arg.type());
+  }
+  const auto output_metadata = torch::dynamo::autograd::IValuePacker<
+      std::vector<std::optional<torch::autograd::InputMetadata>>>::
+      pack(torch::dynamo::autograd::get_input_metadata(node.next_edges()));
+  const auto& compiler = torch::dynamo::autograd::getPyCompilerInterface();
+  const std::string bound =
+      compiler->bind_function(saved.get_py_compiler(), name, std::move(functional), schema,
+                              /*is_custom_function=*/true, /*is_traceable=*/true);
+  return compiler->call_function(saved.get_py_compiler(), "apply_functional", bound, grads, args,
+                                 output_metadata);
+}
 
 // The node of csext::gate. Saves w and s, never m or w_eff: the backward recomputes the mask
 // in its single pass. Edges: weight, mask_logits.
 struct GateBackward : public torch::autograd::Node {
-  torch::autograd::SavedVariable weight_, mask_logits_;
+  SavedVariable weight_, mask_logits_;
   at::Tensor beta_;  // a 0-dim CPU tensor that takes no gradient
   bool hard_ = false;
   double penalty_ = 0.0;
+
+  static variable_list compute(const at::Tensor& grad, const at::Tensor& weight,
+                               const at::Tensor& mask_logits, const at::Tensor& beta, bool hard,
+                               double penalty, std::array<bool, 2> needs) {
+    const BelowAutogradUnlessGradMode below_autograd;
+    auto [grad_weight, grad_mask_logits] =
+        gate_grads(grad, weight, mask_logits, beta, hard, penalty, needs[0], needs[1]);
+    return {grad_weight, grad_mask_logits};
+  }
 
   std::string name() const override { return "csext::GateBackward"; }
 
@@ -161,11 +199,49 @@ struct GateBackward : public torch::autograd::Node {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    const BelowAutogradUnlessGradMode below_autograd;
-    auto [grad_weight, grad_mask_logits] =
-        gate_grads(grads[0], weight_.unpack(), mask_logits_.unpack(), beta_, hard_, penalty_,
-                   task_should_compute_output(0), task_should_compute_output(1));
-    return {grad_weight, grad_mask_logits};
+    return compute(grads[0], weight_.unpack(), mask_logits_.unpack(), beta_, hard_, penalty_,
+                   {task_should_compute_output(0), task_should_compute_output(1)});
+  }
+
+  void compiled_args(CompiledNodeArgs& args) const override {
+    args.collect(weight_, false);
+    args.collect(mask_logits_, false);
+    args.collect(beta_);
+    args.collect(hard_);
+    args.collect(penalty_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
+    saved.before(weight_);
+    saved.before(mask_logits_);
+    saved.before(beta_);
+    PackedArgs packed;
+    packed.pack(weight_.unpack());
+    packed.pack(mask_logits_.unpack());
+    packed.pack(beta_);
+    packed.pack(hard_);
+    packed.pack(penalty_);
+    packed.pack(std::array<bool, 2>{task_should_compute_output(0), task_should_compute_output(1)});
+    variable_list result = call_compiled(*this, saved, name(), &functional, grads, packed.vec());
+    saved.after(weight_);
+    saved.after(mask_logits_);
+    saved.after(beta_);
+    return result;
+  }
+
+  static variable_list functional(const variable_list& grads, const std::vector<at::IValue>& args) {
+    PackedArgs packed(args);
+    const auto weight = packed.unpack<at::Tensor>();
+    const auto mask_logits = packed.unpack<at::Tensor>();
+    const auto beta = packed.unpack<at::Tensor>();
+    const auto hard = packed.unpack<bool>();
+    const auto penalty = packed.unpack<double>();
+    const auto needs = packed.unpack<std::array<bool, 2>>();
+    variable_list result = compute(grads[0], weight, mask_logits, beta, hard, penalty, needs);
+    // Compiled autograd wants a tensor for every edge that takes a gradient; the hard mask
+    // gives s none (eager autograd skips an undefined one).
+    if (needs[1] && !result[1].defined()) result[1] = at::zeros_like(mask_logits);
+    return result;
   }
 };
 
@@ -181,8 +257,8 @@ at::Tensor gate_autograd(const at::Tensor& weight, const at::Tensor& mask_logits
   if (!torch::autograd::compute_requires_grad(weight, mask_logits)) return out;
   auto node = make_node<GateBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(weight, mask_logits));
-  node->weight_ = torch::autograd::SavedVariable(weight, /*is_output=*/false);
-  node->mask_logits_ = torch::autograd::SavedVariable(mask_logits, /*is_output=*/false);
+  node->weight_ = SavedVariable(weight, /*is_output=*/false);
+  node->mask_logits_ = SavedVariable(mask_logits, /*is_output=*/false);
   node->beta_ = beta;
   node->hard_ = hard;
   node->penalty_ = penalty;
@@ -196,14 +272,62 @@ std::optional<at::Tensor> bias_like(const std::optional<at::Tensor>& bias, const
   return bias->scalar_type() == w_eff.scalar_type() ? *bias : bias->to(w_eff.scalar_type());
 }
 
-// What both layer nodes hold. Edges: input, weight, mask_logits, bias.
-struct GatedLayerBackward : public torch::autograd::Node {
+// What a gated layer's backward reads besides the incoming gradient; the layer nodes hold one.
+// Edges: input, weight, mask_logits, bias.
+struct LayerState {
   enum Edge { kInput = 0, kWeight = 1, kMaskLogits = 2, kBias = 3 };
-  torch::autograd::SavedVariable input_, weight_, mask_logits_, w_eff_;
+  at::Tensor input, weight, mask_logits, w_eff, beta;
+  bool hard = false;
+  double penalty = 0.0;
+  ScalarType bias_type = ScalarType::Float;
+  std::array<bool, 4> needs = {};  // which edges want a gradient
+
+  bool needs_w_eff() const { return needs[kWeight] || needs[kMaskLogits]; }
+
+  // The gradients of all four edges from the layer's own (dx, dL/dw_eff, db).
+  variable_list finish(at::Tensor grad_input, const at::Tensor& grad_w_eff,
+                       const at::Tensor& grad_bias) const {
+    variable_list out(4);
+    out[kInput] = std::move(grad_input);
+    std::tie(out[kWeight], out[kMaskLogits]) = gate_grads(
+        grad_w_eff, weight, mask_logits, beta, hard, penalty, needs[kWeight], needs[kMaskLogits]);
+    if (grad_bias.defined()) out[kBias] = grad_bias.to(bias_type);
+    return out;
+  }
+
+  void pack(PackedArgs& packed) const {
+    for (const at::Tensor& t : {input, weight, mask_logits, w_eff, beta}) packed.pack(t);
+    packed.pack(hard);
+    packed.pack(penalty);
+    packed.pack(bias_type);
+    packed.pack(needs);
+  }
+
+  static LayerState unpack(PackedArgs& packed) {
+    LayerState state;
+    for (at::Tensor* t : {&state.input, &state.weight, &state.mask_logits, &state.w_eff, &state.beta}) {
+      *t = packed.unpack<at::Tensor>();
+    }
+    state.hard = packed.unpack<bool>();
+    state.penalty = packed.unpack<double>();
+    state.bias_type = packed.unpack<ScalarType>();
+    state.needs = packed.unpack<std::array<bool, 4>>();
+    return state;
+  }
+};
+
+// The node of a gated layer: saves x, w, s, w_eff (made below autograd, but a SavedVariable
+// so that a second backward fails as ATen's do), and runs `Layer::compute`.
+template <class Layer>
+struct GatedLayerBackward : public torch::autograd::Node {
+  SavedVariable input_, weight_, mask_logits_, w_eff_;
   at::Tensor beta_;
   bool hard_ = false;
   double penalty_ = 0.0;
   ScalarType bias_type_ = ScalarType::Float;
+  typename Layer::Params params_;
+
+  std::string name() const override { return Layer::kName; }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -213,79 +337,128 @@ struct GatedLayerBackward : public torch::autograd::Node {
     w_eff_.reset_data();
   }
 
-  // Records what every gated layer's backward needs and becomes the grad_fn of `out`.
-  void attach(const at::Tensor& out, const at::Tensor& input, const at::Tensor& weight,
+  // Records what the backward needs (the caller then makes the node the output's grad_fn).
+  void attach(const at::Tensor& input, const at::Tensor& weight,
               const at::Tensor& mask_logits, const std::optional<at::Tensor>& bias,
-              const at::Tensor& w_eff, const at::Tensor& beta, bool hard, double penalty) {
+              const at::Tensor& w_eff, const at::Tensor& beta, bool hard, double penalty,
+              typename Layer::Params params) {
     set_next_edges(torch::autograd::collect_next_edges(input, weight, mask_logits, bias));
-    input_ = torch::autograd::SavedVariable(input, /*is_output=*/false);
-    weight_ = torch::autograd::SavedVariable(weight, /*is_output=*/false);
-    mask_logits_ = torch::autograd::SavedVariable(mask_logits, /*is_output=*/false);
-    w_eff_ = torch::autograd::SavedVariable(w_eff, /*is_output=*/false);
+    input_ = SavedVariable(input, /*is_output=*/false);
+    weight_ = SavedVariable(weight, /*is_output=*/false);
+    mask_logits_ = SavedVariable(mask_logits, /*is_output=*/false);
+    w_eff_ = SavedVariable(w_eff, /*is_output=*/false);
     beta_ = beta;
     hard_ = hard;
     penalty_ = penalty;
     if (bias.has_value() && bias->defined()) bias_type_ = bias->scalar_type();
+    params_ = std::move(params);
   }
 
-  bool needs_w_eff() {
-    return task_should_compute_output(kWeight) || task_should_compute_output(kMaskLogits);
+  LayerState state() const {
+    return {input_.unpack(), weight_.unpack(), mask_logits_.unpack(), w_eff_.unpack(), beta_,
+            hard_, penalty_, bias_type_,
+            {task_should_compute_output(0), task_should_compute_output(1),
+             task_should_compute_output(2), task_should_compute_output(3)}};
   }
 
-  variable_list finish(at::Tensor grad_input, const at::Tensor& grad_w_eff,
-                       const at::Tensor& grad_bias) {
-    variable_list out(4);
-    out[kInput] = std::move(grad_input);
-    std::tie(out[kWeight], out[kMaskLogits]) =
-        gate_grads(grad_w_eff, weight_.unpack(), mask_logits_.unpack(), beta_, hard_, penalty_,
-                   task_should_compute_output(kWeight), task_should_compute_output(kMaskLogits));
-    if (grad_bias.defined()) out[kBias] = grad_bias.to(bias_type_);
-    return out;
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!grads[0].defined()) return variable_list(4);
+    return Layer::compute(grads[0], state(), params_);
+  }
+
+  void compiled_args(CompiledNodeArgs& args) const override {
+    for (const SavedVariable* v : {&input_, &weight_, &mask_logits_, &w_eff_}) args.collect(*v, false);
+    args.collect(beta_);
+    args.collect(hard_);
+    args.collect(penalty_);
+    args.collect(bias_type_);
+    Layer::collect(args, params_);
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
+    for (SavedVariable* v : {&input_, &weight_, &mask_logits_, &w_eff_}) saved.before(*v);
+    saved.before(beta_);
+    PackedArgs packed;
+    state().pack(packed);
+    Layer::pack(packed, params_);
+    variable_list result = call_compiled(*this, saved, name(), &functional, grads, packed.vec());
+    for (SavedVariable* v : {&input_, &weight_, &mask_logits_, &w_eff_}) saved.after(*v);
+    saved.after(beta_);
+    return result;
+  }
+
+  static variable_list functional(const variable_list& grads, const std::vector<at::IValue>& args) {
+    PackedArgs packed(args);
+    const LayerState state = LayerState::unpack(packed);
+    const typename Layer::Params params = Layer::unpack(packed);
+    variable_list result = grads[0].defined() ? Layer::compute(grads[0], state, params) : variable_list(4);
+    // As in GateBackward::functional: a tensor for every edge that takes a gradient.
+    const std::array<at::Tensor, 4> likes = {state.input, state.weight, state.mask_logits, at::Tensor()};
+    for (size_t i = 0; i < 3; ++i) {
+      if (state.needs[i] && !result[i].defined()) result[i] = at::zeros_like(likes[i]);
+    }
+    return result;
   }
 };
 
 // linear(x, w * m, b): dx = G w_eff, dw_eff = G^T x, db = G summed over rows.
-struct GatedLinearBackward : public GatedLayerBackward {
-  std::string name() const override { return "csext::GatedLinearBackward"; }
+struct Linear {
+  static constexpr const char* kName = "csext::GatedLinearBackward";
+  struct Params {};
 
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
+  static variable_list compute(const at::Tensor& grad_out, const LayerState& s, const Params&) {
     const BelowAutogradUnlessGradMode below_autograd;
-    const at::Tensor& grad_out = grads[0];
-    if (!grad_out.defined()) return variable_list(4);
-    const at::Tensor w_eff = w_eff_.unpack();
-    const at::Tensor grad_rows = grad_out.reshape({-1, w_eff.size(0)});
+    const at::Tensor grad_rows = grad_out.reshape({-1, s.w_eff.size(0)});
     at::Tensor grad_input, grad_w_eff, grad_bias;
-    if (task_should_compute_output(kInput)) grad_input = grad_out.matmul(w_eff);
-    if (needs_w_eff()) {
-      const at::Tensor input = input_.unpack();
-      grad_w_eff = grad_rows.t().mm(input.reshape({-1, input.size(-1)}));
-    }
-    if (task_should_compute_output(kBias)) grad_bias = grad_rows.sum(0);
-    return finish(std::move(grad_input), grad_w_eff, grad_bias);
+    if (s.needs[LayerState::kInput]) grad_input = grad_out.matmul(s.w_eff);
+    if (s.needs_w_eff()) grad_w_eff = grad_rows.t().mm(s.input.reshape({-1, s.input.size(-1)}));
+    if (s.needs[LayerState::kBias]) grad_bias = grad_rows.sum(0);
+    return s.finish(std::move(grad_input), grad_w_eff, grad_bias);
   }
+  static void collect(CompiledNodeArgs&, const Params&) {}
+  static void pack(PackedArgs&, const Params&) {}
+  static Params unpack(PackedArgs&) { return {}; }
 };
 
 // conv2d(x, w * m, b): ATen's convolution_backward (cuDNN, oneDNN), then the gate's.
-struct GatedConv2dBackward : public GatedLayerBackward {
-  std::vector<int64_t> stride_, padding_, dilation_;
-  int64_t groups_ = 1;
+struct Conv2d {
+  static constexpr const char* kName = "csext::GatedConv2dBackward";
+  struct Params {
+    std::vector<int64_t> stride, padding, dilation;
+    int64_t groups = 1;
+  };
 
-  std::string name() const override { return "csext::GatedConv2dBackward"; }
-
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
+  static variable_list compute(const at::Tensor& grad_out, const LayerState& s, const Params& p) {
     const BelowAutogradUnlessGradMode below_autograd;
-    if (!grads[0].defined()) return variable_list(4);
-    const bool needs_bias = task_should_compute_output(kBias);
-    const at::Tensor w_eff = w_eff_.unpack();
-    const std::array<int64_t, 1> bias_sizes = {w_eff.size(0)};
+    const bool needs_bias = s.needs[LayerState::kBias];
+    const std::array<int64_t, 1> bias_sizes = {s.w_eff.size(0)};
     auto [grad_input, grad_w_eff, grad_bias] = at::convolution_backward(
-        grads[0], input_.unpack(), w_eff,
-        needs_bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), stride_,
-        padding_, dilation_, /*transposed=*/false, /*output_padding=*/{0, 0}, groups_,
-        {task_should_compute_output(kInput), needs_w_eff(), needs_bias});
-    return finish(std::move(grad_input), grad_w_eff, grad_bias);
+        grad_out, s.input, s.w_eff,
+        needs_bias ? at::OptionalIntArrayRef(bias_sizes) : at::OptionalIntArrayRef(), p.stride,
+        p.padding, p.dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, p.groups,
+        {s.needs[LayerState::kInput], s.needs_w_eff(), needs_bias});
+    return s.finish(std::move(grad_input), grad_w_eff, grad_bias);
+  }
+  static void collect(CompiledNodeArgs& args, const Params& p) {
+    args.collect(p.stride);
+    args.collect(p.padding);
+    args.collect(p.dilation);
+    args.collect(p.groups);
+  }
+  static void pack(PackedArgs& packed, const Params& p) {
+    packed.pack(p.stride);
+    packed.pack(p.padding);
+    packed.pack(p.dilation);
+    packed.pack(p.groups);
+  }
+  static Params unpack(PackedArgs& packed) {
+    Params p;
+    p.stride = packed.unpack<std::vector<int64_t>>();
+    p.padding = packed.unpack<std::vector<int64_t>>();
+    p.dilation = packed.unpack<std::vector<int64_t>>();
+    p.groups = packed.unpack<int64_t>();
+    return p;
   }
 };
 
@@ -319,8 +492,8 @@ at::Tensor gated_linear_autograd(const at::Tensor& input, const at::Tensor& weig
   set_tangent(out, layer_tangent(out, input, w_eff, gate_tangent(weight, mask_logits, beta, hard, dtype),
                                  bias, {-1}, linear));
   if (!needs_grad) return out;
-  auto node = make_node<GatedLinearBackward>();
-  node->attach(out, input, weight, mask_logits, bias, w_eff, beta, hard, penalty);
+  auto node = make_node<GatedLayerBackward<Linear>>();
+  node->attach(input, weight, mask_logits, bias, w_eff, beta, hard, penalty, {});
   torch::autograd::set_history(out, node);
   return out;
 }
@@ -342,12 +515,9 @@ at::Tensor gated_conv2d_autograd(const at::Tensor& input, const at::Tensor& weig
   set_tangent(out, layer_tangent(out, input, w_eff, gate_tangent(weight, mask_logits, beta, hard, dtype),
                                  bias, {1, -1, 1, 1}, conv));
   if (!needs_grad) return out;
-  auto node = make_node<GatedConv2dBackward>();
-  node->attach(out, input, weight, mask_logits, bias, w_eff, beta, hard, penalty);
-  node->stride_ = stride.vec();
-  node->padding_ = padding.vec();
-  node->dilation_ = dilation.vec();
-  node->groups_ = groups;
+  auto node = make_node<GatedLayerBackward<Conv2d>>();
+  node->attach(input, weight, mask_logits, bias, w_eff, beta, hard, penalty,
+               {stride.vec(), padding.vec(), dilation.vec(), groups});
   torch::autograd::set_history(out, node);
   return out;
 }
