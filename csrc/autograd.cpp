@@ -364,7 +364,14 @@ struct GatedLayerBackward : public torch::autograd::Node {
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!grads[0].defined()) return variable_list(4);
-    return Layer::compute(grads[0], state(), params_);
+    LayerState state = this->state();
+    if (at::GradMode::is_enabled()) {
+      // create_graph=True: the input gradient (G w_eff) must reach w and s in the next
+      // backward, and the forward's w_eff has no history: gate again, with autograd.
+      state.w_eff = call_gate(state.weight, state.mask_logits, state.beta, state.hard, 0.0,
+                              state.w_eff.scalar_type());
+    }
+    return Layer::compute(grads[0], state, params_);
   }
 
   void compiled_args(CompiledNodeArgs& args) const override {

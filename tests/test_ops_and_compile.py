@@ -156,6 +156,34 @@ def test_functorch_grad_and_vmap_match_torch_backend():
 
 
 @needs_cpp
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("hard", [False, True])
+def test_double_backward_through_the_input_gradient(kind, hard):
+    """create_graph=True: a loss on dL/dx (a gradient penalty, a Hessian-vector product)
+    differentiates back to x, w, s and b as with the torch backend."""
+    F64 = torch.float64
+    if kind == "linear":
+        x, w = torch.randn(3, 5, dtype=F64), torch.randn(4, 5, dtype=F64)
+    else:
+        x, w = torch.randn(2, 4, 5, 6, dtype=F64), torch.randn(6, 2, 3, 3, dtype=F64)
+    s, b = mask_logits_like(w, F64), torch.randn(w.shape[0], dtype=F64)
+    grads = {}
+    for backend in ("cpp", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (x, w, s, b)]
+        if kind == "linear":
+            y = csext.functional.gated_linear(*leaves[:3], 2.0, leaves[3], hard=hard, backend=backend)
+        else:
+            y = csext.functional.gated_conv2d(*leaves[:3], 2.0, leaves[3], 1, 1, 1, 2, hard=hard, backend=backend)
+        (grad_x,) = torch.autograd.grad(y.square().sum(), leaves[0], create_graph=True)
+        grad_x.square().sum().backward()
+        grads[backend] = [t.grad for t in leaves]
+    for name, got, want in zip("xwsb", grads["cpp"], grads["torch"]):
+        assert (got is None) == (want is None), name
+        if want is not None:
+            torch.testing.assert_close(got, want, msg=lambda m: f"{name}: {m}")
+
+
+@needs_cpp
 @pytest.mark.parametrize("hard", [False, True])
 def test_compiled_autograd_matches_eager(hard):
     """torch._dynamo.compiled_autograd runs the gate's and the layers' nodes through the
