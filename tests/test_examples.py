@@ -93,17 +93,33 @@ def test_host_bench_times_each_backend_against_the_plain_layer(tmp_path):
     assert {r["extra_us"] for r in rows if r["provider"] == "dense"} == {"0.00"}
 
 
-def test_triton_kernels_compile_for_hopper_with_wgmma():
-    """The fused GEMMs compile for sm_90 here, without a GPU, to wgmma with the gated tile as the
-    register operand (a subprocess: the tests run Triton's interpreter, which does not compile)."""
+# Shared memory a thread block may hold (KiB): A100 (sm_80) and H100 (sm_90).
+SHARED_LIMIT_KIB = {80: 163, 90: 227}
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_every_autotuned_triton_config_compiles(arch):
+    """Every autotuned configuration of the fused GEMMs compiles for sm_80 and sm_90 here,
+    without a GPU, within the architecture's shared memory; on sm_90 each uses wgmma, and the
+    forward takes the gated tile as the register operand (a subprocess: the tests run Triton's
+    interpreter, which does not compile)."""
     pytest.importorskip("triton")
+    kernels = pytest.importorskip("csext.kernels.gated_matmul")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "inspect_triton.py"), "--configs", "1"],
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "inspect_triton.py"), "--arch", str(arch)],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    forward = next(line for line in done.stdout.splitlines() if line.startswith("| forward"))
-    _, _, _, wgmma, mma_sync, operand, *_ = (cell.strip() for cell in forward.split("|"))
-    assert int(wgmma) > 0 and mma_sync == "0" and operand == "registers", forward
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("| forward", "| weight grad"))]
+    assert len(rows) == len(kernels.GATED_CONFIGS) + len(kernels.WEIGHT_GRAD_CONFIGS)
+    for row in rows:
+        name, _, wgmma, mma_sync, operand, shared, _ = (cell.strip() for cell in row.strip("|").split("|"))
+        assert int(shared.split()[0]) <= SHARED_LIMIT_KIB[arch], row
+        if arch == 90:
+            assert int(wgmma) > 0 and mma_sync == "0", row
+            if name.startswith("forward"):
+                assert operand == "registers", row
+        else:
+            assert int(mma_sync) > 0, row
 
 
 def test_bench_rejects_unknown_names():
