@@ -2,7 +2,7 @@
 # One GPU session in one call (the device is lent by the minute): build csext with its CUDA
 # kernels, run the GPU tests, then the benchmarks. Everything lands under $OUT (default
 # ./gpu-out): log.txt, gpu.csv + three PNGs (bench/run.py), host.csv (bench/host.py),
-# step.csv (bench/step.py).
+# step.csv and profile*/ (bench/step.py).
 # A shorter session: TEST_TIMEOUT=110 LINEAR_PROVIDERS=dense,torch,cuda,triton SKIP_CHANNELS_LAST=1.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -38,7 +38,8 @@ stage bench host time per layer
 timeout 30 python3 bench/host.py --device cuda --csv "$OUT/host.csv"
 stage bench ResNet-20 step
 for layout in "" --channels-last; do
-  timeout 45 python3 bench/step.py --device cuda --model resnet20 --autocast bf16 $layout --csv "$OUT/step.csv"
+  timeout 60 python3 bench/step.py --device cuda --model resnet20 --autocast bf16 $layout --csv "$OUT/step.csv" \
+    --profile "$OUT/profile${layout:+-channels-last}"
 done
 stage bench conv, bf16 autocast
 timeout 90 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv \

@@ -9,6 +9,11 @@ random batch. Samples rotate among providers; each time is a median, each ratio 
 dense median of the same run. With --compile every model's forward (dense ones too) runs
 through torch.compile, which removes most of the per-layer host work of eager mode. Rows are
 appended (atomically) to bench/results/step.csv.
+
+With --profile DIR each provider also runs a few steps under torch.profiler: DIR gets the
+operator tables (profile-<provider>.txt), and the summary line says how much of a step's wall
+time the GPU spends in kernels. A GPU busy for a small share of the step is waiting for the
+host: there, host work per layer (bench/host.py) is what a CS step adds.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from csext import nets
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import Clock, append_rows, machine_info  # noqa: E402
 
+from csext._files import write_atomic  # noqa: E402
+
 FIELDS = ["run", "commit", "device", "machine", "torch", "triton", "threads", "model", "batch", "dtype",
           "layout", "provider", "median_ms", "q1_ms", "q3_ms", "ratio_to_dense", "repeats"]
 
@@ -44,6 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "results" / "step.csv")
     parser.add_argument("--no-save", action="store_true")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="also profile a few steps per provider; tables and a summary go to DIR")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
@@ -112,7 +121,40 @@ def main(argv=None) -> int:
     if not args.no_save:
         append_rows(args.csv, rows, FIELDS)
         print(f"appended {len(rows)} rows to {args.csv}")
+    if args.profile is not None:
+        medians = {name: statistics.median(ts) for name, ts in times.items()}
+        for name, step in steps.items():
+            print("  " + profile(step, name, medians[name], args.device, args.profile))
     return 0
+
+
+PROFILED_STEPS = 5
+
+
+def profile(step, name: str, wall_ms: float, device: torch.device, out: Path) -> str:
+    """Profile a few steps of `step`; write the operator tables to out/profile-<name>.txt and
+    return the summary: kernel time per step against the (unprofiled) median wall time."""
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    if device.type == "cuda":
+        kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / PROFILED_STEPS
+        summary = (f"{name}: wall {wall_ms:.3f} ms per step, kernels {kernel_ms:.3f} ms per step "
+                   f"(the GPU is busy {kernel_ms / wall_ms:.0%} of the step)")
+    else:
+        summary = f"{name}: wall {wall_ms:.3f} ms per step; operator times in profile-{name}.txt"
+    tables = [summary, "", "by self CPU time", events.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if device.type == "cuda":
+        tables += ["by self device time", events.table(sort_by="self_device_time_total", row_limit=20)]
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / f"profile-{name}.txt", "\n".join(tables).encode())
+    return summary
 
 
 if __name__ == "__main__":

@@ -72,13 +72,16 @@ def test_step_bench_times_dense_and_cs_steps(tmp_path, capsys):
     step = _load(ROOT / "bench" / "step.py")
     results = tmp_path / "step.csv"
     assert step.main(["--device", "cpu", "--model", "conv4", "--batch", "2", "--repeats", "2", "--warmup", "1",
-                      "--csv", str(results)]) == 0
+                      "--csv", str(results), "--profile", str(tmp_path / "profile")]) == 0
     with open(results, newline="") as f:
         rows = {r["provider"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"dense"} | {f"cs-{b}" for b in ("torch", "cpp") if b in csext.backends.available()}
     assert rows["dense"]["ratio_to_dense"] == "1.000"
     assert all(float(r["median_ms"]) > 0 for r in rows.values())
     assert "cs-torch" in capsys.readouterr().out
+    for provider in rows:
+        text = (tmp_path / "profile" / f"profile-{provider}.txt").read_text()
+        assert text.startswith(f"{provider}: wall") and "by self CPU time" in text
 
 
 def test_host_bench_times_each_backend_against_the_plain_layer(tmp_path):
