@@ -130,8 +130,8 @@ def _gate(weight, mask_logits, beta, hard, penalty, dtype, name: str) -> torch.T
 
 
 # Backends whose gated layers are one op and one autograd node (csrc/autograd.cpp): the gate,
-# then ATen's linear or convolution. A small layer on a GPU costs what its host code costs, and
-# one op and node instead of two of each is most of the gain measured by bench/host.py.
+# then ATen's linear or convolution. A small layer on a GPU costs what its host code costs;
+# bench/host.py measures what one op and node instead of two of each saves.
 _LAYER_OPS = ("cpp", "cuda")
 
 
