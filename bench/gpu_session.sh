@@ -35,7 +35,7 @@ stage bench linear, bf16 autocast
 timeout 200 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops linear \
   --compile-ops linear --repeats 8 --providers "${LINEAR_PROVIDERS:-all}" --csv "$OUT/gpu.csv" --plot "$OUT/linear.png"
 stage bench host time per layer
-timeout 30 python3 bench/host.py --device cuda --csv "$OUT/host.csv"
+timeout 30 python3 bench/host.py --device cuda --autocast bf16 --csv "$OUT/host.csv"
 stage bench ResNet-20 step
 for layout in "" --channels-last; do
   timeout 60 python3 bench/step.py --device cuda --model resnet20 --autocast bf16 $layout --csv "$OUT/step.csv" \

@@ -2,7 +2,7 @@
 what is timed is the work around them (Python, dispatch, autograd nodes, launches).
 
     python bench/host.py --device cpu
-    python bench/host.py --device cuda
+    python bench/host.py --device cuda --autocast bf16
 
 A layer this small runs at the speed of its host code on a GPU, and so does a network of
 small layers (ResNet-20 at batch 128 on an H100): these microseconds, times the number of
@@ -30,8 +30,9 @@ import csext
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import append_rows, machine_info  # noqa: E402
 
-FIELDS = ["run", "commit", "device", "machine", "torch", "triton", "threads", "layer", "provider",
+FIELDS = ["run", "commit", "device", "machine", "torch", "triton", "threads", "dtype", "layer", "provider",
           "median_us", "q1_us", "q3_us", "extra_us", "ratio_to_dense", "repeats", "calls"]
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_args(argv=None):
@@ -39,6 +40,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=30, help="timed samples per provider and layer")
     parser.add_argument("--calls", type=int, default=200, help="forward+backward calls per sample")
+    parser.add_argument("--autocast", choices=sorted(AUTOCAST), default=None,
+                        help="run every call under torch.autocast in this dtype")
     parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "results" / "host.csv")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
@@ -67,11 +70,13 @@ def providers(plain: nn.Module, device: torch.device) -> dict:
     return found
 
 
-def sample(layer: nn.Module, x: torch.Tensor, calls: int, device: torch.device) -> float:
+def sample(layer: nn.Module, x: torch.Tensor, calls: int, device: torch.device, autocast=None) -> float:
     """Mean host time of one forward+backward call, in microseconds."""
     start = time.perf_counter()
     for _ in range(calls):
-        layer(x).sum().backward()
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            y = layer(x)
+        y.sum().backward()
     if device.type == "cuda":
         torch.cuda.synchronize()  # once per sample: the tiny kernels never fill the queue
     return (time.perf_counter() - start) / calls * 1e6
@@ -79,18 +84,19 @@ def sample(layer: nn.Module, x: torch.Tensor, calls: int, device: torch.device) 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    info = machine_info(args.device)
+    info = {**machine_info(args.device), "dtype": f"autocast-{args.autocast}" if args.autocast else "float32"}
+    autocast = AUTOCAST.get(args.autocast)
     rows = []
     for name, (plain, x) in layers(args.device).items():
         plain, x = plain.to(args.device), x.to(args.device).requires_grad_()
         found = providers(plain, args.device)
         for layer in found.values():
-            sample(layer, x, args.calls, args.device)  # warm up
+            sample(layer, x, args.calls, args.device, autocast)  # warm up
         times = {p: [] for p in found}
         order = list(found)
         for r in range(args.repeats):
             for p in order[r % len(order):] + order[: r % len(order)]:
-                times[p].append(sample(found[p], x, args.calls, args.device))
+                times[p].append(sample(found[p], x, args.calls, args.device, autocast))
         dense = statistics.median(times["dense"])
         for p, ts in times.items():
             q1, _, q3 = statistics.quantiles(ts, n=4)
@@ -98,7 +104,8 @@ def main(argv=None) -> int:
             rows.append({**info, "layer": name, "provider": p, "median_us": f"{median:.2f}", "q1_us": f"{q1:.2f}",
                          "q3_us": f"{q3:.2f}", "extra_us": f"{median - dense:.2f}",
                          "ratio_to_dense": f"{median / dense:.3f}", "repeats": len(ts), "calls": args.calls})
-    print(f"{info['machine']} | torch {info['torch']} | {info['threads']} threads | commit {info['commit']}")
+    print(f"{info['machine']} | torch {info['torch']} | {info['threads']} threads | {info['dtype']} | "
+          f"commit {info['commit']}")
     print("host time of one forward+backward call (median); extra = over the plain layer in the same run")
     for row in rows:
         print(f"  {row['layer']:24s} {row['provider']:8s} {float(row['median_us']):8.1f} us "

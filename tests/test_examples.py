@@ -84,12 +84,15 @@ def test_step_bench_times_dense_and_cs_steps(tmp_path, capsys):
         assert text.startswith(f"{provider}: wall") and "by self CPU time" in text
 
 
-def test_host_bench_times_each_backend_against_the_plain_layer(tmp_path):
+@pytest.mark.parametrize("autocast", [None, "bf16"])
+def test_host_bench_times_each_backend_against_the_plain_layer(tmp_path, autocast):
     host = _load(ROOT / "bench" / "host.py")
     results = tmp_path / "host.csv"
-    assert host.main(["--device", "cpu", "--repeats", "2", "--calls", "2", "--csv", str(results)]) == 0
+    extra = ["--autocast", autocast] if autocast else []
+    assert host.main(["--device", "cpu", "--repeats", "2", "--calls", "2", "--csv", str(results)] + extra) == 0
     with open(results, newline="") as f:
         rows = list(csv.DictReader(f))
+    assert {r["dtype"] for r in rows} == {f"autocast-{autocast}" if autocast else "float32"}
     backends = {"dense"} | {b for b in ("torch", "cpp") if b in csext.backends.available()}
     assert {(r["layer"].split()[0], r["provider"]) for r in rows} == {(l, b) for l in ("linear", "conv") for b in backends}
     assert all(float(r["median_us"]) > 0 for r in rows)
