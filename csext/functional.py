@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from . import _ops, backends, reference
 
@@ -216,6 +217,19 @@ def gated_linear(
     return _add_bias(F.linear(x, w_eff) * mask_scale, bias, channel_dim=-1)  # c scales the output, not the weight
 
 
+def _explicit_padding(padding: str, kernel_size, stride, dilation):
+    """'valid' or 'same' as the symmetric padding F.conv2d would apply, for the layer op; the
+    string itself where that takes more (asymmetric 'same', a stride: F.conv2d handles or
+    refuses those)."""
+    if padding == "valid":
+        return 0
+    stride, dilation = _pair(stride), _pair(dilation)
+    totals = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+    if padding != "same" or stride != (1, 1) or any(t % 2 for t in totals):
+        return padding
+    return tuple(t // 2 for t in totals)
+
+
 def gated_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -245,6 +259,8 @@ def gated_conv2d(
         )
     name = backends.resolve(backend, _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale))
     x, dtype = _layer_input(x, weight, bias)
+    if isinstance(padding, str) and name in _LAYER_OPS:
+        padding = _explicit_padding(padding, weight.shape[2:], stride, dilation)
     if name in _LAYER_OPS and mask_scale == 1.0 and x.dim() == 4 and not isinstance(padding, str):
         return torch.ops.csext.gated_conv2d.default(
             x, weight, mask_logits, _ops.beta_tensor(beta), bias, stride, padding, dilation, groups, bool(hard),

@@ -21,6 +21,9 @@ CONV_SHAPES = [  # (x shape, out_channels, kernel, stride, padding, dilation, gr
     ((2, 6, 9, 11), 4, 3, 2, 1, 1, 2),
     ((1, 3, 8, 7), 5, (3, 2), 1, 2, 2, 1),
     ((3, 16, 10, 10), 16, 3, 1, 1, 1, 16),
+    ((2, 4, 7, 6), 3, (3, 5), 1, "same", (2, 1), 1),  # symmetric 'same': the layer op
+    ((2, 4, 7, 6), 3, (3, 4), 1, "same", 1, 1),  # asymmetric 'same': the composite path
+    ((1, 2, 6, 6), 3, 3, 2, "valid", 1, 1),
 ]
 
 
