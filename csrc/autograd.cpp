@@ -3,10 +3,10 @@
 // A gated layer is one op and one autograd node: its forward gates the weight and runs ATen's
 // linear or convolution (cuBLAS, cuDNN, oneDNN), its backward ATen's matmuls or
 // convolution_backward and then the gate's backward. The nodes are written as ATen writes its
-// own. A small layer on a GPU runs at the speed of its host code, and on the CPU
-// (bench/host.py, tiny layers, forward+backward) this took a gated layer's host time over the
-// plain layer's from +57 us (linear) and +60 us (3x3 conv), with the gate as a
-// torch::autograd::Function node beside ATen's node, to +29 us and +40 us.
+// own. A small layer on a GPU runs at the speed of its host code; on the 2-core CPU CI machine
+// (bench/host.py, tiny layers, forward+backward; bench/README.md) this took a gated layer's host
+// time over the plain layer's from +61 us (linear) and +72 us (3x3 conv), with the gate as a
+// torch::autograd::Function node beside ATen's node, to +29 us and +43 us.
 //
 // Everything is called through the dispatcher, so one registration serves every device's
 // kernels, and torch.compile traces the inner ops (csext::gate through the fake kernels of
@@ -142,7 +142,7 @@ at::Tensor layer_tangent(const at::Tensor& out, const at::Tensor& input, const a
 
 // The nodes below are written as ATen writes its generated ones: the generic
 // torch::autograd::Function node (CppNode: saved_data map, argument wrapping) cost ~15 us more
-// per forward+backward on this CPU. Each computes its backward in a static function of its
+// per forward+backward on the 2-core CPU CI machine. Each computes its backward in a static function of its
 // saved state, which apply() calls, and which compiled autograd (torch._dynamo.compiled_autograd)
 // gets as a function of IValues (apply_with_saved) to put in its graph.
 
