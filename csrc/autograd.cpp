@@ -142,9 +142,9 @@ at::Tensor layer_tangent(const at::Tensor& out, const at::Tensor& input, const a
 
 // The nodes below are written as ATen writes its generated ones: the generic
 // torch::autograd::Function node (CppNode: saved_data map, argument wrapping) cost ~15 us more
-// per forward+backward on the 2-core CPU CI machine. Each computes its backward in a static function of its
-// saved state, which apply() calls, and which compiled autograd (torch._dynamo.compiled_autograd)
-// gets as a function of IValues (apply_with_saved) to put in its graph.
+// per forward+backward on the 2-core CPU CI machine. Each computes its backward in a static
+// function of its saved state, which apply() calls, and which compiled autograd
+// (torch._dynamo.compiled_autograd) gets as a function of IValues (apply_with_saved).
 
 using torch::autograd::SavedVariable;
 using torch::dynamo::autograd::CompiledNodeArgs;
