@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU session in one call (the device is lent by the minute): build csext with its CUDA
 # kernels, run the GPU tests, then the benchmarks. Everything lands under $OUT (default
-# ./gpu-out): log.txt, gpu.csv + three PNGs (bench/run.py), host.csv (bench/host.py),
-# step.csv and profile*/ (bench/step.py).
+# ./gpu-out), in six files (the device tool returns at most eight): log.txt, pytest.txt (the
+# GPU tests' whole report), gpu.csv (bench/run.py), host.csv (bench/host.py), step.csv
+# (bench/step.py), and extras.tar.gz with the PNGs and the profile tables.
 # A shorter session: TEST_TIMEOUT=110 LINEAR_PROVIDERS=dense,torch,cuda,triton SKIP_CHANNELS_LAST=1.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -26,7 +27,8 @@ echo "16-byte loads in the CUDA gate kernels (LDG.E.128):" \
 stage tests
 # From /tmp, so that the installed csext (with csext._C) is imported, not the source tree.
 cd /tmp && CSEXT_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -rfEs \
-  "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" 2>&1 | tail -40
+  "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" >"$OUT/pytest.txt" 2>&1
+tail -40 "$OUT/pytest.txt"
 
 cd "$REPO"
 # One invocation per op and layout: each saves its rows when it ends, so a stage cut short by
@@ -44,8 +46,10 @@ done
 stage bench conv, bf16 autocast
 timeout 90 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv \
   --compile-ops "" --repeats 8 --csv "$OUT/gpu.csv" --plot "$OUT/conv.png"
-[ -n "${SKIP_CHANNELS_LAST:-}" ] && { stage done; exit 0; }
-stage bench conv channels_last
-timeout 60 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv --channels-last \
-  --compile-ops "" --repeats 8 --csv "$OUT/gpu.csv" --plot "$OUT/conv-channels-last.png"
+if [ -z "${SKIP_CHANNELS_LAST:-}" ]; then
+  stage bench conv channels_last
+  timeout 60 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv --channels-last \
+    --compile-ops "" --repeats 8 --csv "$OUT/gpu.csv" --plot "$OUT/conv-channels-last.png"
+fi
+(cd "$OUT" && tar czf extras.tar.gz --remove-files ./*.png profile*)
 stage done
