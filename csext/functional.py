@@ -135,6 +135,29 @@ def _gate(weight, mask_logits, beta, hard, penalty, dtype, name: str) -> torch.T
 # bench/host.py measures what one op and node instead of two of each saves.
 _LAYER_OPS = ("cpp", "cuda")
 
+# In eager mode, a call whose backend is a layer op first tries the C++ fast path of csext._C
+# (csrc/python.cpp): the checks below, autocast's cast of x and the op call in one C call. It
+# returns None for anything it does not take, and the call goes on here, where bad input gets
+# its error.
+_EAGER = getattr(_ops, "_C", None)
+_EAGER_TAKES: dict = {}  # (backend, device type) -> whether a layer op runs there
+
+
+def _eager_layer_op(backend, weight) -> bool:
+    """The C++ fast path may take this call: eager mode, and `backend` resolves to a layer op
+    on weight's device."""
+    if _EAGER is None or torch.compiler.is_compiling() or not isinstance(weight, torch.Tensor):
+        return False
+    key = (backend, weight.device.type)
+    taken = _EAGER_TAKES.get(key)
+    if taken is None:
+        try:
+            taken = backends.resolve(backend, key[1]) in _LAYER_OPS
+        except ValueError:  # a bad backend: the checked path raises it, after the other checks
+            taken = False
+        _EAGER_TAKES[key] = taken
+    return taken
+
 
 def _check_triton_dtype(weight: torch.Tensor) -> None:
     if weight.dtype == torch.float64:
@@ -198,6 +221,10 @@ def gated_linear(
     mask_scale: float = 1.0,
 ) -> torch.Tensor:
     """y = x @ (c * w * m)^T + b, for x of shape (..., in_features), with c = mask_scale."""
+    if mask_scale == 1.0 and isinstance(backend, str) and _eager_layer_op(backend, weight):
+        y = _EAGER.gated_linear(x, weight, mask_logits, beta, bias, hard, penalty)
+        if y is not None:
+            return y
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -247,6 +274,10 @@ def gated_conv2d(
     mask_scale: float = 1.0,
 ) -> torch.Tensor:
     """conv2d(x, c * w * m, b) for x of shape (N, C_in, H, W) or (C_in, H, W), c = mask_scale."""
+    if mask_scale == 1.0 and isinstance(backend, str) and _eager_layer_op(backend, weight):
+        y = _EAGER.gated_conv2d(x, weight, mask_logits, beta, bias, hard, penalty, stride, padding, dilation, groups)
+        if y is not None:
+            return y
     if weight.dim() != 4:
         raise ValueError(
             f"weight must be 4-D (out_channels, in_channels/groups, kH, kW), got shape {tuple(weight.shape)}"

@@ -1,8 +1,6 @@
 // csext::gate and csext::gate_backward: schemas and the CPU kernels (the checks they share
 // with the CUDA kernels of csrc/cuda are in gate_checks.h). Fake registrations live in
 // csext/_ops.py, the autograd in autograd.cpp; the math is SPEC section 1.
-#include <Python.h>
-
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -20,12 +18,6 @@
 
 #include "gate_checks.h"
 #include "gate_cpu.h"
-
-// `import csext._C` loads this library, which registers the ops below with the dispatcher.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}
 
 namespace csext {
 namespace {

@@ -1,0 +1,224 @@
+// csext._C, the Python module. Importing it loads this library, whose static initialisers
+// register the ops (ops.cpp, autograd.cpp, cuda/ops_cuda.cpp). Its two functions are the eager
+// fast path of csext.functional.gated_linear and gated_conv2d on the cpp and cuda backends: one
+// C call that checks the arguments, casts x as autocast would and calls the layer op through
+// the dispatcher, in place of the Python checks and the boxed torch.ops call. A small layer on a
+// GPU runs at the speed of its host code, so these microseconds count (bench/host.py).
+//
+// They take what csext.functional takes as valid, or less, and never explain: for any other
+// argument they return None, and the Python path runs, which raises the error that names the
+// argument. A tensor subclass or an active __torch_function__ mode also gets None (the Python
+// path hands it to __torch_function__); dispatcher-level machinery (autograd, functorch,
+// __torch_dispatch__ modes) sees the same op call either way.
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <array>
+#include <cmath>
+#include <mutex>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "gate_checks.h"
+
+namespace csext {
+namespace {
+
+using at::ScalarType;
+
+// A float or int (not bool) with lowest <= value < inf, as check_beta and check_penalty take.
+bool read_number(PyObject* obj, double lowest, double& value) {
+  if (PyFloat_Check(obj)) {
+    value = PyFloat_AS_DOUBLE(obj);
+  } else if (PyLong_Check(obj) && !PyBool_Check(obj)) {
+    value = PyLong_AsDouble(obj);
+    if (value == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+  } else {
+    return false;
+  }
+  return value >= lowest && value < INFINITY;  // NaN fails both
+}
+
+bool read_int(PyObject* obj, int64_t& value) {
+  if (!PyLong_Check(obj) || PyBool_Check(obj)) return false;
+  int overflow = 0;
+  value = PyLong_AsLongLongAndOverflow(obj, &overflow);
+  if (overflow != 0 || (value == -1 && PyErr_Occurred())) {
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+// An int, or a tuple or list of two ints (a conv2d stride, padding or dilation).
+bool read_pair(PyObject* obj, std::array<int64_t, 2>& pair) {
+  if (PyTuple_Check(obj) || PyList_Check(obj)) {
+    return PySequence_Fast_GET_SIZE(obj) == 2 && read_int(PySequence_Fast_GET_ITEM(obj, 0), pair[0]) &&
+           read_int(PySequence_Fast_GET_ITEM(obj, 1), pair[1]);
+  }
+  if (!read_int(obj, pair[0])) return false;
+  pair[1] = pair[0];
+  return true;
+}
+
+// beta as the ops take it: a 0-dim float64 CPU tensor (csext/_ops.py beta_tensor), one per value
+// in use, so that a call allocates none.
+at::Tensor beta_tensor(double beta) {
+  static std::mutex mutex;
+  static auto* cache = new std::vector<std::pair<double, at::Tensor>>();  // never freed: no exit-order issue
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& [value, tensor] : *cache) {
+    if (value == beta) return tensor;
+  }
+  if (cache->size() >= 64) cache->clear();
+  cache->emplace_back(beta, at::scalar_tensor(beta, at::TensorOptions().dtype(ScalarType::Double)));
+  return cache->back().second;
+}
+
+// The arguments both layers share, once taken.
+struct Layer {
+  at::Tensor x, weight, mask_logits, beta;
+  std::optional<at::Tensor> bias;
+  bool hard = false;
+  double penalty = 0.0;
+  ScalarType dtype = ScalarType::Float;
+};
+
+// args: x, weight, mask_logits, beta, bias, hard, penalty. The checks of
+// functional._check_layer_args and _layer_input, and its autocast cast of x.
+std::optional<Layer> take_layer(PyObject* const* args, int64_t weight_dim,
+                                bool (*x_fits)(const at::Tensor& x, const at::Tensor& weight)) {
+  PyObject *x_obj = args[0], *weight_obj = args[1], *mask_logits_obj = args[2], *bias_obj = args[4];
+  // Exactly torch.Tensor or nn.Parameter: a subclass may override __torch_function__.
+  if (at::impl::torch_function_mode_enabled() || !THPVariable_CheckExact(x_obj) ||
+      !THPVariable_CheckExact(weight_obj) || !THPVariable_CheckExact(mask_logits_obj) ||
+      (bias_obj != Py_None && !THPVariable_CheckExact(bias_obj)) || !PyBool_Check(args[5])) {
+    return std::nullopt;
+  }
+  Layer layer;
+  double beta = 0.0;
+  if (!read_number(args[3], 1.0, beta) || !read_number(args[6], 0.0, layer.penalty)) return std::nullopt;
+  layer.hard = args[5] == Py_True;
+  layer.x = THPVariable_Unpack(x_obj);
+  layer.weight = THPVariable_Unpack(weight_obj);
+  layer.mask_logits = THPVariable_Unpack(mask_logits_obj);
+  const at::Tensor &x = layer.x, &weight = layer.weight, &mask_logits = layer.mask_logits;
+  const ScalarType weight_type = weight.scalar_type();
+  const bool fp64 = weight_type == ScalarType::Double;
+  if (weight.dim() != weight_dim || !x_fits(x, weight) || weight.sizes() != mask_logits.sizes() ||
+      !is_gate_dtype(weight_type) || mask_logits.scalar_type() != (fp64 ? ScalarType::Double : ScalarType::Float)) {
+    return std::nullopt;
+  }
+  const at::Device device = weight.device();
+  if (!(device.is_cpu() || device.is_cuda()) || mask_logits.device() != device || x.device() != device) {
+    return std::nullopt;
+  }
+  if (bias_obj != Py_None) {
+    layer.bias = THPVariable_Unpack(bias_obj);
+    if (layer.bias->device() != device) return std::nullopt;
+  }
+  if (!fp64 && at::autocast::is_autocast_enabled(device.type())) {
+    layer.dtype = at::autocast::get_autocast_dtype(device.type());
+    const ScalarType x_type = x.scalar_type();
+    if (x_type != layer.dtype && x.is_floating_point() && x_type != ScalarType::Double) {
+      layer.x = x.to(layer.dtype);
+    }
+  } else {
+    layer.dtype = weight_type;
+    if (layer.bias && layer.bias->scalar_type() != layer.dtype) return std::nullopt;
+  }
+  if (layer.x.scalar_type() != layer.dtype) return std::nullopt;
+  layer.beta = beta_tensor(beta);
+  return layer;
+}
+
+// The op runs without the GIL, as ATen's own Python bindings run theirs.
+struct ReleaseGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~ReleaseGil() { PyEval_RestoreThread(state); }
+};
+
+bool wrong_count(const char* name, Py_ssize_t nargs, Py_ssize_t expected) {
+  if (nargs == expected) return false;
+  PyErr_Format(PyExc_TypeError, "csext._C.%s takes %zd arguments, got %zd", name, expected, nargs);
+  return true;
+}
+
+// gated_linear(x, weight, mask_logits, beta, bias, hard, penalty) -> Tensor or None
+PyObject* gated_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (wrong_count("gated_linear", nargs, 7)) return nullptr;
+  auto fits = [](const at::Tensor& x, const at::Tensor& weight) {
+    return x.dim() >= 1 && x.size(-1) == weight.size(1);
+  };
+  std::optional<Layer> layer = take_layer(args, 2, fits);
+  if (!layer) Py_RETURN_NONE;
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("csext::gated_linear", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, bool, double, std::optional<ScalarType>)>();
+  at::Tensor out;
+  {
+    ReleaseGil no_gil;
+    out = op.call(layer->x, layer->weight, layer->mask_logits, layer->beta, layer->bias, layer->hard,
+                  layer->penalty, layer->dtype);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+// gated_conv2d(x, weight, mask_logits, beta, bias, hard, penalty, stride, padding, dilation,
+// groups) -> Tensor or None; x batched (N, C, H, W), padding numeric.
+PyObject* gated_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (wrong_count("gated_conv2d", nargs, 11)) return nullptr;
+  std::array<int64_t, 2> stride{}, padding{}, dilation{};
+  int64_t groups = 0;
+  if (!read_pair(args[7], stride) || !read_pair(args[8], padding) || !read_pair(args[9], dilation) ||
+      !read_int(args[10], groups) || groups < 1) {
+    Py_RETURN_NONE;
+  }
+  auto fits = [](const at::Tensor& x, const at::Tensor&) { return x.dim() == 4; };  // channels: below
+  std::optional<Layer> layer = take_layer(args, 4, fits);
+  if (!layer || layer->x.size(1) != layer->weight.size(1) * groups) Py_RETURN_NONE;
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("csext::gated_conv2d", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef,
+                            at::IntArrayRef, int64_t, bool, double, std::optional<ScalarType>)>();
+  at::Tensor out;
+  {
+    ReleaseGil no_gil;
+    out = op.call(layer->x, layer->weight, layer->mask_logits, layer->beta, layer->bias, stride, padding,
+                  dilation, groups, layer->hard, layer->penalty, layer->dtype);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"gated_linear", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&gated_linear)),
+     METH_FASTCALL, "Eager fast path of csext.functional.gated_linear: a tensor, or None to take the Python path."},
+    {"gated_conv2d", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&gated_conv2d)),
+     METH_FASTCALL, "Eager fast path of csext.functional.gated_conv2d: a tensor, or None to take the Python path."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+}  // namespace csext
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, csext::methods};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,149 @@
+"""The eager fast path of the gated layers (csext._C.gated_linear / gated_conv2d, csrc/python.cpp):
+it takes what the checked Python path takes, or less, gives that path's results, and hands
+everything else back (None) so that the Python path raises its errors."""
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from csext import functional as CF
+from numerics import FUSED_BACKENDS, mask_logits_like
+
+pytestmark = pytest.mark.skipif(not FUSED_BACKENDS, reason="the C++ extension is not built")
+
+EAGER = CF._EAGER
+
+
+def linear_args(bias=True, dtype=torch.float32):
+    w = torch.randn(5, 7, dtype=dtype, requires_grad=True)
+    s = mask_logits_like(w, torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+    b = torch.randn(5, dtype=dtype, requires_grad=True) if bias else None
+    x = torch.randn(2, 3, 7, dtype=dtype, requires_grad=True)
+    return [x, w, s, 3.0, b, False, 1e-3]
+
+
+def conv_args(bias=True, groups=1):
+    w = torch.randn(4, 6 // groups, 3, 2, requires_grad=True)
+    s = mask_logits_like(w).requires_grad_()
+    b = torch.randn(4, requires_grad=True) if bias else None
+    x = torch.randn(2, 6, 9, 8, requires_grad=True)
+    return [x, w, s, 3.0, b, False, 1e-3, (2, 1), [1, 0], 1, groups]
+
+
+def checked_path(monkeypatch, kind, args):
+    """The same call with the fast path switched off."""
+    with monkeypatch.context() as patch:
+        patch.setattr(CF, "_EAGER", None)
+        return call(kind, args)
+
+
+def call(kind, args):
+    if kind == "linear":
+        x, w, s, beta, b, hard, penalty = args
+        return CF.gated_linear(x, w, s, beta, b, hard=hard, penalty=penalty)
+    x, w, s, beta, b, hard, penalty, stride, padding, dilation, groups = args
+    return CF.gated_conv2d(x, w, s, beta, b, stride, padding, dilation, groups, hard=hard, penalty=penalty)
+
+
+def gradients(y, args):
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    return torch.autograd.grad(y.float().square().sum(), leaves, allow_unused=True)  # hard: s gets none
+
+
+@pytest.mark.parametrize("kind,variant", [
+    ("linear", "bias"), ("linear", "no bias"), ("linear", "hard"), ("linear", "float64"),
+    ("linear", "autocast"), ("conv", "bias"), ("conv", "no bias"), ("conv", "groups"), ("conv", "hard"),
+    ("conv", "autocast"), ("conv", "channels_last"),
+])
+def test_fast_path_is_taken_and_matches_the_checked_path(monkeypatch, kind, variant):
+    make = linear_args if kind == "linear" else conv_args
+    args = make(bias=variant != "no bias", **({"dtype": torch.float64} if variant == "float64" else {}),
+                **({"groups": 2} if variant == "groups" else {}))
+    if variant == "hard":
+        args[5] = True
+    if variant == "channels_last":
+        args[0] = args[0].detach().to(memory_format=torch.channels_last).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "autocast"):
+        taken = getattr(EAGER, "gated_" + ("linear" if kind == "linear" else "conv2d"))(*args)
+        assert taken is not None, "the fast path handed a valid call back"
+        fast = call(kind, args)
+        checked = checked_path(monkeypatch, kind, args)
+    assert fast.dtype == checked.dtype == (torch.bfloat16 if variant == "autocast" else args[1].dtype)
+    assert fast.grad_fn.name() == checked.grad_fn.name()  # the one layer-op node, on both paths
+    torch.testing.assert_close(fast, checked, rtol=0, atol=0)
+    for a, b in zip(gradients(fast, args), gradients(checked, args)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+class Subclass(torch.Tensor):
+    pass
+
+
+def _rejected_linear():
+    cases = {}
+    def case(name, index, value):
+        cases[name] = (index, value)
+    case("x a subclass", 0, lambda a: a[0].detach().as_subclass(Subclass))
+    case("x wrong width", 0, lambda a: torch.randn(2, 6))
+    case("x 0-dim", 0, lambda a: torch.randn(()))
+    case("x another dtype", 0, lambda a: a[0].detach().double())
+    case("x on meta", 0, lambda a: a[0].detach().to("meta"))
+    case("x not a tensor", 0, lambda a: [[1.0] * 7])
+    case("weight 3-D", 1, lambda a: a[1].detach().view(5, 7, 1))
+    case("weight int", 1, lambda a: a[1].detach().int())
+    case("mask_logits shape", 2, lambda a: a[2].detach()[:4])
+    case("mask_logits float64", 2, lambda a: a[2].detach().double())
+    case("mask_logits bf16", 2, lambda a: a[2].detach().bfloat16())
+    case("beta below 1", 3, lambda a: 0.5)
+    case("beta nan", 3, lambda a: float("nan"))
+    case("beta inf", 3, lambda a: float("inf"))
+    case("beta bool", 3, lambda a: True)
+    case("beta a tensor", 3, lambda a: torch.tensor(2.0))
+    case("bias another dtype", 4, lambda a: a[4].detach().half())
+    case("bias on meta", 4, lambda a: a[4].detach().to("meta"))
+    case("hard not a bool", 5, lambda a: 1)
+    case("penalty negative", 6, lambda a: -1.0)
+    case("penalty nan", 6, lambda a: float("nan"))
+    case("penalty a string", 6, lambda a: "0")
+    return cases
+
+
+@pytest.mark.parametrize("name", sorted(_rejected_linear()))
+def test_fast_path_hands_back_what_it_does_not_take(name):
+    index, make = _rejected_linear()[name]
+    args = linear_args()
+    args[index] = make(args)
+    assert EAGER.gated_linear(*args) is None
+
+
+@pytest.mark.parametrize("index,value", [
+    (0, torch.randn(6, 9, 8)),  # unbatched: the Python path runs F.conv2d
+    (0, torch.randn(2, 5, 9, 8)),  # channels do not match
+    (7, (1, 1, 1)), (7, 1.5), (8, "same"), (8, "valid"), (9, (True, 1)), (10, 0), (10, 2),
+])
+def test_fast_conv_hands_back_what_it_does_not_take(index, value):
+    args = conv_args()
+    args[index] = value
+    assert EAGER.gated_conv2d(*args) is None
+
+
+def test_fast_path_leaves_torch_function_modes_to_python():
+    seen = []
+
+    class Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    args = linear_args()
+    with Record():
+        assert EAGER.gated_linear(*args) is None
+        call("linear", args)
+    assert seen, "the mode saw nothing of the call"
+
+
+def test_fast_path_argument_count_is_checked():
+    with pytest.raises(TypeError, match="takes 7 arguments, got 2"):
+        EAGER.gated_linear(torch.randn(2), torch.randn(2))
