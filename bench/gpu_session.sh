@@ -3,7 +3,8 @@
 # kernels, run the GPU tests, then the benchmarks. Everything lands under $OUT (default
 # ./gpu-out), in six files (the device tool returns at most eight): log.txt, pytest.txt (the
 # GPU tests' whole report), gpu.csv (bench/run.py), host.csv (bench/host.py), step.csv
-# (bench/step.py), and extras.tar.gz with the PNGs and the profile tables.
+# (bench/step.py), and extras.tar.gz with the PNGs and the profile tables (step.py, and run.py
+# for the linear layers).
 # A shorter session: TEST_TIMEOUT=110 LINEAR_PROVIDERS=dense,torch,cuda,triton SKIP_CHANNELS_LAST=1.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
@@ -27,7 +28,7 @@ echo "16-byte loads in the CUDA gate kernels (LDG.E.128):" \
 stage tests
 # From /tmp, so that the installed csext (with csext._C) is imported, not the source tree.
 cd /tmp && CSEXT_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -rfEs \
-  "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" >"$OUT/pytest.txt" 2>&1
+  "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" "$REPO/tests/test_eager_fast_path.py" >"$OUT/pytest.txt" 2>&1
 tail -40 "$OUT/pytest.txt"
 
 cd "$REPO"
@@ -35,9 +36,10 @@ cd "$REPO"
 # its timeout loses only its own rows.
 stage bench linear, bf16 autocast
 timeout 200 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops linear \
-  --compile-ops linear --repeats 8 --providers "${LINEAR_PROVIDERS:-all}" --csv "$OUT/gpu.csv" --plot "$OUT/linear.png"
+  --compile-ops linear --repeats 8 --providers "${LINEAR_PROVIDERS:-all}" --csv "$OUT/gpu.csv" --plot "$OUT/linear.png" \
+  --profile "$OUT/profile-linear"
 stage bench host time per layer
-timeout 30 python3 bench/host.py --device cuda --autocast bf16 --csv "$OUT/host.csv"
+timeout 60 python3 bench/host.py --device cuda --autocast bf16 --repeats 10 --calls 50 --csv "$OUT/host.csv"
 stage bench ResNet-20 step
 for layout in "" --channels-last; do
   timeout 60 python3 bench/step.py --device cuda --model resnet20 --autocast bf16 $layout --csv "$OUT/step.csv" \

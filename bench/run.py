@@ -24,6 +24,7 @@ import io
 import itertools
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -101,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="PNG to draw (default: <device>-<dtype>[-channels-last].png next to the CSV)")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the CSV's latest run; time nothing")
     parser.add_argument("--no-save", action="store_true", help="print the table only; write no CSV or PNG")
+    parser.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                        help="also profile a few forward+backward calls per case and provider; tables go to DIR")
     args = parser.parse_args(argv)
 
     args.ops = _split(args.ops, OPS, "--ops")
@@ -277,6 +280,11 @@ def run_case(case: Case, args, clock: Clock) -> list[dict]:
             for name in names[r % len(names):] + names[: r % len(names)]:
                 times[name].append(sample(layers[name], x, grad_out, mode, clock, args.inner, autocast))
         dense = statistics.median(times["dense"])
+        if mode == "full" and args.profile is not None:
+            for name, layer in layers.items():
+                label = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{case.op}-{case.label}-{name}")
+                print(profile(lambda: sample(layer, x, grad_out, "full", clock, 1, autocast), label,
+                              statistics.median(times[name]), args.device, args.profile))
         for name, ts in times.items():
             q1, median, q3 = statistics.quantiles(ts, n=4) if len(ts) > 1 else (ts[0],) * 3
             median = statistics.median(ts)
@@ -286,6 +294,35 @@ def run_case(case: Case, args, clock: Clock) -> list[dict]:
                 "ratio_to_dense": f"{median / dense:.3f}", "repeats": len(ts),
             })
     return rows
+
+
+PROFILED_STEPS = 5  # calls (a step, or a layer's forward+backward) under the profiler
+
+
+def profile(call, name: str, wall_ms: float, device: torch.device, out: Path) -> str:
+    """Profile a few calls of `call`; write the operator tables to out/profile-<name>.txt and
+    return the summary: kernel time per call against the (unprofiled) median wall time."""
+    from torch.profiler import ProfilerActivity
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            call()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    if device.type == "cuda":
+        kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / PROFILED_STEPS
+        summary = (f"{name}: wall {wall_ms:.3f} ms per call, kernels {kernel_ms:.3f} ms per call "
+                   f"(the GPU is busy {kernel_ms / wall_ms:.0%} of the time)")
+    else:
+        summary = f"{name}: wall {wall_ms:.3f} ms per call; operator times in profile-{name}.txt"
+    tables = [summary, "", "by self CPU time", events.table(sort_by="self_cpu_time_total", row_limit=30)]
+    if device.type == "cuda":
+        tables += ["by self device time", events.table(sort_by="self_device_time_total", row_limit=20)]
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / f"profile-{name}.txt", "\n".join(tables).encode())
+    return summary
 
 
 # --- where it is recorded ----------------------------------------------------------------------

@@ -31,9 +31,8 @@ import csext
 from csext import nets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Clock, append_rows, machine_info  # noqa: E402
+from run import Clock, append_rows, machine_info, profile  # noqa: E402
 
-from csext._files import write_atomic  # noqa: E402
 
 FIELDS = ["run", "commit", "device", "machine", "torch", "triton", "threads", "model", "batch", "dtype",
           "layout", "provider", "median_ms", "q1_ms", "q3_ms", "ratio_to_dense", "repeats"]
@@ -126,35 +125,6 @@ def main(argv=None) -> int:
         for name, step in steps.items():
             print("  " + profile(step, name, medians[name], args.device, args.profile))
     return 0
-
-
-PROFILED_STEPS = 5
-
-
-def profile(step, name: str, wall_ms: float, device: torch.device, out: Path) -> str:
-    """Profile a few steps of `step`; write the operator tables to out/profile-<name>.txt and
-    return the summary: kernel time per step against the (unprofiled) median wall time."""
-    from torch.profiler import ProfilerActivity
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(PROFILED_STEPS):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    events = prof.key_averages()
-    if device.type == "cuda":
-        kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / PROFILED_STEPS
-        summary = (f"{name}: wall {wall_ms:.3f} ms per step, kernels {kernel_ms:.3f} ms per step "
-                   f"(the GPU is busy {kernel_ms / wall_ms:.0%} of the step)")
-    else:
-        summary = f"{name}: wall {wall_ms:.3f} ms per step; operator times in profile-{name}.txt"
-    tables = [summary, "", "by self CPU time", events.table(sort_by="self_cpu_time_total", row_limit=30)]
-    if device.type == "cuda":
-        tables += ["by self device time", events.table(sort_by="self_device_time_total", row_limit=20)]
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / f"profile-{name}.txt", "\n".join(tables).encode())
-    return summary
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
+import csext
 from csext import functional as CF
 from numerics import FUSED_BACKENDS, mask_logits_like
 
@@ -147,3 +148,19 @@ def test_fast_path_leaves_torch_function_modes_to_python():
 def test_fast_path_argument_count_is_checked():
     with pytest.raises(TypeError, match="takes 7 arguments, got 2"):
         EAGER.gated_linear(torch.randn(2), torch.randn(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("cuda" not in csext.backends.available(), reason="the CUDA kernels of csext._C are not built")
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_fast_path_on_cuda_under_autocast(monkeypatch, kind):
+    args = [a.detach().cuda().requires_grad_() if isinstance(a, torch.Tensor) else a
+            for a in (linear_args() if kind == "linear" else conv_args())]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert getattr(EAGER, "gated_" + ("linear" if kind == "linear" else "conv2d"))(*args) is not None
+        fast = call(kind, args)
+        checked = checked_path(monkeypatch, kind, args)
+    assert fast.dtype == checked.dtype == torch.bfloat16
+    torch.testing.assert_close(fast, checked, rtol=0, atol=0)
+    for a, b in zip(gradients(fast, args), gradients(checked, args)):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)  # cuDNN's weight gradient may use atomics

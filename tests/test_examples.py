@@ -62,10 +62,14 @@ def test_bench_under_autocast_labels_its_rows(tmp_path):
     bench = _load(ROOT / "bench" / "run.py")
     results = tmp_path / "results.csv"
     assert bench.main(["--quick", "--ops", "linear", "--repeats", "2", "--warmup", "1", "--providers",
-                       "dense,torch", "--modes", "full", "--autocast", "bf16", "--csv", str(results)]) == 0
+                       "dense,torch", "--modes", "full", "--autocast", "bf16", "--csv", str(results),
+                       "--profile", str(tmp_path / "profile")]) == 0
     with open(results, newline="") as f:
         rows = list(csv.DictReader(f))
     assert {r["dtype"] for r in rows} == {"autocast-bf16"} and len(rows) == 2
+    for provider in ("dense", "torch"):  # one operator table per case and provider
+        text = (tmp_path / "profile" / f"profile-linear-M_8_K_97_N_43-{provider}.txt").read_text()
+        assert text.startswith(f"linear-M_8_K_97_N_43-{provider}: wall") and "by self CPU time" in text
 
 
 def test_step_bench_times_dense_and_cs_steps(tmp_path, capsys):
