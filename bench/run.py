@@ -296,7 +296,7 @@ def run_case(case: Case, args, clock: Clock) -> list[dict]:
     return rows
 
 
-PROFILED_STEPS = 5  # calls (a step, or a layer's forward+backward) under the profiler
+PROFILED_CALLS = 5  # calls (a training step, or a layer's forward+backward) under the profiler
 
 
 def profile(call, name: str, wall_ms: float, device: torch.device, out: Path) -> str:
@@ -306,13 +306,13 @@ def profile(call, name: str, wall_ms: float, device: torch.device, out: Path) ->
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
-        for _ in range(PROFILED_STEPS):
+        for _ in range(PROFILED_CALLS):
             call()
         if device.type == "cuda":
             torch.cuda.synchronize()
     events = prof.key_averages()
     if device.type == "cuda":
-        kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / PROFILED_STEPS
+        kernel_ms = sum(e.self_device_time_total for e in events) / 1e3 / PROFILED_CALLS
         summary = (f"{name}: wall {wall_ms:.3f} ms per call, kernels {kernel_ms:.3f} ms per call "
                    f"(the GPU is busy {kernel_ms / wall_ms:.0%} of the time)")
     else:

@@ -33,7 +33,6 @@ from csext import nets
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import Clock, append_rows, machine_info, profile  # noqa: E402
 
-
 FIELDS = ["run", "commit", "device", "machine", "torch", "triton", "threads", "model", "batch", "dtype",
           "layout", "provider", "median_ms", "q1_ms", "q3_ms", "ratio_to_dense", "repeats"]
 

@@ -146,7 +146,8 @@ _EAGER_TAKES: dict = {}  # (backend, device type) -> whether a layer op runs the
 def _eager_layer_op(backend, weight) -> bool:
     """The C++ fast path may take this call: eager mode, and `backend` resolves to a layer op
     on weight's device."""
-    if _EAGER is None or torch.compiler.is_compiling() or not isinstance(weight, torch.Tensor):
+    if (_EAGER is None or torch.compiler.is_compiling() or not isinstance(backend, str)
+            or not isinstance(weight, torch.Tensor)):
         return False
     key = (backend, weight.device.type)
     taken = _EAGER_TAKES.get(key)
@@ -221,7 +222,7 @@ def gated_linear(
     mask_scale: float = 1.0,
 ) -> torch.Tensor:
     """y = x @ (c * w * m)^T + b, for x of shape (..., in_features), with c = mask_scale."""
-    if mask_scale == 1.0 and isinstance(backend, str) and _eager_layer_op(backend, weight):
+    if mask_scale == 1.0 and _eager_layer_op(backend, weight):
         y = _EAGER.gated_linear(x, weight, mask_logits, beta, bias, hard, penalty)
         if y is not None:
             return y
@@ -274,7 +275,7 @@ def gated_conv2d(
     mask_scale: float = 1.0,
 ) -> torch.Tensor:
     """conv2d(x, c * w * m, b) for x of shape (N, C_in, H, W) or (C_in, H, W), c = mask_scale."""
-    if mask_scale == 1.0 and isinstance(backend, str) and _eager_layer_op(backend, weight):
+    if mask_scale == 1.0 and _eager_layer_op(backend, weight):
         y = _EAGER.gated_conv2d(x, weight, mask_logits, beta, bias, hard, penalty, stride, padding, dilation, groups)
         if y is not None:
             return y
