@@ -5,4 +5,5 @@ ops for torch.compile, autograd.Function for eager calls) is csext/_triton.py.
 
     gate.py           elementwise gate and mask gradient (convolution weights, large-M linear)
     gated_matmul.py   fused gated GEMMs of a linear layer: forward, input and weight gradients
+    launch.py         Launcher: a launch that skips Triton's per-call Python once it has compiled
 """

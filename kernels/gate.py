@@ -12,6 +12,8 @@ written exactly once: autotuning or a relaunch can never corrupt an output.
 import triton
 import triton.language as tl
 
+from .launch import Launcher
+
 BLOCK = 1024
 
 
@@ -47,7 +49,7 @@ def gate_forward_kernel(w_ptr, s_ptr, out_ptr, beta_ptr, n, HARD: tl.constexpr, 
 
 
 @triton.jit
-def gate_backward_kernel(grad_ptr, w_ptr, s_ptr, grad_w_ptr, grad_s_ptr, beta_ptr, penalty, n,
+def gate_backward_kernel(grad_ptr, w_ptr, s_ptr, grad_w_ptr, grad_s_ptr, beta_ptr, n, penalty,
                          BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n
@@ -60,18 +62,25 @@ def gate_backward_kernel(grad_ptr, w_ptr, s_ptr, grad_w_ptr, grad_s_ptr, beta_pt
     tl.store(grad_s_ptr + offsets, beta * slope * (g * w + penalty), mask=inside)
 
 
+_launch_forward = Launcher(gate_forward_kernel)
+_launch_backward = Launcher(gate_backward_kernel)
+
+
+def _grid(n):
+    return lambda meta: (triton.cdiv(n, BLOCK),)
+
+
 def gate_forward(weight, mask_logits, beta, out, hard: bool) -> None:
     """out = weight * m over the flat storage of same-layout dense tensors; beta a device tensor."""
     n = weight.numel()
     if n:
-        gate_forward_kernel[(triton.cdiv(n, BLOCK),)](weight, mask_logits, out, beta, n, HARD=hard,
-                                                      BLOCK=BLOCK, num_warps=4)
+        _launch_forward(_grid(n), (weight, mask_logits, out, beta), (n,), (),
+                        dict(HARD=hard, BLOCK=BLOCK, num_warps=4))
 
 
 def gate_backward(grad, weight, mask_logits, beta, penalty: float, grad_weight, grad_mask_logits) -> None:
     """(dL/dw, dL/ds) of the soft gate into grad_weight and grad_mask_logits."""
     n = weight.numel()
     if n:
-        gate_backward_kernel[(triton.cdiv(n, BLOCK),)](grad, weight, mask_logits, grad_weight,
-                                                       grad_mask_logits, beta, penalty, n,
-                                                       BLOCK=BLOCK, num_warps=4)
+        _launch_backward(_grid(n), (grad, weight, mask_logits, grad_weight, grad_mask_logits, beta), (n,),
+                         (float(penalty),), dict(BLOCK=BLOCK, num_warps=4))

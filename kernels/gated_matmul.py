@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .gate import mask_of, soft_mask_and_slope
+from .launch import Launcher
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = not INTERPRET and os.environ.get("CSEXT_TRITON_AUTOTUNE", "1") != "0"
@@ -109,9 +110,10 @@ def gated_matmul_kernel(
 
 @triton.jit
 def gated_weight_grad_kernel(
-    grad_ptr, x_ptr, w_ptr, s_ptr, grad_w_ptr, grad_s_ptr, beta_ptr, penalty,
+    grad_ptr, x_ptr, w_ptr, s_ptr, grad_w_ptr, grad_s_ptr, beta_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
+    penalty,
     HARD: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_MASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
@@ -152,14 +154,14 @@ gated_matmul_tuned = triton.autotune(GATED_CONFIGS, key=["M", "N", "K"])(gated_m
 gated_weight_grad_tuned = triton.autotune(WEIGHT_GRAD_CONFIGS, key=["M", "N", "K"])(gated_weight_grad_kernel)
 
 
-def _launch(kernel, tuned, rows, cols, row_block, col_block, args, flags):
-    """Launch the autotuned kernel, or the plain one with FIXED_CONFIG."""
-    if AUTOTUNE:
-        grid = lambda meta: (triton.cdiv(rows, meta[row_block]) * triton.cdiv(cols, meta[col_block]),)  # noqa: E731
-        tuned[grid](*args, **flags)
-    else:
-        grid = (triton.cdiv(rows, FIXED_CONFIG[row_block]) * triton.cdiv(cols, FIXED_CONFIG[col_block]),)
-        kernel[grid](*args, **flags, **FIXED_CONFIG)
+# The autotuned kernels, or the plain ones with FIXED_CONFIG added to their constexprs.
+_launch_matmul = Launcher(gated_matmul_kernel, gated_matmul_tuned if AUTOTUNE else None)
+_launch_weight_grad = Launcher(gated_weight_grad_kernel, gated_weight_grad_tuned if AUTOTUNE else None)
+_CONFIG = {} if AUTOTUNE else FIXED_CONFIG
+
+
+def _tile_grid(rows, cols, row_block, col_block):
+    return lambda meta: (triton.cdiv(rows, meta[row_block]) * triton.cdiv(cols, meta[col_block]),)
 
 
 def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision: str) -> None:
@@ -171,11 +173,10 @@ def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision:
     if K == 0:
         out.copy_(bias.expand_as(out) if bias is not None else out.new_zeros(()).expand_as(out))
         return
-    args = (x, weight, mask_logits, bias if bias is not None else out, out, beta, M, N, K,
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            mask_logits.stride(0), mask_logits.stride(1), out.stride(0), out.stride(1))
-    flags = dict(HARD=hard, HAS_BIAS=bias is not None, PRECISION=precision)
-    _launch(gated_matmul_kernel, gated_matmul_tuned, M, N, "BLOCK_X", "BLOCK_W", args, flags)
+    tensors = (x, weight, mask_logits, bias if bias is not None else out, out, beta)
+    ints = (M, N, K, *x.stride(), *weight.stride(), *mask_logits.stride(), *out.stride())
+    flags = dict(HARD=hard, HAS_BIAS=bias is not None, PRECISION=precision, **_CONFIG)
+    _launch_matmul(_tile_grid(M, N, "BLOCK_X", "BLOCK_W"), tensors, ints, (), flags)
 
 
 def gated_weight_grad(grad, x, weight, mask_logits, beta, penalty: float, grad_weight, grad_mask_logits,
@@ -193,12 +194,11 @@ def gated_weight_grad(grad, x, weight, mask_logits, beta, penalty: float, grad_w
             grad_mask_logits.copy_(penalty * beta * _slope(mask_logits, beta))
         return
     placeholder = grad_weight if grad_weight is not None else grad_mask_logits
-    args = (grad, x, weight, mask_logits, grad_weight if need_weight else placeholder,
-            grad_mask_logits if need_mask else placeholder, beta, penalty, M, N, K,
-            grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            mask_logits.stride(0), mask_logits.stride(1))
-    flags = dict(HARD=hard, NEED_WEIGHT=need_weight, NEED_MASK=need_mask, PRECISION=precision)
-    _launch(gated_weight_grad_kernel, gated_weight_grad_tuned, N, K, "BLOCK_W", "BLOCK_K", args, flags)
+    tensors = (grad, x, weight, mask_logits, grad_weight if need_weight else placeholder,
+               grad_mask_logits if need_mask else placeholder, beta)
+    ints = (M, N, K, *grad.stride(), *x.stride(), *weight.stride(), *mask_logits.stride())
+    flags = dict(HARD=hard, NEED_WEIGHT=need_weight, NEED_MASK=need_mask, PRECISION=precision, **_CONFIG)
+    _launch_weight_grad(_tile_grid(N, K, "BLOCK_W", "BLOCK_K"), tensors, ints, (float(penalty),), flags)
 
 
 def _slope(mask_logits, beta):

@@ -76,6 +76,34 @@ def test_non_contiguous_input_and_gradient():
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
 
 
+def _shifted(t: torch.Tensor, by: int) -> torch.Tensor:
+    """t's values in a view `by` elements into its storage (not 16-byte aligned), differentiably."""
+    return torch.cat([t.new_zeros(by), t.flatten()])[by:].view(t.shape) if by else t
+
+
+@pytest.mark.parametrize("fused_max_rows", [0, 4096])
+def test_repeated_calls_with_fresh_data_and_unaligned_tensors(monkeypatch, fused_max_rows):
+    """Each kernel three times on fresh data: on a GPU the second call launches the binary kept
+    from the first (kernels/launch.py) and the third, on tensors 2 elements into their storage,
+    needs another one, which Triton compiles for unaligned pointers."""
+    from csext.kernels import gate, gated_matmul
+
+    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", fused_max_rows)
+    for shift in (0, 0, 2):
+        w = torch.randn(19, 37)
+        tensors = [("x", torch.randn(21, 37)), ("w", w), ("s", mask_logits_like(w)), ("b", torch.randn(19))]
+
+        def op(x, w, s, b, backend):
+            x, w, s = (_shifted(t, shift) for t in (x, w, s))
+            return CF.gated_linear(x, w, s, 2.0, b, penalty=0.05, backend=backend)
+
+        _compare(op, tensors, torch.float16, (21, 19))
+    if DEVICE == "cuda":
+        used = [gate._launch_forward, gate._launch_backward] if fused_max_rows == 0 else [
+            gated_matmul._launch_matmul, gated_matmul._launch_weight_grad]
+        assert all(launcher.binaries for launcher in used)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hard", [False, True])
 def test_elementwise_gate_for_conv_weights(dtype, hard):

@@ -1,0 +1,195 @@
+"""Host time of the triton backend's launches: each kernel launched through Triton
+(`kernel[grid](...)`, the autotuner's lookup included) and through csext's Launcher
+(kernels/launch.py), then the backend's two linear paths, forward+backward.
+
+    python bench/triton_launch.py                  # no GPU: Triton's Python only (see below)
+    python bench/triton_launch.py --device cuda    # real launches of tiny kernels
+
+On CUDA the kernels run on tiny tensors, so each launch costs what its host code costs. Without
+a GPU the script installs a stand-in driver, and a compiled kernel whose launch does nothing
+(`install_stand_ins`): what is timed is then Python only, Triton's and csext's, up to the
+binary's C launcher, which is not timed; the layer rows time csext's glue around no-op kernels.
+Figures are medians of `--repeats` samples of `--calls` calls each, in a rotating order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import machine_info  # noqa: E402
+
+
+# --- stand-ins for a GPU ----------------------------------------------------------------------------
+
+
+class StandInDriver:
+    """What Triton's launch path asks of its driver, for a CUDA device that is not there."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", 90, 32)
+
+
+def install_stand_ins(record=None):
+    """Make every kernel of csext.kernels launchable without a GPU: Triton's driver answers as an
+    sm_90 device, compiling yields a binary per specialization whose launch does nothing but
+    hand its arguments to `record(binary, args)`, and autotuning picks each kernel's last
+    configuration. Returns the binaries made, by Triton's cache key."""
+    from triton.compiler import CompiledKernel
+    from triton.runtime.driver import driver
+
+    from csext.kernels import gate, gated_matmul
+
+    class NoOpBinary(CompiledKernel):
+        def __init__(self, name):
+            self.name, self.function, self.packed_metadata, self.src = name, 0, None, None
+            self.module, self._run = 0, self._launch  # loaded, as far as CompiledKernel knows
+
+        def _launch(self, *args):
+            if record is not None:
+                record(self, args)
+
+        def __del__(self):
+            pass
+
+    driver.set_active(StandInDriver())
+    binaries = {}
+    for kernel in (gate.gate_forward_kernel, gate.gate_backward_kernel, gated_matmul.gated_matmul_kernel,
+                   gated_matmul.gated_weight_grad_kernel):
+
+        def compile_stand_in(key, signature, device, constexprs, options, attrs, warmup, kernel=kernel):
+            binary = binaries[kernel.__name__, key] = NoOpBinary(kernel.__name__)
+            kernel.device_caches[device][0][key] = binary
+            return binary
+
+        kernel._do_compile = compile_stand_in
+    for tuned in (gated_matmul.gated_matmul_tuned, gated_matmul.gated_weight_grad_tuned):
+        tuned._bench = lambda *args, config, tuned=tuned, **meta: [-float(tuned.configs.index(config))]
+    return binaries
+
+
+# --- the calls timed ------------------------------------------------------------------------------
+
+
+def launches(device):
+    """name -> (through Triton, through the Launcher): one launch of each kernel on small tensors."""
+    import triton
+
+    from csext.kernels import gate, gated_matmul as mm
+
+    m, n, k = 4, 8, 8
+    w, s = torch.randn(n, k, device=device), torch.randn(n, k, device=device)
+    g, x, out = torch.randn(m, n, device=device), torch.randn(m, k, device=device), torch.empty(m, n, device=device)
+    gw, gs, w_eff = torch.empty_like(w), torch.empty_like(s), torch.empty_like(w)
+    beta = torch.tensor(4.0, device=device)
+    numel, grid = w.numel(), (triton.cdiv(w.numel(), gate.BLOCK),)
+    mm_args = (x, w, s, out, out, beta, m, n, k, *x.stride(), *w.stride(), *s.stride(), *out.stride())
+    wg_args = (g, x, w, s, gw, gs, beta, m, n, k, *g.stride(), *x.stride(), *w.stride(), *s.stride(), 1e-4)
+    mm_flags = dict(HARD=False, HAS_BIAS=False, PRECISION="ieee")
+    wg_flags = dict(HARD=False, NEED_WEIGHT=True, NEED_MASK=True, PRECISION="ieee")
+    if mm.AUTOTUNE:
+        mm_kernel, wg_kernel = mm.gated_matmul_tuned, mm.gated_weight_grad_tuned
+    else:
+        mm_kernel, wg_kernel = mm.gated_matmul_kernel, mm.gated_weight_grad_kernel
+        mm_flags, wg_flags = {**mm_flags, **mm.FIXED_CONFIG}, {**wg_flags, **mm.FIXED_CONFIG}
+    mm_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_X"]) * triton.cdiv(n, meta["BLOCK_W"]),)  # noqa: E731
+    wg_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_W"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
+    return {
+        "gate forward": (
+            lambda: gate.gate_forward_kernel[grid](w, s, w_eff, beta, numel, HARD=False, BLOCK=gate.BLOCK, num_warps=4),
+            lambda: gate.gate_forward(w, s, beta, w_eff, False)),
+        "gate backward": (
+            lambda: gate.gate_backward_kernel[grid](w, w, s, gw, gs, beta, numel, 1e-4, BLOCK=gate.BLOCK, num_warps=4),
+            lambda: gate.gate_backward(w, w, s, beta, 1e-4, gw, gs)),
+        "fused matmul": (
+            lambda: mm_kernel[mm_grid](*mm_args, **mm_flags),
+            lambda: mm.gated_matmul(x, w, s, beta, None, out, False, "ieee")),
+        "weight gradient": (
+            lambda: wg_kernel[wg_grid](*wg_args, **wg_flags),
+            lambda: mm.gated_weight_grad(g, x, w, s, beta, 1e-4, gw, gs, False, "ieee")),
+    }
+
+
+def layer_calls(device):
+    """name -> forward+backward of the triton backend's linear paths below csext.functional."""
+    import torch.nn.functional as F
+
+    from csext import _triton
+
+    x = torch.randn(4, 8, device=device, requires_grad=True)
+    w = torch.randn(8, 8, device=device, requires_grad=True)
+    s = torch.randn(8, 8, device=device, requires_grad=True)
+    beta = _triton.device_beta(4.0, torch.device(device))
+
+    def fused():
+        _triton.gated_linear(x, w, s, beta, None, False, 1e-4).sum().backward()
+
+    def gate_then_matmul():
+        F.linear(x, _triton.gate(w, s, beta, False, 1e-4, w.dtype)).sum().backward()
+
+    return {"fused linear fwd+bwd": fused, "gate + F.linear fwd+bwd": gate_then_matmul}
+
+
+def timed(calls: dict, repeats: int, per_sample: int, device) -> dict:
+    """name -> median microseconds per call, the names timed in a rotating order."""
+    names = list(calls)
+    for name in names:
+        for _ in range(3):
+            calls[name]()  # compile, autotune, fill the caches
+    samples = {name: [] for name in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            call = calls[name]
+            start = time.perf_counter()
+            for _ in range(per_sample):
+                call()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            samples[name].append((time.perf_counter() - start) / per_sample * 1e6)
+    return {name: statistics.median(ts) for name, ts in samples.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--calls", type=int, default=500, help="calls per sample")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available here")
+    if args.repeats < 1 or args.calls < 1:
+        parser.error("--repeats and --calls must be >= 1")
+    if args.device == "cpu":
+        install_stand_ins()
+    info = machine_info(torch.device(args.device))
+    print(f"{info['machine']} | torch {info['torch']} | triton {info['triton']} | commit {info['commit']}"
+          + (" | no GPU: no-op kernels, Python only" if args.device == "cpu" else ""))
+    print("host time of one launch (median us): through Triton, through csext's Launcher")
+    pairs = launches(args.device)
+    flat = {f"{name}|{route}": call for name, both in pairs.items() for route, call in zip(("triton", "launcher"), both)}
+    times = timed(flat, args.repeats, args.calls, args.device)
+    for name in pairs:
+        through, cached = times[f"{name}|triton"], times[f"{name}|launcher"]
+        print(f"  {name:18s} {through:7.2f} us  {cached:7.2f} us  ({through / cached:.1f}x)")
+    print("host time of the triton backend's linear paths below csext.functional, x (4, 8), w (8, 8)")
+    for name, us in timed(layer_calls(args.device), args.repeats, max(1, args.calls // 5), args.device).items():
+        print(f"  {name:26s} {us:7.1f} us")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

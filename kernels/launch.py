@@ -1,0 +1,71 @@
+"""Launching this package's Triton kernels without Triton's per-call Python.
+
+`kernel[grid](*args)` redoes on every call what the compiled binary needs: it binds the
+arguments, specializes each one (a tensor's dtype and 16-byte alignment, an integer's size and
+divisibility), hashes that into its cache key and, for an autotuned kernel, looks up the tuned
+configuration. On the CI machine that is 10 to 35 us of Python per launch
+(`python bench/triton_launch.py`), which a small layer on a GPU pays in full, since its kernels
+take less. A `Launcher` pays it once per distinct call: it keeps the compiled kernel Triton
+returns under a key that fixes Triton's specialization (every tensor's dtype and alignment,
+every integer and constexpr by value; floats are never specialized), and later calls with that
+key go straight to the binary, through the entry Triton's own launch uses
+(`CompiledKernel.run`, with the launch hooks, so profilers still see every launch).
+
+Under TRITON_INTERPRET=1 there is no binary, and every call goes through Triton's interpreter.
+"""
+
+from triton import knobs
+from triton.compiler import CompiledKernel
+from triton.runtime.driver import driver
+from triton.runtime.jit import JITFunction
+
+MAX_ENTRIES = 256  # distinct calls kept per kernel (shapes vary at inference); then it starts over
+
+
+class Launcher:
+    """Launches `kernel`, a @triton.jit function whose parameters are its tensors, then its
+    integers, then its floats, then its constexprs; or, given `tuned`, kernel's autotuned form."""
+
+    def __init__(self, kernel, tuned=None):
+        self.kernel, self.tuned = kernel, tuned
+        self.names = kernel.arg_names
+        self.binaries: dict = {}
+        self.compiled = isinstance(kernel, JITFunction)  # not the interpreter's InterpretedFunction
+
+    def __call__(self, grid, tensors: tuple, ints: tuple, floats: tuple, constexprs: dict) -> None:
+        """grid(meta) -> up to three grid sizes, meta holding the constexprs (and the tuned
+        configuration's block sizes); `constexprs` may hold launch options (num_warps) too."""
+        if not self.compiled:
+            (self.tuned or self.kernel)[grid](*tensors, *ints, *floats, **constexprs)
+            return
+        device = driver.active.get_current_device()
+        key = (device, ints, *constexprs.values(), *[t.dtype for t in tensors],
+               *[t.data_ptr() % 16 == 0 for t in tensors])
+        found = self.binaries.get(key)
+        if found is None:
+            self._launch_through_triton(key, grid, tensors, ints, floats, constexprs)
+            return
+        binary, grid_xyz, tail = found
+        stream = driver.active.get_current_stream(device)
+        args = (*tensors, *ints, *floats, *tail)
+        binary.run(grid_xyz[0], grid_xyz[1], grid_xyz[2], stream, binary.function, binary.packed_metadata,
+                   binary.launch_metadata(grid_xyz, stream, *args), knobs.runtime.launch_enter_hook,
+                   knobs.runtime.launch_exit_hook, *args)
+
+    def _launch_through_triton(self, key, grid, tensors, ints, floats, constexprs) -> None:
+        """Launch as Triton does (compiling and autotuning as needed) and keep the binary."""
+        args = (*tensors, *ints, *floats)
+        if self.tuned is not None:
+            binary = self.tuned[grid](*args, **constexprs)
+            meta = {**constexprs, **self.tuned.best_config.kwargs}
+        else:
+            binary = self.kernel[grid](*args, **constexprs)
+            meta = constexprs
+        if not isinstance(binary, CompiledKernel):  # compiled asynchronously: keep nothing
+            return
+        # The launcher takes every parameter in order, constexprs included (it skips them).
+        tail = tuple(meta[name] for name in self.names[len(args):])
+        grid_xyz = (*grid(meta), 1, 1)[:3]
+        if len(self.binaries) >= MAX_ENTRIES:
+            self.binaries.clear()
+        self.binaries[key] = (binary, grid_xyz, tail)

@@ -1,0 +1,122 @@
+"""csext's Launcher (kernels/launch.py) against Triton's own launch path.
+
+The Launcher skips Triton's per-call binding and specialization once it has seen a call, so the
+question is whether every later call still reaches the binary Triton would pick, with the
+arguments Triton would pass. No kernel compiles without a GPU: a child process (without the
+TRITON_INTERPRET=1 that conftest.py sets here) installs bench/triton_launch.py's stand-ins, a
+driver and binaries that record their launches, runs Triton's launch path in full up to them,
+and compares, for every kernel of the triton backend and calls that differ in each thing Triton
+specializes on. On a GPU, tests/test_triton.py runs the kernels through the Launcher for real.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("triton")
+
+
+def test_launcher_launches_what_triton_launches():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    child = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stdout + child.stderr
+    assert "all launches matched" in child.stdout
+
+
+# --- the child ------------------------------------------------------------------------------------
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    return type(a) is type(b) and a == b
+
+
+def _check_all():
+    sys.path.insert(0, str(ROOT / "bench"))
+    import triton
+    from triton import knobs
+
+    import triton_launch
+
+    launched = []
+    triton_launch.install_stand_ins(record=lambda binary, args: launched.append((binary, args)))
+    from csext.kernels import gate, gated_matmul as mm
+
+    def via_launcher(launcher, grid, tensors, ints, floats, constexprs):
+        launched.clear()
+        launcher(grid, tensors, ints, floats, constexprs)
+        (found,) = launched
+        return found
+
+    def via_triton(launcher, grid, tensors, ints, floats, constexprs):
+        launched.clear()
+        (launcher.tuned or launcher.kernel)[grid](*tensors, *ints, *floats, **constexprs)
+        (found,) = launched
+        return found
+
+    def check(launcher, grid, tensors, ints, floats=(), **constexprs):
+        call = (launcher, grid, tensors, ints, floats, constexprs)
+        first, again, reference = via_launcher(*call), via_launcher(*call), via_triton(*call)
+        for binary, args in (first, again):
+            assert binary is reference[0], f"{launcher.kernel.__name__}: another binary than Triton's for {ints}"
+            assert len(args) == len(reference[1])
+            # (grid, stream, function, metadata, launch_metadata, hooks, then every parameter)
+            for i, (a, b) in enumerate(zip(args, reference[1])):
+                assert i == 6 or _same(a, b), f"{launcher.kernel.__name__}: argument {i}: {a!r} != {b!r}"
+        return first[0]
+
+    def buffers(dtype, offset, shapes):
+        """Tensors of these shapes in dtype, their data `offset` elements into their storage."""
+        return tuple(torch.randn(offset + torch.Size(s).numel()).to(dtype)[offset:].view(s) for s in shapes)
+
+    beta = torch.tensor(4.0)
+    flat = lambda n: lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
+    seen = set()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for offset in (0, 1, 8):  # 16-byte aligned or not, by dtype
+            for n in (1, 16, 1000, 2**31 + 16):  # Triton specializes 1, multiples of 16, 64-bit
+                w, s, out, g, gw, gs = buffers(dtype, offset, [(7, 11)] * 6)
+                for hard in (False, True):
+                    seen.add(check(gate._launch_forward, flat(n), (w, s, out, beta), (n,), HARD=hard,
+                                   BLOCK=gate.BLOCK, num_warps=4))
+                for penalty in (0.0, 1e-4):  # floats are never specialized: one binary
+                    seen.add(check(gate._launch_backward, flat(n), (g, w, s, gw, gs, beta), (n,), (penalty,),
+                                   BLOCK=gate.BLOCK, num_warps=4))
+    for dtype in (torch.float32, torch.float16):
+        for offset in (0, 3):
+            x, w, s, o = buffers(dtype, offset, [(5, 9)] * 4)
+            # One thing changed at a time, each to a value Triton specializes on.
+            for m, n, k, stride in ((5, 9, 9, 9), (1, 9, 9, 9), (16, 9, 9, 9), (5, 16, 9, 9), (5, 9, 32, 9),
+                                   (5, 9, 2**33, 9), (5, 9, 9, 16), (5, 9, 9, 1)):
+                strides = (stride, 1) * 4
+                for hard in (False, True):
+                    seen.add(check(mm._launch_matmul, mm._tile_grid(m, n, "BLOCK_X", "BLOCK_W"),
+                                   (x, w, s, o, o, beta), (m, n, k, *strides), HARD=hard, HAS_BIAS=True,
+                                   PRECISION="ieee", **mm._CONFIG))
+                    seen.add(check(mm._launch_weight_grad, mm._tile_grid(n, k, "BLOCK_W", "BLOCK_K"),
+                                   (o, x, w, s, w, s, beta), (m, n, k, *strides), (1e-4,), HARD=hard,
+                                   NEED_WEIGHT=True, NEED_MASK=not hard, PRECISION="tf32", **mm._CONFIG))
+    assert len(seen) > 40, f"the calls reached only {len(seen)} binaries"
+
+    # A profiler's launch hook still sees the launches that skip Triton.
+    knobs.runtime.launch_enter_hook = lambda metadata: None
+    try:
+        w, s, out = buffers(torch.float32, 0, [(3, 3)] * 3)
+        launched.clear()
+        for _ in range(2):
+            gate._launch_forward(flat(9), (w, s, out, beta), (9,), (), dict(HARD=False, BLOCK=gate.BLOCK, num_warps=4))
+        assert [args[6].get()["name"] for _, args in launched] == ["gate_forward_kernel"] * 2
+    finally:
+        knobs.runtime.launch_enter_hook = None
+    print(f"all launches matched ({len(seen)} binaries)")
+
+
+if __name__ == "__main__":
+    _check_all()
