@@ -28,7 +28,8 @@ echo "16-byte loads in the CUDA gate kernels (LDG.E.128):" \
 stage tests
 # From /tmp, so that the installed csext (with csext._C) is imported, not the source tree.
 cd /tmp && CSEXT_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -rfEs \
-  "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" "$REPO/tests/test_eager_fast_path.py" >"$OUT/pytest.txt" 2>&1
+  "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" "$REPO/tests/test_triton_launch.py" \
+  "$REPO/tests/test_eager_fast_path.py" >"$OUT/pytest.txt" 2>&1
 tail -40 "$OUT/pytest.txt"
 
 cd "$REPO"
@@ -40,6 +41,8 @@ timeout 200 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --op
   --profile "$OUT/profile-linear"
 stage bench host time per layer
 timeout 60 python3 bench/host.py --device cuda --autocast bf16 --repeats 10 --calls 50 --csv "$OUT/host.csv"
+stage bench host time of the Triton launches
+timeout 90 python3 bench/triton_launch.py --device cuda --repeats 10 --calls 200
 stage bench ResNet-20 step
 for layout in "" --channels-last; do
   timeout 60 python3 bench/step.py --device cuda --model resnet20 --autocast bf16 $layout --csv "$OUT/step.csv" \

@@ -125,10 +125,26 @@ def launches(device):
 
 
 def layer_calls(device):
-    """name -> forward+backward of the triton backend's linear paths below csext.functional."""
+    """name -> forward+backward of the triton backend's linear paths below csext.functional,
+    their launches through Triton or through the Launcher, and of F.linear (the floor)."""
     import torch.nn.functional as F
 
     from csext import _triton
+    from csext.kernels import gate, gated_matmul
+
+    launchers = (gate._launch_forward, gate._launch_backward, gated_matmul._launch_matmul,
+                 gated_matmul._launch_weight_grad)
+
+    def through_triton(call):
+        def wrapped():
+            for launcher in launchers:
+                launcher.compiled = False  # every launch through kernel[grid](...)
+            try:
+                call()
+            finally:
+                for launcher in launchers:
+                    launcher.compiled = True
+        return wrapped
 
     x = torch.randn(4, 8, device=device, requires_grad=True)
     w = torch.randn(8, 8, device=device, requires_grad=True)
@@ -141,7 +157,12 @@ def layer_calls(device):
     def gate_then_matmul():
         F.linear(x, _triton.gate(w, s, beta, False, 1e-4, w.dtype)).sum().backward()
 
-    return {"fused linear fwd+bwd": fused, "gate + F.linear fwd+bwd": gate_then_matmul}
+    def dense():
+        F.linear(x, w).sum().backward()
+
+    return {"fused linear|triton": through_triton(fused), "fused linear|launcher": fused,
+            "gate + F.linear|triton": through_triton(gate_then_matmul), "gate + F.linear|launcher": gate_then_matmul,
+            "F.linear (dense)|": dense}
 
 
 def timed(calls: dict, repeats: int, per_sample: int, device) -> dict:
@@ -185,9 +206,12 @@ def main(argv=None) -> int:
     for name in pairs:
         through, cached = times[f"{name}|triton"], times[f"{name}|launcher"]
         print(f"  {name:18s} {through:7.2f} us  {cached:7.2f} us  ({through / cached:.1f}x)")
-    print("host time of the triton backend's linear paths below csext.functional, x (4, 8), w (8, 8)")
-    for name, us in timed(layer_calls(args.device), args.repeats, max(1, args.calls // 5), args.device).items():
-        print(f"  {name:26s} {us:7.1f} us")
+    print("host time of a forward+backward (median us), x (4, 8) and w (8, 8): the triton backend's linear\n"
+          "paths below csext.functional, launches through Triton, through the Launcher; and F.linear's")
+    times = timed(layer_calls(args.device), args.repeats, max(1, args.calls // 5), args.device)
+    for name in dict.fromkeys(key.split("|")[0] for key in times):
+        row = [times[key] for key in times if key.split("|")[0] == name]
+        print(f"  {name:22s}" + "".join(f" {us:7.1f} us" for us in row))
     return 0
 
 
