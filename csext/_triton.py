@@ -14,7 +14,8 @@ autograd registrations (no graph break, opcheck-clean):
 In eager mode they call them through torch.autograd.Function, which costs a fraction of a
 custom op's Python dispatch per call. Both routes share one backward (`_gate_backward`,
 `_linear_backward`), handed the op set to call. beta travels as a 0-dim float32 tensor on the
-tensors' device (see device_beta).
+tensors' device (see device_beta). The kernels launch through kernels/launch.py's Launcher, which
+skips Triton's per-call Python once a call's specialization is compiled.
 """
 
 from types import SimpleNamespace
