@@ -48,7 +48,7 @@ def install_stand_ins(record=None):
     """Make every kernel of csext.kernels launchable without a GPU: Triton's driver answers as an
     sm_90 device, compiling yields a binary per specialization whose launch does nothing but
     hand its arguments to `record(binary, args)`, and autotuning picks each kernel's last
-    configuration. Returns the binaries made, by Triton's cache key."""
+    configuration. Returns the binaries made, by (kernel name, Triton's cache key)."""
     from triton.compiler import CompiledKernel
     from triton.runtime.driver import driver
 
