@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import _ops
+from . import _ops, reference
 from .kernels import gate as gate_kernels
 from .kernels import gated_matmul as matmul_kernels
 
@@ -93,6 +93,8 @@ EAGER = SimpleNamespace(gate=_gate_impl, gate_backward=_gate_backward_impl, line
 
 def _gate_backward(ops, ctx, grad):
     weight, mask_logits, beta = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _gate_backward_with_graph(ctx, grad, weight, mask_logits, beta)
     grad_weight = grad_mask_logits = None
     if ctx.hard or not ctx.needs_input_grad[1]:
         # dL/dw = G * m is the forward with G in place of w; s gets no gradient.
@@ -105,6 +107,8 @@ def _gate_backward(ops, ctx, grad):
 
 def _linear_backward(ops, ctx, grad):
     x, weight, mask_logits, beta = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return _linear_backward_with_graph(ctx, grad, x, weight, mask_logits, beta)
     need_x, need_w, need_s, _, need_b = ctx.needs_input_grad[:5]
     grad_x = grad_weight = grad_mask_logits = grad_bias = None
     if need_x:
@@ -114,6 +118,45 @@ def _linear_backward(ops, ctx, grad):
             grad, x, weight, mask_logits, beta, ctx.hard, ctx.penalty, bool(need_s))
         grad_weight = grad_weight if need_w else None
         grad_mask_logits = grad_mask_logits if need_s and not ctx.hard else None
+    if need_b:
+        grad_bias = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return grad_x, grad_weight, grad_mask_logits, None, grad_bias, None, None
+
+
+# create_graph=True (a loss on gradients: a gradient penalty, a Hessian-vector product): the
+# kernels' gradients would have no history, so the backwards build them from csext.reference's
+# gate with torch ops, as the torch backend does (grad mode is on in such a backward; it is off
+# where torch.compile traces one, which keeps the kernels).
+
+
+def _reference_gate_grads(grad, weight, mask_logits, beta, hard, penalty, need_w, need_s):
+    """(dL/dw, dL/ds) from grad = dL/dw_eff through the reference gate, differentiable again;
+    None where not needed (and for s under the hard mask)."""
+    wanted = [t for t, need in ((weight, need_w), (mask_logits, need_s)) if need]
+    if not wanted:
+        return None, None
+    w_eff = reference.gate(weight, mask_logits, beta, hard, penalty, grad.dtype)
+    found = iter(torch.autograd.grad(w_eff, wanted, grad, create_graph=True, allow_unused=True))
+    return (next(found) if need_w else None), (next(found) if need_s else None)
+
+
+def _gate_backward_with_graph(ctx, grad, weight, mask_logits, beta):
+    need_w, need_s = ctx.needs_input_grad[:2]
+    grads = _reference_gate_grads(grad, weight, mask_logits, beta, ctx.hard, ctx.penalty, need_w, need_s)
+    return *grads, None, None, None, None
+
+
+def _linear_backward_with_graph(ctx, grad, x, weight, mask_logits, beta):
+    """The fused layer's gradients as those of the reference gate then the matmul. dL/dx takes a
+    gate without penalty: a loss on dL/dx that passes back through this layer's own node has lam
+    added there, once, as on the torch backend."""
+    need_x, need_w, need_s, _, need_b = ctx.needs_input_grad[:5]
+    grad_x = grad_weight = grad_mask_logits = grad_bias = None
+    if need_x:
+        grad_x = grad.matmul(reference.gate(weight, mask_logits, beta, ctx.hard, 0.0, x.dtype))
+    if need_w or need_s:
+        grad_weight, grad_mask_logits = _reference_gate_grads(
+            grad.t().matmul(x), weight, mask_logits, beta, ctx.hard, ctx.penalty, need_w, need_s)
     if need_b:
         grad_bias = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
     return grad_x, grad_weight, grad_mask_logits, None, grad_bias, None, None

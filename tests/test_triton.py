@@ -104,6 +104,35 @@ def test_repeated_calls_with_fresh_data_and_unaligned_tensors(monkeypatch, fused
         assert all(launcher.binaries for launcher in used)
 
 
+@pytest.mark.parametrize("layer", ["fused linear", "gate + linear", "conv2d"])
+@pytest.mark.parametrize("hard,of", [(False, "x"), (False, "w"), (False, "s"), (True, "x"), (True, "w")])
+def test_double_backward(monkeypatch, layer, hard, of):
+    """create_graph=True: a loss on a gradient (of x: a gradient penalty; of w or s) differentiates
+    back to x, w, s and b as on the torch backend, penalty included."""
+    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", 4096 if layer == "fused linear" else 0)
+    if layer == "conv2d":
+        x, w = torch.randn(2, 4, 5, 6, device=DEVICE), torch.randn(6, 2, 3, 3, device=DEVICE)
+        call = lambda x, w, s, b, backend: CF.gated_conv2d(  # noqa: E731
+            x, w, s, 2.0, b, 1, 1, 1, 2, hard=hard, penalty=0.01, backend=backend)
+    else:
+        x, w = torch.randn(3, 5, device=DEVICE), torch.randn(4, 5, device=DEVICE)
+        call = lambda x, w, s, b, backend: CF.gated_linear(  # noqa: E731
+            x, w, s, 2.0, b, hard=hard, penalty=0.01, backend=backend)
+    s, b = mask_logits_like(w).to(DEVICE), torch.randn(w.shape[0], device=DEVICE)
+    grads = {}
+    for backend in ("triton", "torch"):
+        leaves = [t.clone().requires_grad_() for t in (x, w, s, b)]
+        (grad,) = torch.autograd.grad(call(*leaves, backend).square().sum(), leaves["xws".index(of)],
+                                      create_graph=True)
+        grad.square().sum().backward()
+        grads[backend] = [t.grad for t in leaves]
+    for name, got, want in zip("xwsb", grads["triton"], grads["torch"]):
+        assert (got is None) == (want is None), name
+        if want is not None:
+            scale = max(want.abs().max().item(), 1.0)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hard", [False, True])
 def test_elementwise_gate_for_conv_weights(dtype, hard):
