@@ -60,6 +60,7 @@ def _gate_backward_impl(grad, weight, mask_logits, beta, penalty: float):
 def _linear_impl(x, weight, mask_logits, beta, bias, hard: bool, penalty: float):
     """x (M, K) in the compute dtype -> (M, N) in that dtype."""
     out = x.new_empty((x.shape[0], weight.shape[0]))
+    bias = bias.contiguous() if bias is not None else None  # the kernel reads it densely
     matmul_kernels.gated_matmul(x, weight, mask_logits, beta, bias, out, hard, _precision(x.dtype, x.device))
     return out
 
@@ -123,27 +124,16 @@ def _linear_backward(ops, ctx, grad):
     return grad_x, grad_weight, grad_mask_logits, None, grad_bias, None, None
 
 
-# create_graph=True (a loss on gradients: a gradient penalty, a Hessian-vector product): the
-# kernels' gradients would have no history, so the backwards build them from csext.reference's
-# gate with torch ops, as the torch backend does (grad mode is on in such a backward; it is off
-# where torch.compile traces one, which keeps the kernels).
-
-
-def _reference_gate_grads(grad, weight, mask_logits, beta, hard, penalty, need_w, need_s):
-    """(dL/dw, dL/ds) from grad = dL/dw_eff through the reference gate, differentiable again;
-    None where not needed (and for s under the hard mask)."""
-    wanted = [t for t, need in ((weight, need_w), (mask_logits, need_s)) if need]
-    if not wanted:
-        return None, None
-    w_eff = reference.gate(weight, mask_logits, beta, hard, penalty, grad.dtype)
-    found = iter(torch.autograd.grad(w_eff, wanted, grad, create_graph=True, allow_unused=True))
-    return (next(found) if need_w else None), (next(found) if need_s else None)
+# With grad mode on in a backward (create_graph=True: a loss on gradients, a Hessian-vector
+# product; and torch.func's grad), the kernels' gradients would have no history: these build them
+# from csext.reference with torch ops instead, differentiable again. torch.compile traces the
+# kernel backwards (grad mode is off there).
 
 
 def _gate_backward_with_graph(ctx, grad, weight, mask_logits, beta):
+    grad_weight, grad_mask_logits = reference.gate_grads(grad, weight, mask_logits, beta, ctx.hard, ctx.penalty)
     need_w, need_s = ctx.needs_input_grad[:2]
-    grads = _reference_gate_grads(grad, weight, mask_logits, beta, ctx.hard, ctx.penalty, need_w, need_s)
-    return *grads, None, None, None, None
+    return grad_weight if need_w else None, grad_mask_logits if need_s else None, None, None, None, None
 
 
 def _linear_backward_with_graph(ctx, grad, x, weight, mask_logits, beta):
@@ -155,8 +145,9 @@ def _linear_backward_with_graph(ctx, grad, x, weight, mask_logits, beta):
     if need_x:
         grad_x = grad.matmul(reference.gate(weight, mask_logits, beta, ctx.hard, 0.0, x.dtype))
     if need_w or need_s:
-        grad_weight, grad_mask_logits = _reference_gate_grads(
-            grad.t().matmul(x), weight, mask_logits, beta, ctx.hard, ctx.penalty, need_w, need_s)
+        grad_weight, grad_mask_logits = reference.gate_grads(
+            grad.t().matmul(x), weight, mask_logits, beta, ctx.hard, ctx.penalty)
+        grad_weight, grad_mask_logits = grad_weight if need_w else None, grad_mask_logits if need_s else None
     if need_b:
         grad_bias = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
     return grad_x, grad_weight, grad_mask_logits, None, grad_bias, None, None
@@ -180,9 +171,9 @@ def _linear_setup(ctx, inputs, output):
 
 class _GateFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, mask_logits, beta, hard, penalty, dtype):
-        _gate_setup(ctx, (weight, mask_logits, beta, hard, penalty, dtype), None)
-        return _gate_impl(weight, mask_logits, beta, hard, penalty, dtype)
+    def forward(ctx, *inputs):
+        _gate_setup(ctx, inputs, None)
+        return _gate_impl(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
@@ -191,13 +182,57 @@ class _GateFunction(torch.autograd.Function):
 
 class _LinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, mask_logits, beta, bias, hard, penalty):
-        _linear_setup(ctx, (x, weight, mask_logits, beta, bias, hard, penalty), None)
-        return _linear_impl(x, weight, mask_logits, beta, bias, hard, penalty)
+    def forward(ctx, *inputs):
+        _linear_setup(ctx, inputs, None)
+        return _linear_impl(*inputs)
 
     @staticmethod
     def backward(ctx, grad):
         return _linear_backward(EAGER, ctx, grad)
+
+
+# The same two for torch.func's transforms (grad, jacrev, vmap; not jvp): forward and
+# setup_context apart, as they require, and a vmap rule. Not the eager default: Function.apply
+# then binds the arguments with inspect.signature on every call, 40 us more per forward+backward
+# on the CI machine.
+
+
+def _batch_first(t, dim, size):
+    """t with its vmapped dimension first or, not batched, expanded along a new first one."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(size, *t.shape)
+
+
+class _GateFunctionForTransforms(_GateFunction):
+    forward = staticmethod(_gate_impl)
+    setup_context = staticmethod(_gate_setup)
+
+    @staticmethod
+    def vmap(info, in_dims, weight, mask_logits, beta, hard, penalty, dtype):
+        if in_dims[2] is not None:
+            raise ValueError("csext: the triton gate cannot be vmapped over beta")
+        # elementwise: the gate of a batch is the batch of gates
+        weight, mask_logits = (_batch_first(t, d, info.batch_size) for t, d in zip((weight, mask_logits), in_dims))
+        return _GateFunctionForTransforms.apply(weight, mask_logits, beta, hard, penalty, dtype), 0
+
+
+class _LinearFunctionForTransforms(_LinearFunction):
+    forward = staticmethod(_linear_impl)
+    setup_context = staticmethod(_linear_setup)
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, mask_logits, beta, bias, hard, penalty):
+        if in_dims[3] is not None:
+            raise ValueError("csext: the triton gated_linear cannot be vmapped over beta")
+        n = info.batch_size
+        if all(d is None for d in in_dims[1:5]):  # only x: its batch is more rows
+            x = x.movedim(in_dims[0], 0)
+            y = _LinearFunctionForTransforms.apply(x.flatten(0, 1), weight, mask_logits, beta, bias, hard, penalty)
+            return y.unflatten(0, x.shape[:2]), 0
+        # weights, mask logits or biases batched: one layer per sample
+        x, weight, mask_logits = (_batch_first(t, d, n) for t, d in zip((x, weight, mask_logits), in_dims))
+        biases = [None] * n if bias is None else _batch_first(bias, in_dims[4], n)
+        return torch.stack([_LinearFunctionForTransforms.apply(x[i], weight[i], mask_logits[i], beta, biases[i],
+                                                               hard, penalty) for i in range(n)]), 0
 
 
 # --- compiled route: torch.library custom ops -----------------------------------------------------
@@ -277,11 +312,13 @@ def gate(weight, mask_logits, beta, hard: bool, penalty: float, dtype: torch.dty
     """w * m in `dtype` (beta a device tensor), differentiable."""
     if torch.compiler.is_compiling():
         return triton_gate(weight, mask_logits, beta, hard, penalty, dtype)
-    return _GateFunction.apply(weight, mask_logits, beta, hard, penalty, dtype)
+    function = _GateFunctionForTransforms if torch._C._are_functorch_transforms_active() else _GateFunction
+    return function.apply(weight, mask_logits, beta, hard, penalty, dtype)
 
 
 def gated_linear(x, weight, mask_logits, beta, bias, hard: bool, penalty: float):
     """x (M, K) @ (w * m)^T + bias in x's dtype (beta a device tensor), differentiable."""
     if torch.compiler.is_compiling():
         return triton_gated_linear(x, weight, mask_logits, beta, bias, hard, penalty)
-    return _LinearFunction.apply(x, weight, mask_logits, beta, bias, hard, penalty)
+    function = _LinearFunctionForTransforms if torch._C._are_functorch_transforms_active() else _LinearFunction
+    return function.apply(x, weight, mask_logits, beta, bias, hard, penalty)

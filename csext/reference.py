@@ -4,6 +4,8 @@
     gate           w_eff = w * m, computed in the wider of w's and m's dtype, cast to `dtype`
     penalty        P = sum(sigmoid(beta * s)); with `penalty=lam` the gate's backward adds
                    lam * dP/ds, so the task loss alone gives the gradients of task_loss + lam * P
+    backward       dL/dw = G * m,  dL/ds = beta * m * (1 - m) * (G * w + lam)  (G = dL/dw_eff;
+                   `gate_grads`, what autograd derives from `gate`, in differentiable torch ops)
 """
 
 import torch
@@ -41,6 +43,26 @@ class _AddPenaltyGradient(torch.autograd.Function):
         return grad + ctx.penalty, None
 
 
+class _AddPenaltyGradientForTransforms(_AddPenaltyGradient):
+    """The same for torch.func's transforms, which want forward and setup_context apart, a vmap
+    rule and a jvp. Not the default: Function.apply then binds the arguments with
+    inspect.signature on every call, and torch.compile does not trace a custom jvp."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(soft: torch.Tensor, penalty: float) -> torch.Tensor:
+        return soft.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.penalty = inputs[1]
+
+    @staticmethod
+    def jvp(ctx, soft_tangent, penalty_tangent):
+        return soft_tangent  # lam acts on the backward only
+
+
 def gate(
     weight: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -52,5 +74,26 @@ def gate(
     """w_eff = weight * m in `dtype` (default: weight's)."""
     m = mask(mask_logits, beta, hard)
     if penalty and not hard:
-        m = _AddPenaltyGradient.apply(m, penalty)
+        transforms = torch._C._are_functorch_transforms_active()
+        m = (_AddPenaltyGradientForTransforms if transforms else _AddPenaltyGradient).apply(m, penalty)
     return (weight * m).to(dtype or weight.dtype)
+
+
+def gate_grads(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    mask_logits: torch.Tensor,
+    beta: float,
+    hard: bool = False,
+    penalty: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dL/dw, dL/ds) of `gate` from grad = dL/dw_eff, as autograd derives them, written out so
+    that a backward can return them differentiable again (create_graph=True, torch.func) with
+    no autograd call of its own; dL/ds is None under the hard mask."""
+    m = mask(mask_logits, beta, hard)
+    g = grad.to(torch.promote_types(weight.dtype, m.dtype))  # the dtype `gate` multiplies in
+    grad_weight = (g * m).to(weight.dtype)
+    if hard:
+        return grad_weight, None
+    grad_mask_logits = beta * m * (1 - m) * (g * weight + penalty)
+    return grad_weight, grad_mask_logits.to(mask_logits.dtype)

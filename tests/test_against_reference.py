@@ -77,6 +77,24 @@ def test_gate_across_temperatures(backend, beta):
     compare_with_torch_backend(op, tensors, torch.float32, backend=backend, out_shape=w.shape)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("hard", [False, True])
+def test_reference_gate_grads_are_what_autograd_derives(dtype, hard):
+    """csext.reference.gate_grads, SPEC section 1's backward written out, against autograd
+    through csext.reference.gate, penalty included, the gradient in a narrower dtype."""
+    w = torch.randn(6, 7, dtype=dtype, requires_grad=True)
+    s = mask_logits_like(w, torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+    out_dtype = torch.float16 if dtype != torch.float64 else dtype
+    grad = torch.randn(6, 7).to(out_dtype)
+    csext.reference.gate(w, s, 3.0, hard=hard, penalty=0.05, dtype=out_dtype).backward(grad)
+    grad_w, grad_s = csext.reference.gate_grads(grad, w.detach(), s.detach(), 3.0, hard=hard, penalty=0.05)
+    torch.testing.assert_close(grad_w, w.grad, rtol=0, atol=0)
+    if hard:
+        assert grad_s is None and s.grad is None
+    else:
+        torch.testing.assert_close(grad_s, s.grad)
+
+
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_channels_last_weight(backend):
     w = torch.randn(8, 4, 3, 3).to(memory_format=torch.channels_last)

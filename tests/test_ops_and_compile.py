@@ -102,8 +102,7 @@ def test_gated_layer_is_one_autograd_node(kind):
 @pytest.mark.parametrize("hard", [False, True])
 def test_forward_mode_ad_matches_torch_backend(kind, hard):
     """torch.func.jvp with a tangent for every input, and for the first alone, equals the torch
-    backend's. The penalty acts on the backward only: the torch backend runs without it (its
-    penalty Function is not written for torch.func)."""
+    backend's, penalty given (it acts on the backward only)."""
     F64 = torch.float64
     if kind == "gate":
         shape, x = (5, 4), None
@@ -116,7 +115,7 @@ def test_forward_mode_ad_matches_torch_backend(kind, hard):
     b = torch.randn(shape[0], dtype=F64)
 
     def run(backend, *args):
-        penalty = 0.1 if backend == "cpp" else 0.0
+        penalty = 0.1
         if kind == "gate":
             return csext.functional.gate(*args, 2.5, hard=hard, penalty=penalty, backend=backend)
         layer = csext.functional.gated_linear if kind == "linear" else csext.functional.gated_conv2d
@@ -141,11 +140,8 @@ def test_functorch_grad_and_vmap_match_torch_backend():
     s = mask_logits_like(w, F64)
     results = {}
     for backend in ("cpp", "torch"):
-        def loss(w, s):
-            if backend == "cpp":  # the penalty's gradient comes from the op's backward
-                return csext.functional.gated_linear(x, w, s, 2.0, b, penalty=0.1, backend="cpp").square().sum()
-            task = csext.functional.gated_linear(x, w, s, 2.0, b, backend="torch").square().sum()
-            return task + 0.1 * csext.reference.penalty_term(s, 2.0)
+        def loss(w, s):  # the penalty's gradient comes from the gate's backward on both
+            return csext.functional.gated_linear(x, w, s, 2.0, b, penalty=0.1, backend=backend).square().sum()
 
         def rows(x):
             return csext.functional.gated_linear(x, w, s, 2.0, b, backend=backend)

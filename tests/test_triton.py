@@ -61,17 +61,19 @@ def test_both_linear_paths_with_bias_and_mask_scale(monkeypatch, fused_max_rows,
 
 
 def test_non_contiguous_input_and_gradient():
-    """x a transposed view, the output gradient an expanded one: the kernels follow strides."""
+    """x a transposed view, the bias a strided one, the output gradient an expanded one: the
+    kernels follow strides."""
     w = torch.randn(23, 31, device=DEVICE, requires_grad=True)
     s = mask_logits_like(w).to(DEVICE).requires_grad_()
     x = torch.randn(31, 40, device=DEVICE).t().requires_grad_()
+    b = torch.randn(23, 2, device=DEVICE)[:, 1].requires_grad_()
     grads = {}
     for backend in ("triton", "torch"):
-        for t in (w, s, x):
+        for t in (w, s, x, b):
             t.grad = None
-        y = CF.gated_linear(x, w, s, 2.5, penalty=0.1, backend=backend)
+        y = CF.gated_linear(x, w, s, 2.5, b, penalty=0.1, backend=backend)
         y.backward(torch.ones(1, 1, device=DEVICE).expand_as(y))
-        grads[backend] = (y.detach(), x.grad, w.grad, s.grad)
+        grads[backend] = (y.detach(), x.grad, w.grad, s.grad, b.grad)
     for a, b in zip(grads["triton"], grads["torch"]):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
 
@@ -131,6 +133,46 @@ def test_double_backward(monkeypatch, layer, hard, of):
         if want is not None:
             scale = max(want.abs().max().item(), 1.0)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("path", ["fused", "gate"])
+def test_torch_func_transforms_match_torch_backend(monkeypatch, path):
+    """torch.func's grad (nested too), jacrev and vmap (over x, over the weights, per-sample
+    gradients) through the triton layers give the torch backend's results, penalty included;
+    jvp, which the kernels do not define, raises."""
+    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", 4096 if path == "fused" else 0)
+    x, w = torch.randn(3, 5, device=DEVICE), torch.randn(4, 5, device=DEVICE)
+    s, b = mask_logits_like(w).to(DEVICE), torch.randn(4, device=DEVICE)
+    xs, ws, bs = torch.randn(6, 3, 5, device=DEVICE), torch.randn(6, 4, 5, device=DEVICE), torch.randn(4, 6, device=DEVICE)
+    xc, wc = torch.randn(2, 4, 5, 6, device=DEVICE), torch.randn(2, 6, 2, 3, 3, device=DEVICE)
+    sc = mask_logits_like(wc[0]).to(DEVICE)
+    results = {}
+    for backend in ("triton", "torch"):
+        def layer(x, w, s, b=b):
+            return CF.gated_linear(x, w, s, 2.0, b, penalty=0.01, backend=backend)
+
+        def loss(w, s, x=x):
+            return layer(x, w, s).square().sum()
+
+        def conv(w):
+            return CF.gated_conv2d(xc, w, sc, 2.0, None, 1, 1, 1, 2, penalty=0.01, backend=backend)
+
+        func = torch.func
+        results[backend] = [
+            *func.grad(loss, argnums=(0, 1))(w, s),
+            func.grad(lambda w: func.grad(loss)(w, s).square().sum())(w),
+            *func.jacrev(layer, argnums=(1, 2))(x, w, s),
+            func.vmap(layer, in_dims=(0, None, None))(xs, w, s),
+            func.vmap(layer, in_dims=(0, 0, None))(xs, ws, s),
+            func.vmap(layer, in_dims=(None, None, None, 1))(x, w, s, bs),
+            *func.vmap(func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))(w, s, xs),
+            func.vmap(conv)(wc),
+        ]
+    for i, (got, want) in enumerate(zip(results["triton"], results["torch"])):
+        scale = max(want.abs().max().item(), 1.0)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"result {i}: {m}")
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.jvp(lambda w: CF.gated_linear(x, w, s, 2.0, backend="triton"), (w,), (torch.ones_like(w),))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
