@@ -169,6 +169,12 @@ def _linear_setup(ctx, inputs, output):
 # --- eager route: autograd.Function ---------------------------------------------------------------
 
 
+def _ops_now():
+    """The op set for a backward: the custom ops where Dynamo traces it (compiled autograd),
+    which it cannot do through the Launcher's raw launches."""
+    return COMPILED if torch.compiler.is_compiling() else EAGER
+
+
 class _GateFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
@@ -177,7 +183,7 @@ class _GateFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _gate_backward(EAGER, ctx, grad)
+        return _gate_backward(_ops_now(), ctx, grad)
 
 
 class _LinearFunction(torch.autograd.Function):
@@ -188,7 +194,7 @@ class _LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return _linear_backward(EAGER, ctx, grad)
+        return _linear_backward(_ops_now(), ctx, grad)
 
 
 # The same two for torch.func's transforms (grad, jacrev, vmap; not jvp): forward and

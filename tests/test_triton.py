@@ -236,6 +236,38 @@ def test_compile_fullgraph_without_recompiling_for_beta():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
 
 
+@pytest.mark.parametrize("fused_max_rows", [0, 4096])
+@pytest.mark.parametrize("hard", [False, True])
+def test_compiled_autograd_matches_eager(monkeypatch, fused_max_rows, hard):
+    """torch._dynamo.compiled_autograd traces the triton layers' backwards through the custom
+    ops (it cannot trace the Launcher's launches) and gets eager's gradients."""
+    from torch import nn
+
+    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", fused_max_rows)
+    torch._dynamo.reset()
+    model = nn.Sequential(csext.GatedConv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          csext.GatedLinear(4 * 25, 2)).to(DEVICE)
+    csext.set_hard(model, hard)
+    for _, m in csext.gated_modules(model):
+        m.backend, m.penalty = "triton", 0.01
+    x = torch.randn(3, 3, 5, 5, device=DEVICE, requires_grad=True)
+    tensors = list(model.parameters()) + [x]
+
+    def backward():
+        for t in tensors:
+            t.grad = None
+        model(x).square().sum().backward()
+        return [t.grad for t in tensors]
+
+    eager = backward()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+        compiled = backward()
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            torch.testing.assert_close(b, a, msg=lambda m: f"tensor {i}: {m}")
+
+
 def test_opcheck_triton_ops():
     from csext import _triton
 
