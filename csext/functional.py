@@ -195,7 +195,7 @@ def _layer_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale, dtype):
     """gated_linear on the triton backend: x (..., K) in the compute dtype `dtype`, fused or not."""
     _check_triton_dtype(weight)
-    rows = x.reshape(-1, x.shape[-1])
+    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not (-1, K): K may be 0
     fused_bias = bias if mask_scale == 1.0 else None  # added in the GEMM's epilogue
     if rows.shape[0] > TRITON_FUSED_MAX_ROWS:
         w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, "triton")

@@ -13,6 +13,7 @@
 // csext/_ops.py, ATen's own) into its graph.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -409,6 +410,13 @@ struct GatedLayerBackward : public torch::autograd::Node {
   }
 };
 
+// A (..., features) tensor as a (rows, features) matrix. reshape({-1, features}) cannot infer
+// the rows of an empty tensor with no features (a layer with 0 inputs or outputs).
+at::Tensor as_rows(const at::Tensor& t) {
+  const auto sizes = t.sizes();
+  return t.reshape({c10::multiply_integers(sizes.begin(), sizes.end() - 1), sizes.back()});
+}
+
 // linear(x, w * m, b): dx = G w_eff, dw_eff = G^T x, db = G summed over rows.
 struct Linear {
   static constexpr const char* kName = "csext::GatedLinearBackward";
@@ -416,10 +424,10 @@ struct Linear {
 
   static variable_list compute(const at::Tensor& grad_out, const LayerState& s, const Params&) {
     const BelowAutogradUnlessGradMode below_autograd;
-    const at::Tensor grad_rows = grad_out.reshape({-1, s.w_eff.size(0)});
+    const at::Tensor grad_rows = as_rows(grad_out);
     at::Tensor grad_input, grad_w_eff, grad_bias;
     if (s.needs[LayerState::kInput]) grad_input = grad_out.matmul(s.w_eff);
-    if (s.needs_w_eff()) grad_w_eff = grad_rows.t().mm(s.input.reshape({-1, s.input.size(-1)}));
+    if (s.needs_w_eff()) grad_w_eff = grad_rows.t().mm(as_rows(s.input));
     if (s.needs[LayerState::kBias]) grad_bias = grad_rows.sum(0);
     return s.finish(std::move(grad_input), grad_w_eff, grad_bias);
   }

@@ -77,6 +77,27 @@ def test_gate_across_temperatures(backend, beta):
     compare_with_torch_backend(op, tensors, torch.float32, backend=backend, out_shape=w.shape)
 
 
+# Every backend that takes CPU tensors here, triton among them in its CPU interpreter.
+ON_CPU = [b for b in csext.backends.available() if csext.backends.runs_on(b, "cpu")]
+
+
+@pytest.mark.parametrize("backend", ON_CPU)
+@pytest.mark.parametrize("x_shape,n", [((0, 5), 4), ((3, 0), 4), ((3, 5), 0), ((0, 0), 0), ((2, 3, 0), 2), ((0,), 3)])
+def test_linear_layers_with_nothing_in_them(backend, x_shape, n):
+    """No rows, no inputs or no outputs (nn.Linear(0, 4) is a layer): the output and every
+    gradient, with their shapes, as on the torch backend; the bias alone where there are no inputs."""
+    k = x_shape[-1]
+    tensors = (torch.randn(x_shape), torch.randn(n, k), mask_logits_like(torch.empty(n, k)), torch.randn(n))
+    results = {}
+    for name in (backend, "torch"):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        y = CF.gated_linear(*leaves[:3], 2.0, leaves[3], penalty=0.01, backend=name)
+        y.backward(torch.ones_like(y))
+        results[name] = [y.detach()] + [t.grad for t in leaves]
+    for got, want in zip(results[backend], results["torch"]):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("hard", [False, True])
 def test_reference_gate_grads_are_what_autograd_derives(dtype, hard):
