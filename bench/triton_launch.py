@@ -8,7 +8,7 @@
 On CUDA the kernels run on tiny tensors, so each launch costs what its host code costs. Without
 a GPU the script installs a stand-in driver, and a compiled kernel whose launch does nothing
 (`install_stand_ins`): what is timed is then Python only, Triton's and csext's, up to the
-binary's C launcher, which is not timed; the layer rows time csext's glue around no-op kernels.
+binary's C launcher, which is not timed; the layer rows time csext's code around no-op kernels.
 Figures are medians of `--repeats` samples of `--calls` calls each, in a rotating order.
 """
 
@@ -48,7 +48,8 @@ def install_stand_ins(record=None):
     """Make every kernel of csext.kernels launchable without a GPU: Triton's driver answers as an
     sm_90 device, compiling yields a binary per specialization whose launch does nothing but
     hand its arguments to `record(binary, args)`, and autotuning picks each kernel's last
-    configuration. Returns the binaries made, by (kernel name, Triton's cache key)."""
+    configuration; csext.functional takes backend="triton" for CPU tensors. Returns the binaries
+    made, by (kernel name, Triton's cache key)."""
     from triton.compiler import CompiledKernel
     from triton.runtime.driver import driver
 
@@ -67,6 +68,12 @@ def install_stand_ins(record=None):
             pass
 
     driver.set_active(StandInDriver())
+    # csext.functional routes backend="triton" for CPU tensors, as under the interpreter
+    from csext import _triton, backends, functional
+
+    backends._TRITON_INTERPRETED = True
+    backends._AVAILABLE = tuple(dict.fromkeys((*backends._AVAILABLE, "triton")))
+    functional._triton = _triton
     binaries = {}
     for kernel in (gate.gate_forward_kernel, gate.gate_backward_kernel, gated_matmul.gated_matmul_kernel,
                    gated_matmul.gated_weight_grad_kernel):
@@ -124,45 +131,44 @@ def launches(device):
     }
 
 
+# The layer rows' settings: (name, launches through the Launcher, the C checks of csext._C)
+SETTINGS = [("Triton, Python checks", False, False), ("Launcher, Python checks", True, False),
+            ("Launcher, C checks", True, True)]
+
+
 def layer_calls(device):
-    """name -> forward+backward of the triton backend's linear paths below csext.functional,
-    their launches through Triton or through the Launcher, and of F.linear (the floor)."""
+    """name|setting -> forward+backward of csext.functional.gated_linear on the triton backend,
+    its two paths in each of SETTINGS; and of F.linear (the floor)."""
     import torch.nn.functional as F
 
-    from csext import _triton
+    from csext import functional as CF
     from csext.kernels import gate, gated_matmul
 
     launchers = (gate._launch_forward, gate._launch_backward, gated_matmul._launch_matmul,
                  gated_matmul._launch_weight_grad)
-
-    def through_triton(call):
-        def wrapped():
-            for launcher in launchers:
-                launcher.compiled = False  # every launch through kernel[grid](...)
-            try:
-                call()
-            finally:
-                for launcher in launchers:
-                    launcher.compiled = True
-        return wrapped
-
+    c_checks, fused_max_rows = CF._EAGER, CF.TRITON_FUSED_MAX_ROWS
     x = torch.randn(4, 8, device=device, requires_grad=True)
     w = torch.randn(8, 8, device=device, requires_grad=True)
     s = torch.randn(8, 8, device=device, requires_grad=True)
-    beta = _triton.device_beta(4.0, torch.device(device))
 
-    def fused():
-        _triton.gated_linear(x, w, s, beta, None, False, 1e-4).sum().backward()
+    def layer(fused, use_launcher, use_c_checks):
+        def call():
+            for launcher in launchers:
+                launcher.compiled = use_launcher  # False: every launch through kernel[grid](...)
+            CF._EAGER = c_checks if use_c_checks else None
+            CF.TRITON_FUSED_MAX_ROWS = fused_max_rows if fused else 0
+            try:
+                CF.gated_linear(x, w, s, 4.0, penalty=1e-4, backend="triton").sum().backward()
+            finally:
+                for launcher in launchers:
+                    launcher.compiled = True
+                CF._EAGER, CF.TRITON_FUSED_MAX_ROWS = c_checks, fused_max_rows
+        return call
 
-    def gate_then_matmul():
-        F.linear(x, _triton.gate(w, s, beta, False, 1e-4, w.dtype)).sum().backward()
-
-    def dense():
-        F.linear(x, w).sum().backward()
-
-    return {"fused linear|triton": through_triton(fused), "fused linear|launcher": fused,
-            "gate + F.linear|triton": through_triton(gate_then_matmul), "gate + F.linear|launcher": gate_then_matmul,
-            "F.linear (dense)|": dense}
+    calls = {f"{path}|{setting}": layer(path == "fused linear", *flags)
+             for path in ("fused linear", "gate + F.linear") for setting, *flags in SETTINGS}
+    calls["F.linear (dense)|"] = lambda: F.linear(x, w).sum().backward()
+    return calls
 
 
 def timed(calls: dict, repeats: int, per_sample: int, device) -> dict:
@@ -206,8 +212,8 @@ def main(argv=None) -> int:
     for name in pairs:
         through, cached = times[f"{name}|triton"], times[f"{name}|launcher"]
         print(f"  {name:18s} {through:7.2f} us  {cached:7.2f} us  ({through / cached:.1f}x)")
-    print("host time of a forward+backward (median us), x (4, 8) and w (8, 8): the triton backend's linear\n"
-          "paths below csext.functional, launches through Triton, through the Launcher; and F.linear's")
+    print("host time of a forward+backward (median us), x (4, 8) and w (8, 8): csext.functional.gated_linear\n"
+          f"on the triton backend, its two paths: {'; '.join(name for name, *_ in SETTINGS)}; F.linear's")
     times = timed(layer_calls(args.device), args.repeats, max(1, args.calls // 5), args.device)
     for name in dict.fromkeys(key.split("|")[0] for key in times):
         row = [times[key] for key in times if key.split("|")[0] == name]

@@ -136,28 +136,29 @@ def _gate(weight, mask_logits, beta, hard, penalty, dtype, name: str) -> torch.T
 _LAYER_OPS = ("cpp", "cuda")
 
 # In eager mode, a call whose backend is a layer op first tries the C++ fast path of csext._C
-# (csrc/python.cpp): the checks below, autocast's cast of x and the op call in one C call. It
-# returns None for anything it does not take, and the call goes on here, where bad input gets
-# its error.
+# (csrc/python.cpp): the checks below, autocast's cast of x and the op call in one C call. A
+# linear call on the triton backend takes the C checks and cast alone (csext._C.linear_input),
+# then the Triton layer. Either returns None for anything it does not take, and the call goes on
+# here, where bad input gets its error.
 _EAGER = getattr(_ops, "_C", None)
-_EAGER_TAKES: dict = {}  # (backend, device type) -> whether a layer op runs there
+_EAGER_ROUTES: dict = {}  # (backend, device type) -> "layer op", "triton" or None
 
 
-def _eager_layer_op(backend, weight) -> bool:
-    """The C++ fast path may take this call: eager mode, and `backend` resolves to a layer op
-    on weight's device."""
+def _eager_route(backend, weight):
+    """What of the C++ fast path may take this call: "layer op", "triton" or None (eager mode
+    only)."""
     if (_EAGER is None or torch.compiler.is_compiling() or not isinstance(backend, str)
             or not isinstance(weight, torch.Tensor)):
-        return False
+        return None
     key = (backend, weight.device.type)
-    taken = _EAGER_TAKES.get(key)
-    if taken is None:
+    route = _EAGER_ROUTES.get(key, False)
+    if route is False:
         try:
-            taken = backends.resolve(backend, key[1]) in _LAYER_OPS
+            name = backends.resolve(backend, key[1])
         except ValueError:  # a bad backend: the checked path raises it, after the other checks
-            taken = False
-        _EAGER_TAKES[key] = taken
-    return taken
+            name = None
+        route = _EAGER_ROUTES[key] = "layer op" if name in _LAYER_OPS else "triton" if name == "triton" else None
+    return route
 
 
 def _check_triton_dtype(weight: torch.Tensor) -> None:
@@ -222,10 +223,15 @@ def gated_linear(
     mask_scale: float = 1.0,
 ) -> torch.Tensor:
     """y = x @ (c * w * m)^T + b, for x of shape (..., in_features), with c = mask_scale."""
-    if mask_scale == 1.0 and _eager_layer_op(backend, weight):
+    route = _eager_route(backend, weight) if mask_scale == 1.0 else None
+    if route == "layer op":
         y = _EAGER.gated_linear(x, weight, mask_logits, beta, bias, hard, penalty)
         if y is not None:
             return y
+    elif route == "triton":
+        x_in = _EAGER.linear_input(x, weight, mask_logits, beta, bias, hard, penalty)
+        if x_in is not None:
+            return _triton_linear(x_in, weight, mask_logits, beta, bias, hard, penalty, 1.0, x_in.dtype)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -275,7 +281,7 @@ def gated_conv2d(
     mask_scale: float = 1.0,
 ) -> torch.Tensor:
     """conv2d(x, c * w * m, b) for x of shape (N, C_in, H, W) or (C_in, H, W), c = mask_scale."""
-    if mask_scale == 1.0 and _eager_layer_op(backend, weight):
+    if mask_scale == 1.0 and _eager_route(backend, weight) == "layer op":
         y = _EAGER.gated_conv2d(x, weight, mask_logits, beta, bias, hard, penalty, stride, padding, dilation, groups)
         if y is not None:
             return y

@@ -1,8 +1,9 @@
 // csext._C, the Python module. Importing it loads this library, whose static initialisers
-// register the ops (ops.cpp, autograd.cpp, cuda/ops_cuda.cpp). Its two functions are the eager
-// fast path of csext.functional.gated_linear and gated_conv2d on the cpp and cuda backends: one
-// C call that checks the arguments, casts x as autocast would and calls the layer op through
-// the dispatcher, in place of the Python checks and the boxed torch.ops call. A small layer on a
+// register the ops (ops.cpp, autograd.cpp, cuda/ops_cuda.cpp). Its functions are the eager fast
+// path of csext.functional.gated_linear and gated_conv2d on the cpp and cuda backends: one C call
+// that checks the arguments, casts x as autocast would and calls the layer op through the
+// dispatcher, in place of the Python checks and the boxed torch.ops call; and the checks alone
+// (linear_input) for the triton backend's linear layer, whose op is Python. A small layer on a
 // GPU runs at the speed of its host code, so these microseconds count (bench/host.py).
 //
 // They take what csext.functional takes as valid, or less, and never explain: for any other
@@ -154,14 +155,15 @@ bool wrong_count(const char* name, Py_ssize_t nargs, Py_ssize_t expected) {
   return true;
 }
 
+bool linear_fits(const at::Tensor& x, const at::Tensor& weight) {
+  return x.dim() >= 1 && x.size(-1) == weight.size(1);
+}
+
 // gated_linear(x, weight, mask_logits, beta, bias, hard, penalty) -> Tensor or None
 PyObject* gated_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (wrong_count("gated_linear", nargs, 7)) return nullptr;
-  auto fits = [](const at::Tensor& x, const at::Tensor& weight) {
-    return x.dim() >= 1 && x.size(-1) == weight.size(1);
-  };
-  std::optional<Layer> layer = take_layer(args, 2, fits);
+  std::optional<Layer> layer = take_layer(args, 2, linear_fits);
   if (!layer) Py_RETURN_NONE;
   static const auto op =
       c10::Dispatcher::singleton()
@@ -175,6 +177,18 @@ PyObject* gated_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
                   layer->penalty, layer->dtype);
   }
   return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+// linear_input(x, weight, mask_logits, beta, bias, hard, penalty) -> Tensor or None: the checks
+// of gated_linear alone, for the triton backend's layer (Python): x as the layer takes it,
+// autocast's cast done.
+PyObject* linear_input(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (wrong_count("linear_input", nargs, 7)) return nullptr;
+  std::optional<Layer> layer = take_layer(args, 2, linear_fits);
+  if (!layer) Py_RETURN_NONE;
+  return THPVariable_Wrap(std::move(layer->x));
   END_HANDLE_TH_ERRORS
 }
 
@@ -213,6 +227,8 @@ PyMethodDef methods[] = {
      METH_FASTCALL, "Eager fast path of csext.functional.gated_linear: a tensor, or None to take the Python path."},
     {"gated_conv2d", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&gated_conv2d)),
      METH_FASTCALL, "Eager fast path of csext.functional.gated_conv2d: a tensor, or None to take the Python path."},
+    {"linear_input", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&linear_input)),
+     METH_FASTCALL, "csext.functional.gated_linear's checks: x (cast under autocast), or None to take the Python path."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -60,6 +60,33 @@ def test_both_linear_paths_with_bias_and_mask_scale(monkeypatch, fused_max_rows,
     _compare(op, tensors, torch.float32, (21, 19))
 
 
+@pytest.mark.parametrize("variant", ["bias", "no bias", "hard", "autocast", "3-D x"])
+def test_linear_checks_in_c_match_the_checked_path(monkeypatch, variant):
+    """A valid linear call takes csext._C.linear_input's checks (and autocast's cast) in place of
+    the Python ones, and gives the checked path's output and gradients, bit for bit."""
+    if CF._EAGER is None:
+        pytest.skip("the C++ extension is not built")
+    autocast_dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter has no bf16
+    w = torch.randn(5, 7, device=DEVICE, requires_grad=True)
+    s = mask_logits_like(w).to(DEVICE).requires_grad_()
+    b = torch.randn(5, device=DEVICE, requires_grad=True) if variant != "no bias" else None
+    x = torch.randn(*((2, 3) if variant == "3-D x" else (3,)), 7, device=DEVICE, requires_grad=True)
+    args = (x, w, s, 3.0, b, variant == "hard", 1e-3)
+    results = []
+    for eager in (CF._EAGER, None):
+        monkeypatch.setattr(CF, "_EAGER", eager)
+        with torch.autocast(DEVICE, dtype=autocast_dtype, enabled=variant == "autocast"):
+            if eager is not None:
+                assert eager.linear_input(*args) is not None, "a valid call was handed back"
+            y = CF.gated_linear(*args[:5], hard=args[5], penalty=args[6], backend="triton")
+        leaves = [t for t in (x, w, s, b) if t is not None]
+        results.append([y, *torch.autograd.grad(y.float().square().sum(), leaves, allow_unused=True)])
+    for fast, checked in zip(*results):
+        assert (fast is None) == (checked is None)
+        if fast is not None:
+            torch.testing.assert_close(fast, checked, rtol=0, atol=0)
+
+
 def test_non_contiguous_input_and_gradient():
     """x a transposed view, the bias a strided one, the output gradient an expanded one: the
     kernels follow strides."""
