@@ -12,7 +12,8 @@ autograd registrations (no graph break, opcheck-clean):
     csext::triton_gated_linear_grad_weight            dL/dw, dL/ds from the G^T x epilogue
 
 In eager mode they call them through torch.autograd.Function, which costs a fraction of a
-custom op's Python dispatch per call. Both routes share one backward (`_gate_backward`,
+custom op's Python dispatch per call (under torch.func's transforms, through twins of those
+Functions written as the transforms require, with vmap rules). Both routes share one backward (`_gate_backward`,
 `_linear_backward`), handed the op set to call. beta travels as a 0-dim float32 tensor on the
 tensors' device (see device_beta). The kernels launch through kernels/launch.py's Launcher, which
 skips Triton's per-call Python once a call's specialization is compiled.
