@@ -31,6 +31,9 @@ cd /tmp && CSEXT_TRITON_AUTOTUNE=0 timeout "${TEST_TIMEOUT:-180}" python3 -m pyt
   "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" "$REPO/tests/test_triton_launch.py" \
   "$REPO/tests/test_eager_fast_path.py" >"$OUT/pytest.txt" 2>&1
 tail -40 "$OUT/pytest.txt"
+# The same Launcher test with autotuning on, as users run: the tuned configuration's launches.
+timeout 120 python3 -m pytest -q -p no:cacheprovider "$REPO/tests/test_triton.py" \
+  -k "repeated_calls and 4096" 2>&1 | tail -3
 
 cd "$REPO"
 # One invocation per op and layout: each saves its rows when it ends, so a stage cut short by
