@@ -14,6 +14,8 @@ key go straight to the binary, through the entry Triton's own launch uses
 Under TRITON_INTERPRET=1 there is no binary, and every call goes through Triton's interpreter.
 """
 
+import threading
+
 from triton import knobs
 from triton.compiler import CompiledKernel
 from triton.runtime.driver import driver
@@ -30,6 +32,7 @@ class Launcher:
         self.kernel, self.tuned = kernel, tuned
         self.names = kernel.arg_names
         self.binaries: dict = {}
+        self.first_launch = threading.Lock()
         self.compiled = isinstance(kernel, JITFunction)  # not the interpreter's InterpretedFunction
 
     def __call__(self, grid, tensors: tuple, ints: tuple, floats: tuple, constexprs: dict) -> None:
@@ -54,12 +57,13 @@ class Launcher:
     def _launch_through_triton(self, key, grid, tensors, ints, floats, constexprs) -> None:
         """Launch as Triton does (compiling and autotuning as needed) and keep the binary."""
         args = (*tensors, *ints, *floats)
-        if self.tuned is not None:
-            binary = self.tuned[grid](*args, **constexprs)
-            meta = {**constexprs, **self.tuned.best_config.kwargs}
-        else:
-            binary = self.kernel[grid](*args, **constexprs)
-            meta = constexprs
+        with self.first_launch:  # no other thread autotunes between the launch and best_config
+            if self.tuned is not None:
+                binary = self.tuned[grid](*args, **constexprs)
+                meta = {**constexprs, **self.tuned.best_config.kwargs}
+            else:
+                binary = self.kernel[grid](*args, **constexprs)
+                meta = constexprs
         if not isinstance(binary, CompiledKernel):  # compiled asynchronously: keep nothing
             return
         # The launcher takes every parameter in order, constexprs included (it skips them).
