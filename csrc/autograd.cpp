@@ -13,7 +13,6 @@
 // csext/_ops.py, ATen's own) into its graph.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/util/accumulate.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
@@ -411,10 +410,13 @@ struct GatedLayerBackward : public torch::autograd::Node {
 };
 
 // A (..., features) tensor as a (rows, features) matrix. reshape({-1, features}) cannot infer
-// the rows of an empty tensor with no features (a layer with 0 inputs or outputs).
+// the rows of an empty tensor with no features (a layer with 0 inputs or outputs). Symbolic
+// sizes, so that torch.compile's dynamic shapes stay dynamic through the backward.
 at::Tensor as_rows(const at::Tensor& t) {
-  const auto sizes = t.sizes();
-  return t.reshape({c10::multiply_integers(sizes.begin(), sizes.end() - 1), sizes.back()});
+  const c10::SymIntArrayRef sizes = t.sym_sizes();
+  c10::SymInt rows = 1;
+  for (size_t i = 0; i + 1 < sizes.size(); ++i) rows *= sizes[i];
+  return t.reshape_symint({rows, sizes.back()});
 }
 
 // linear(x, w * m, b): dx = G w_eff, dw_eff = G^T x, db = G summed over rows.

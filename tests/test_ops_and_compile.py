@@ -229,6 +229,24 @@ class SmallNet(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
+@pytest.mark.parametrize("backend", [b for b in csext.backends.available() if csext.backends.runs_on(b, "cpu")])
+def test_compile_dynamic_shapes_do_not_recompile(backend):
+    """torch.compile(dynamic=True) of a linear and a conv layer, trained on three batch sizes:
+    one graph, its forward and backward traced with a symbolic batch (no size read as an int)."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    linear, conv = csext.GatedLinear(9, 5), csext.GatedConv2d(3, 4, 3, padding=1)
+    for layer in (linear, conv):
+        layer.backend, layer.penalty = backend, 0.01
+    step = torch.compile(lambda x, y: linear(x).sum() + conv(y).sum(), dynamic=True, fullgraph=True,
+                         backend="aot_eager")
+    for n in (2, 3, 7):
+        x, y = torch.randn(n, 9, requires_grad=True), torch.randn(n, 3, 5, 5, requires_grad=True)
+        step(x, y).backward()
+        assert x.grad.shape == x.shape and y.grad.shape == y.shape
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_compile_fullgraph_matches_eager(backend):
     torch._dynamo.reset()
