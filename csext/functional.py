@@ -137,8 +137,8 @@ _LAYER_OPS = ("cpp", "cuda")
 
 # In eager mode, a call whose backend is a layer op first tries the C++ fast path of csext._C
 # (csrc/python.cpp): the checks below, autocast's cast of x and the op call in one C call. A
-# linear call on the triton backend takes the C checks and cast alone (csext._C.linear_input),
-# then the Triton layer. Either returns None for anything it does not take, and the call goes on
+# call on the triton backend takes the C checks and cast alone (csext._C.linear_input,
+# conv2d_input), then the Triton layer. Either returns None for anything it does not take, and the call goes on
 # here, where bad input gets its error.
 _EAGER = getattr(_ops, "_C", None)
 _EAGER_ROUTES: dict = {}  # (backend, device type) -> "layer op", "triton" or None
@@ -281,10 +281,16 @@ def gated_conv2d(
     mask_scale: float = 1.0,
 ) -> torch.Tensor:
     """conv2d(x, c * w * m, b) for x of shape (N, C_in, H, W) or (C_in, H, W), c = mask_scale."""
-    if mask_scale == 1.0 and _eager_route(backend, weight) == "layer op":
+    route = _eager_route(backend, weight) if mask_scale == 1.0 else None
+    if route == "layer op":
         y = _EAGER.gated_conv2d(x, weight, mask_logits, beta, bias, hard, penalty, stride, padding, dilation, groups)
         if y is not None:
             return y
+    elif route == "triton":
+        x_in = _EAGER.conv2d_input(x, weight, mask_logits, beta, bias, hard, penalty, stride, padding, dilation, groups)
+        if x_in is not None:
+            w_eff = _gate(weight, mask_logits, beta, hard, penalty, x_in.dtype, "triton")
+            return F.conv2d(x_in, w_eff, bias, stride, padding, dilation, groups)
     if weight.dim() != 4:
         raise ValueError(
             f"weight must be 4-D (out_channels, in_channels/groups, kH, kW), got shape {tuple(weight.shape)}"

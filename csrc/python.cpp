@@ -3,7 +3,7 @@
 // path of csext.functional.gated_linear and gated_conv2d on the cpp and cuda backends: one C call
 // that checks the arguments, casts x as autocast would and calls the layer op through the
 // dispatcher, in place of the Python checks and the boxed torch.ops call; and the checks alone
-// (linear_input) for the triton backend's linear layer, whose op is Python. A small layer on a
+// (linear_input, conv2d_input) for the triton backend's layers, whose ops are Python. A small layer on a
 // GPU runs at the speed of its host code, so these microseconds count (bench/host.py).
 //
 // They take what csext.functional takes as valid, or less, and never explain: for any other
@@ -192,20 +192,32 @@ PyObject* linear_input(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// gated_conv2d(x, weight, mask_logits, beta, bias, hard, penalty, stride, padding, dilation,
-// groups) -> Tensor or None; x batched (N, C, H, W), padding numeric.
-PyObject* gated_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  HANDLE_TH_ERRORS
-  if (wrong_count("gated_conv2d", nargs, 11)) return nullptr;
+struct Conv {
   std::array<int64_t, 2> stride{}, padding{}, dilation{};
   int64_t groups = 0;
-  if (!read_pair(args[7], stride) || !read_pair(args[8], padding) || !read_pair(args[9], dilation) ||
-      !read_int(args[10], groups) || groups < 1) {
-    Py_RETURN_NONE;
+};
+
+// args: those of take_layer, then stride, padding, dilation, groups; x batched (N, C, H, W),
+// padding numeric.
+std::optional<Layer> take_conv(PyObject* const* args, Conv& conv) {
+  if (!read_pair(args[7], conv.stride) || !read_pair(args[8], conv.padding) ||
+      !read_pair(args[9], conv.dilation) || !read_int(args[10], conv.groups) || conv.groups < 1) {
+    return std::nullopt;
   }
   auto fits = [](const at::Tensor& x, const at::Tensor&) { return x.dim() == 4; };  // channels: below
   std::optional<Layer> layer = take_layer(args, 4, fits);
-  if (!layer || layer->x.size(1) != layer->weight.size(1) * groups) Py_RETURN_NONE;
+  if (!layer || layer->x.size(1) != layer->weight.size(1) * conv.groups) return std::nullopt;
+  return layer;
+}
+
+// gated_conv2d(x, weight, mask_logits, beta, bias, hard, penalty, stride, padding, dilation,
+// groups) -> Tensor or None
+PyObject* gated_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (wrong_count("gated_conv2d", nargs, 11)) return nullptr;
+  Conv conv;
+  std::optional<Layer> layer = take_conv(args, conv);
+  if (!layer) Py_RETURN_NONE;
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("csext::gated_conv2d", "")
@@ -215,10 +227,22 @@ PyObject* gated_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   at::Tensor out;
   {
     ReleaseGil no_gil;
-    out = op.call(layer->x, layer->weight, layer->mask_logits, layer->beta, layer->bias, stride, padding,
-                  dilation, groups, layer->hard, layer->penalty, layer->dtype);
+    out = op.call(layer->x, layer->weight, layer->mask_logits, layer->beta, layer->bias, conv.stride,
+                  conv.padding, conv.dilation, conv.groups, layer->hard, layer->penalty, layer->dtype);
   }
   return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+// conv2d_input(the arguments of gated_conv2d) -> Tensor or None: its checks alone, for the
+// triton backend's convolution (Python), as linear_input.
+PyObject* conv2d_input(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (wrong_count("conv2d_input", nargs, 11)) return nullptr;
+  Conv conv;
+  std::optional<Layer> layer = take_conv(args, conv);
+  if (!layer) Py_RETURN_NONE;
+  return THPVariable_Wrap(std::move(layer->x));
   END_HANDLE_TH_ERRORS
 }
 
@@ -229,6 +253,8 @@ PyMethodDef methods[] = {
      METH_FASTCALL, "Eager fast path of csext.functional.gated_conv2d: a tensor, or None to take the Python path."},
     {"linear_input", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&linear_input)),
      METH_FASTCALL, "csext.functional.gated_linear's checks: x (cast under autocast), or None to take the Python path."},
+    {"conv2d_input", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&conv2d_input)),
+     METH_FASTCALL, "csext.functional.gated_conv2d's checks: x (cast under autocast), or None to take the Python path."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -60,25 +60,33 @@ def test_both_linear_paths_with_bias_and_mask_scale(monkeypatch, fused_max_rows,
     _compare(op, tensors, torch.float32, (21, 19))
 
 
-@pytest.mark.parametrize("variant", ["bias", "no bias", "hard", "autocast", "3-D x"])
-def test_linear_checks_in_c_match_the_checked_path(monkeypatch, variant):
-    """A valid linear call takes csext._C.linear_input's checks (and autocast's cast) in place of
-    the Python ones, and gives the checked path's output and gradients, bit for bit."""
+@pytest.mark.parametrize("kind,variant", [
+    ("linear", "bias"), ("linear", "no bias"), ("linear", "hard"), ("linear", "autocast"), ("linear", "3-D x"),
+    ("conv", "bias"), ("conv", "hard"), ("conv", "autocast"), ("conv", "groups"),
+])
+def test_checks_in_c_match_the_checked_path(monkeypatch, kind, variant):
+    """A valid call takes csext._C's checks (linear_input, conv2d_input) and autocast's cast in
+    place of the Python ones, and gives the checked path's output and gradients, bit for bit."""
     if CF._EAGER is None:
         pytest.skip("the C++ extension is not built")
     autocast_dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter has no bf16
-    w = torch.randn(5, 7, device=DEVICE, requires_grad=True)
+    groups = 2 if variant == "groups" else 1
+    w = torch.randn(*((5, 7) if kind == "linear" else (4, 6 // groups, 3, 2)), device=DEVICE, requires_grad=True)
     s = mask_logits_like(w).to(DEVICE).requires_grad_()
-    b = torch.randn(5, device=DEVICE, requires_grad=True) if variant != "no bias" else None
-    x = torch.randn(*((2, 3) if variant == "3-D x" else (3,)), 7, device=DEVICE, requires_grad=True)
-    args = (x, w, s, 3.0, b, variant == "hard", 1e-3)
+    b = torch.randn(w.shape[0], device=DEVICE, requires_grad=True) if variant != "no bias" else None
+    x_shape = ((2, 3) if variant == "3-D x" else (3,)) + (7,) if kind == "linear" else (2, 6, 9, 8)
+    x = torch.randn(x_shape, device=DEVICE, requires_grad=True)
+    layer_args = () if kind == "linear" else ((2, 1), [1, 0], 1, groups)  # stride, padding, dilation, groups
+    args = (x, w, s, 3.0, b, variant == "hard", 1e-3, *layer_args)
     results = []
     for eager in (CF._EAGER, None):
         monkeypatch.setattr(CF, "_EAGER", eager)
         with torch.autocast(DEVICE, dtype=autocast_dtype, enabled=variant == "autocast"):
             if eager is not None:
-                assert eager.linear_input(*args) is not None, "a valid call was handed back"
-            y = CF.gated_linear(*args[:5], hard=args[5], penalty=args[6], backend="triton")
+                checks = eager.linear_input if kind == "linear" else eager.conv2d_input
+                assert checks(*args) is not None, "a valid call was handed back"
+            layer = CF.gated_linear if kind == "linear" else CF.gated_conv2d
+            y = layer(*args[:5], *layer_args, hard=args[5], penalty=args[6], backend="triton")
         leaves = [t for t in (x, w, s, b) if t is not None]
         results.append([y, *torch.autograd.grad(y.float().square().sum(), leaves, allow_unused=True)])
     for fast, checked in zip(*results):
