@@ -10,6 +10,8 @@ keep their parameter names; each adds
                  paper's code, SPEC section 1 `rescale=True`)
     backend      "auto", "torch", "cpp", "cuda" or "triton" (csext.backends)
 beta, hard, penalty and mask_scale travel in the state_dict (as `_extra_state`).
+torch.fx.symbolic_trace records each layer's call as one node (gated_linear, gated_conv2d), with
+beta, hard, penalty and backend as they are when traced.
 """
 
 import math
@@ -20,6 +22,12 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from . import functional, reference
+from .functional import gated_conv2d, gated_linear
+
+# FX's symbolic tracing records these calls as nodes instead of tracing their checks, which
+# branch on shapes (torch.fx.wrap patches the names this module calls them by).
+torch.fx.wrap("gated_linear")
+torch.fx.wrap("gated_conv2d")
 
 
 def _mask_logits_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -142,7 +150,7 @@ class GatedLinear(_Gated, nn.Linear):
         return cls._from_dense(module, mask_init, in_features=module.in_features, out_features=module.out_features)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return functional.gated_linear(
+        return gated_linear(
             input, self.weight, self.mask_logits, self.beta, self.bias,
             hard=self.hard, penalty=self.penalty, backend=self.backend, mask_scale=self.mask_scale,
         )
@@ -179,7 +187,7 @@ class GatedConv2d(_Gated, nn.Conv2d):
         if self.padding_mode != "zeros":  # as nn.Conv2d: pad explicitly, convolve unpadded
             input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = _pair(0)
-        return functional.gated_conv2d(
+        return gated_conv2d(
             input, self.weight, self.mask_logits, self.beta, self.bias,
             self.stride, padding, self.dilation, self.groups,
             hard=self.hard, penalty=self.penalty, backend=self.backend, mask_scale=self.mask_scale,

@@ -207,3 +207,17 @@ def test_layers_run_on_the_meta_device():
         y.sum().backward()
     assert y.shape == (2, 5) and y.device.type == "meta"
     assert model[0].mask_logits.grad.shape == model[0].weight.shape
+
+
+def test_fx_symbolic_trace_records_each_layer_as_one_call():
+    """torch.fx.symbolic_trace of a sparsified model: each gated layer one call_function node
+    (its checks branch on shapes, which FX cannot trace), outputs and gradients as the model's."""
+    model = _small_net()
+    csext.sparsify(model, penalty=0.01)
+    traced = torch.fx.symbolic_trace(model)
+    called = [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"]
+    assert called.count("gated_conv2d") == 2 and called.count("gated_linear") == 2
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
+    traced(x).square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
