@@ -3,8 +3,8 @@
 // path of csext.functional.gated_linear and gated_conv2d on the cpp and cuda backends: one C call
 // that checks the arguments, casts x as autocast would and calls the layer op through the
 // dispatcher, in place of the Python checks and the boxed torch.ops call; and the checks alone
-// (linear_input, conv2d_input) for the triton backend's layers, whose ops are Python. A small layer on a
-// GPU runs at the speed of its host code, so these microseconds count (bench/host.py).
+// (linear_input, conv2d_input) for the triton backend's layers, whose ops are Python. A small
+// layer on a GPU runs at the speed of its host code, so these microseconds count (bench/host.py).
 //
 // They take what csext.functional takes as valid, or less, and never explain: for any other
 // argument they return None, and the Python path runs, which raises the error that names the
