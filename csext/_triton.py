@@ -13,10 +13,12 @@ autograd registrations (no graph break, opcheck-clean):
 
 In eager mode they call them through torch.autograd.Function, which costs a fraction of a
 custom op's Python dispatch per call (under torch.func's transforms, through twins of those
-Functions written as the transforms require, with vmap rules). Both routes share one backward (`_gate_backward`,
-`_linear_backward`), handed the op set to call. beta travels as a 0-dim float32 tensor on the
-tensors' device (see device_beta). The kernels launch through kernels/launch.py's Launcher, which
-skips Triton's per-call Python once a call's specialization is compiled.
+Functions written as the transforms require, with vmap rules). Both routes share one backward
+(`_gate_backward`, `_linear_backward`), handed the op set to call; with grad mode on in it
+(create_graph=True, torch.func) it builds the gradients from csext.reference in torch ops
+instead, differentiable again. beta travels as a 0-dim float32 tensor on the tensors' device
+(see device_beta). The kernels launch through kernels/launch.py's Launcher, which skips
+Triton's per-call Python once a call's specialization is compiled.
 """
 
 from types import SimpleNamespace
