@@ -5,7 +5,7 @@
 # GPU tests' whole report), gpu.csv (bench/run.py), host.csv (bench/host.py), step.csv
 # (bench/step.py), and extras.tar.gz with the PNGs and the profile tables (step.py, and run.py
 # for the linear layers); bench/triton_launch.py and the autotuned Launcher test print to log.txt.
-# It took 7 minutes before those two stages (about 2 more); the device tool stops a call at 10.
+# It took 7 minutes before those two stages (their timeouts: 120 and 90 s); the device tool stops a call at 10.
 # A shorter session: TEST_TIMEOUT=110 LINEAR_PROVIDERS=dense,torch,cuda,triton SKIP_CHANNELS_LAST=1.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}
