@@ -11,7 +11,9 @@ every integer and constexpr by value; floats are never specialized), and later c
 key go straight to the binary, through the entry Triton's own launch uses
 (`CompiledKernel.run`, with the launch hooks, so profilers still see every launch).
 
-Under TRITON_INTERPRET=1 there is no binary, and every call goes through Triton's interpreter.
+Triton settings changed after a call's first launch (`triton.knobs`, such as its debug mode) do
+not reach the binary kept for it. Under TRITON_INTERPRET=1 there is no binary, and every call
+goes through Triton's interpreter.
 """
 
 import threading
