@@ -138,7 +138,7 @@ SETTINGS = [("Triton, Python checks", False, False), ("Launcher, Python checks",
 
 def layer_calls(device):
     """name|setting -> forward+backward of csext.functional.gated_linear on the triton backend,
-    its two paths in each of SETTINGS; and of F.linear (the floor)."""
+    its two paths, and of gated_conv2d, in each of SETTINGS; and of F.linear (the floor)."""
     import torch.nn.functional as F
 
     from csext import functional as CF
@@ -150,23 +150,31 @@ def layer_calls(device):
     x = torch.randn(4, 8, device=device, requires_grad=True)
     w = torch.randn(8, 8, device=device, requires_grad=True)
     s = torch.randn(8, 8, device=device, requires_grad=True)
+    xc = torch.randn(1, 4, 6, 6, device=device, requires_grad=True)
+    wc = torch.randn(4, 4, 3, 3, device=device, requires_grad=True)
+    sc = torch.randn(4, 4, 3, 3, device=device, requires_grad=True)
 
-    def layer(fused, use_launcher, use_c_checks):
+    def run(path):
+        if path == "gate + F.conv2d":
+            return CF.gated_conv2d(xc, wc, sc, 4.0, None, 1, 1, penalty=1e-4, backend="triton")
+        return CF.gated_linear(x, w, s, 4.0, penalty=1e-4, backend="triton")
+
+    def layer(path, use_launcher, use_c_checks):
         def call():
             for launcher in launchers:
                 launcher.compiled = use_launcher  # False: every launch through kernel[grid](...)
             CF._EAGER = c_checks if use_c_checks else None
-            CF.TRITON_FUSED_MAX_ROWS = fused_max_rows if fused else 0
+            CF.TRITON_FUSED_MAX_ROWS = fused_max_rows if path == "fused linear" else 0
             try:
-                CF.gated_linear(x, w, s, 4.0, penalty=1e-4, backend="triton").sum().backward()
+                run(path).sum().backward()
             finally:
                 for launcher in launchers:
                     launcher.compiled = True
                 CF._EAGER, CF.TRITON_FUSED_MAX_ROWS = c_checks, fused_max_rows
         return call
 
-    calls = {f"{path}|{setting}": layer(path == "fused linear", *flags)
-             for path in ("fused linear", "gate + F.linear") for setting, *flags in SETTINGS}
+    calls = {f"{path}|{setting}": layer(path, *flags)
+             for path in ("fused linear", "gate + F.linear", "gate + F.conv2d") for setting, *flags in SETTINGS}
     calls["F.linear (dense)|"] = lambda: F.linear(x, w).sum().backward()
     return calls
 
@@ -212,8 +220,9 @@ def main(argv=None) -> int:
     for name in pairs:
         through, cached = times[f"{name}|triton"], times[f"{name}|launcher"]
         print(f"  {name:18s} {through:7.2f} us  {cached:7.2f} us  ({through / cached:.1f}x)")
-    print("host time of a forward+backward (median us), x (4, 8) and w (8, 8): csext.functional.gated_linear\n"
-          f"on the triton backend, its two paths: {'; '.join(name for name, *_ in SETTINGS)}; F.linear's")
+    print("host time of a forward+backward (median us) on the triton backend: csext.functional.gated_linear's\n"
+          "two paths, x (4, 8) and w (8, 8), and gated_conv2d, x (1, 4, 6, 6) and w (4, 4, 3, 3):\n"
+          f"{'; '.join(name for name, *_ in SETTINGS)}; and F.linear's")
     times = timed(layer_calls(args.device), args.repeats, max(1, args.calls // 5), args.device)
     for name in dict.fromkeys(key.split("|")[0] for key in times):
         row = [times[key] for key in times if key.split("|")[0] == name]

@@ -30,6 +30,17 @@ def test_launcher_launches_what_triton_launches():
     assert "all launches matched" in child.stdout
 
 
+def test_bench_script_runs_without_a_gpu():
+    """bench/triton_launch.py with its stand-ins runs and prints every row (timings are the
+    script's business, not a test's)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "triton_launch.py"), "--repeats", "3", "--calls", "20"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for row in ("gate forward", "fused matmul", "weight gradient", "fused linear", "gate + F.conv2d", "F.linear"):
+        assert row in run.stdout, row
+
+
 # --- the child ------------------------------------------------------------------------------------
 
 
