@@ -69,6 +69,7 @@ def test_checks_in_c_match_the_checked_path(monkeypatch, kind, variant):
     place of the Python ones, and gives the checked path's output and gradients, bit for bit."""
     if CF._EAGER is None:
         pytest.skip("the C++ extension is not built")
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # bit for bit, twice
     autocast_dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter has no bf16
     groups = 2 if variant == "groups" else 1
     w = torch.randn(*((5, 7) if kind == "linear" else (4, 6 // groups, 3, 2)), device=DEVICE, requires_grad=True)
@@ -113,6 +114,14 @@ def test_non_contiguous_input_and_gradient():
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
 
 
+@pytest.fixture
+def full_fp32(monkeypatch):
+    """No TF32 in cuDNN's convolutions (on by default) or cuBLAS: the tests that compare float32
+    results at a fixed tolerance compare the math, not TF32's rounding of slightly different inputs."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 def _shifted(t: torch.Tensor, by: int) -> torch.Tensor:
     """t's values in a view `by` elements into its storage (not 16-byte aligned), differentiably."""
     return torch.cat([t.new_zeros(by), t.flatten()])[by:].view(t.shape) if by else t
@@ -143,7 +152,7 @@ def test_repeated_calls_with_fresh_data_and_unaligned_tensors(monkeypatch, fused
 
 @pytest.mark.parametrize("layer", ["fused linear", "gate + linear", "conv2d"])
 @pytest.mark.parametrize("hard,of", [(False, "x"), (False, "w"), (False, "s"), (True, "x"), (True, "w")])
-def test_double_backward(monkeypatch, layer, hard, of):
+def test_double_backward(monkeypatch, full_fp32, layer, hard, of):
     """create_graph=True: a loss on a gradient (of x: a gradient penalty; of w or s) differentiates
     back to x, w, s and b as on the torch backend, penalty included."""
     monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", 4096 if layer == "fused linear" else 0)
@@ -171,7 +180,7 @@ def test_double_backward(monkeypatch, layer, hard, of):
 
 
 @pytest.mark.parametrize("path", ["fused", "gate"])
-def test_torch_func_transforms_match_torch_backend(monkeypatch, path):
+def test_torch_func_transforms_match_torch_backend(monkeypatch, full_fp32, path):
     """torch.func's grad (nested too), jacrev and vmap (over x, over the weights, per-sample
     gradients) through the triton layers give the torch backend's results, penalty included;
     jvp, which the kernels do not define, raises."""
@@ -273,7 +282,7 @@ def test_compile_fullgraph_without_recompiling_for_beta():
 
 @pytest.mark.parametrize("fused_max_rows", [0, 4096])
 @pytest.mark.parametrize("hard", [False, True])
-def test_compiled_autograd_matches_eager(monkeypatch, fused_max_rows, hard):
+def test_compiled_autograd_matches_eager(monkeypatch, full_fp32, fused_max_rows, hard):
     """torch._dynamo.compiled_autograd traces the triton layers' backwards through the custom
     ops (it cannot trace the Launcher's launches) and gets eager's gradients."""
     from torch import nn
