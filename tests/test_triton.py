@@ -115,11 +115,16 @@ def test_non_contiguous_input_and_gradient():
 
 
 @pytest.fixture
-def full_fp32(monkeypatch):
+def full_fp32():
     """No TF32 in cuDNN's convolutions (on by default) or cuBLAS: the tests that compare float32
-    results at a fixed tolerance compare the math, not TF32's rounding of slightly different inputs."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    results at a fixed tolerance compare the math, not TF32's rounding of slightly different inputs.
+    (Set and restored by hand: torch.backends.cuda.matmul serves allow_tf32 from __getattr__, which
+    some pytest versions' monkeypatch does not see.)"""
+    cudnn, cublas = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, cublas.allow_tf32
+    cudnn.allow_tf32 = cublas.allow_tf32 = False
+    yield
+    cudnn.allow_tf32, cublas.allow_tf32 = saved
 
 
 def _shifted(t: torch.Tensor, by: int) -> torch.Tensor:
