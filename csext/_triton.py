@@ -63,7 +63,6 @@ def _gate_backward_impl(grad, weight, mask_logits, beta, penalty: float):
 def _linear_impl(x, weight, mask_logits, beta, bias, hard: bool, penalty: float):
     """x (M, K) in the compute dtype -> (M, N) in that dtype."""
     out = x.new_empty((x.shape[0], weight.shape[0]))
-    bias = bias.contiguous() if bias is not None else None  # the kernel reads it densely
     matmul_kernels.gated_matmul(x, weight, mask_logits, beta, bias, out, hard, _precision(x.dtype, x.device))
     return out
 

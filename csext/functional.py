@@ -138,8 +138,8 @@ _LAYER_OPS = ("cpp", "cuda")
 # In eager mode, a call whose backend is a layer op first tries the C++ fast path of csext._C
 # (csrc/python.cpp): the checks below, autocast's cast of x and the op call in one C call. A
 # call on the triton backend takes the C checks and cast alone (csext._C.linear_input,
-# conv2d_input), then the Triton layer. Either returns None for anything it does not take, and the call goes on
-# here, where bad input gets its error.
+# conv2d_input), then the Triton layer. Either returns None for anything it does not take, and
+# the call goes on here, where bad input gets its error.
 _EAGER = getattr(_ops, "_C", None)
 _EAGER_ROUTES: dict = {}  # (backend, device type) -> "layer op", "triton" or None
 

@@ -173,9 +173,11 @@ def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision:
     if K == 0:
         out.copy_(bias.expand_as(out) if bias is not None else out.new_zeros(()).expand_as(out))
         return
-    tensors = (x, weight, mask_logits, bias if bias is not None else out, out, beta)
+    has_bias = bias is not None
+    bias = bias.contiguous() if has_bias else out  # the epilogue reads it densely; else a placeholder
+    tensors = (x, weight, mask_logits, bias, out, beta)
     ints = (M, N, K, *x.stride(), *weight.stride(), *mask_logits.stride(), *out.stride())
-    flags = dict(HARD=hard, HAS_BIAS=bias is not None, PRECISION=precision, **_CONFIG)
+    flags = dict(HARD=hard, HAS_BIAS=has_bias, PRECISION=precision, **_CONFIG)
     _launch_matmul(_tile_grid(M, N, "BLOCK_X", "BLOCK_W"), tensors, ints, (), flags)
 
 

@@ -3,7 +3,7 @@
 `kernel[grid](*args)` redoes on every call what the compiled binary needs: it binds the
 arguments, specializes each one (a tensor's dtype and 16-byte alignment, an integer's size and
 divisibility), hashes that into its cache key and, for an autotuned kernel, looks up the tuned
-configuration. On the CI machine that is 7 to 45 us of Python per launch (bench/README.md,
+configuration. On the CI machine that is 6 to 45 us of Python per launch (bench/README.md,
 `python bench/triton_launch.py`), which a small layer on a GPU pays in full, since its kernels
 take less. A `Launcher` pays it once per distinct call: it keeps the compiled kernel Triton
 returns under a key that fixes Triton's specialization (every tensor's dtype and alignment,
