@@ -196,7 +196,8 @@ def _layer_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale, dtype):
     """gated_linear on the triton backend: x (..., K) in the compute dtype `dtype`, fused or not."""
     _check_triton_dtype(weight)
-    rows = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # not (-1, K): K may be 0
+    # Batched x as rows (not (-1, K): K may be 0); a 2-D x as it is, without a view's autograd node
+    rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     fused_bias = bias if mask_scale == 1.0 else None  # added in the GEMM's epilogue
     if rows.shape[0] > TRITON_FUSED_MAX_ROWS:
         w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, "triton")
@@ -204,7 +205,8 @@ def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale
     else:
         beta_on_device = _triton.device_beta(beta, weight.device)
         y = _triton.gated_linear(rows, weight, mask_logits, beta_on_device, fused_bias, bool(hard), float(penalty))
-    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], weight.shape[0])
     if mask_scale == 1.0:
         return y
     return _add_bias(y * mask_scale, bias, channel_dim=-1)

@@ -25,6 +25,7 @@ LINEAR_SHAPES = [  # (x shape, out_features): none a multiple of a block size
     ((2, 3, 17), 70),
     ((70, 40), 75),  # several tiles along every dimension
     ((1, 40), 33),  # a single row
+    ((40,), 33),  # one sample, no batch dimension
 ]
 # One output feature and 9 inputs in float32 only: with 9 weight gradients, a half-precision
 # result rounded in another (correct) order than the torch backend's loses the 2x-max rule by
