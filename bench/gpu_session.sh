@@ -48,15 +48,16 @@ stage tests
 PARALLEL=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
 cd /tmp && CSEXT_TRITON_AUTOTUNE=0 within "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -rfEs $PARALLEL \
   "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" "$REPO/tests/test_triton_launch.py" \
-  "$REPO/tests/test_eager_fast_path.py" >"$OUT/pytest.txt" 2>&1
+  "$REPO/tests/test_eager_fast_path.py" "$REPO/tests/test_cuda_graphs.py" >"$OUT/pytest.txt" 2>&1
 tail -40 "$OUT/pytest.txt"
 
 cd "$REPO"
-# One invocation per op and layout: each saves its rows when it ends, so a stage cut short by
-# its timeout loses only its own rows.
+# One invocation per op and layout, each saving its rows case by case, so a stage cut short by
+# its timeout loses only the case it was in. Mode graph replays a CUDA graph of forward+backward:
+# the GPU's time without the host's (run last in each case, on the layers already compiled).
 stage bench linear, bf16 autocast
 within 200 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops linear \
-  --compile-ops linear --repeats 8 --providers "${LINEAR_PROVIDERS:-all}" --csv "$OUT/gpu.csv" --plot "$OUT/linear.png" \
+  --modes fwd,bwd,full,graph --compile-ops linear --repeats 8 --providers "${LINEAR_PROVIDERS:-all}" --csv "$OUT/gpu.csv" --plot "$OUT/linear.png" \
   --profile "$OUT/profile-linear"
 stage bench host time of the Triton launches
 within 60 python3 bench/triton_launch.py --device cuda --repeats 10 --calls 200
@@ -68,11 +69,11 @@ done
 # Twice the linear layers' samples: the per-layer conv ratios are host-bound and noisy.
 stage bench conv, bf16 autocast
 within 90 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv \
-  --compile-ops "" --repeats 16 --csv "$OUT/gpu.csv" --plot "$OUT/conv.png"
+  --modes fwd,bwd,full,graph --compile-ops "" --repeats 16 --csv "$OUT/gpu.csv" --plot "$OUT/conv.png"
 if [ -z "${SKIP_CHANNELS_LAST:-}" ]; then
   stage bench conv channels_last
   within 90 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv --channels-last \
-    --compile-ops "" --repeats 16 --csv "$OUT/gpu.csv" --plot "$OUT/conv-channels-last.png"
+    --modes fwd,bwd,full,graph --compile-ops "" --repeats 16 --csv "$OUT/gpu.csv" --plot "$OUT/conv-channels-last.png"
 fi
 stage bench host time per layer
 within 60 python3 bench/host.py --device cuda --autocast bf16 --repeats 10 --calls 50 --csv "$OUT/host.csv"

@@ -10,8 +10,14 @@ backend's two linear paths forced (fused GEMMs; elementwise gate + cuBLAS). Each
 rotating order so that drift on a noisy machine hits them alike; a provider's time is the
 median of its samples and its ratio is that median over dense's median from the same run.
 
-Rows are appended (atomically) to a CSV under bench/results/, with the machine, versions and
-commit; a PNG of ratio-to-dense is drawn from that CSV's latest run; the table is printed.
+Modes: `fwd`, `bwd` and `full` (forward+backward) time eager calls, host included. `graph`
+(CUDA only) replays a CUDA graph of one forward+backward: the GPU's time for the same work,
+without the host's, which is what separates a slow kernel from a slow launch where the eager
+times are host-bound.
+
+Rows are appended (atomically, after each case) to a CSV under bench/results/, with the
+machine, versions and commit; a PNG of ratio-to-dense is drawn from that CSV's latest run; the
+table is printed.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ QUICK_LINEAR_SHAPES = [(8, 97, 43)]
 QUICK_CONV_SHAPES = [(4, 8, 8)]
 
 OPS = ("linear", "conv")
-MODES = ("fwd", "bwd", "full")
+MODES = ("fwd", "bwd", "full", "graph")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 FIELDS = [
@@ -80,7 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--ops", default="linear,conv", help=f"comma-separated, from {OPS}")
-    parser.add_argument("--modes", default="fwd,bwd,full", help=f"comma-separated, from {MODES}")
+    parser.add_argument("--modes", default="fwd,bwd,full",
+                        help=f"comma-separated, from {MODES}; graph: forward+backward replayed from a CUDA graph")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None,
                         help="float32 layers and inputs run under torch.autocast in this dtype (rows say autocast-bf16)")
@@ -116,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA device is available here")
     if device.type not in ("cpu", "cuda"):
         parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if "graph" in args.modes and device.type != "cuda":
+        parser.error(f"--modes graph: CUDA graphs need --device cuda, got --device {args.device}")
     args.device = device
     # Triton on the CPU is its interpreter (TRITON_INTERPRET=1): nothing worth timing
     fused = [b for b in csext.backends.available()
@@ -274,11 +283,21 @@ def run_case(case: Case, args, clock: Clock) -> list[dict]:
         for layer in layers.values():
             for _ in range(max(args.warmup, 1)):
                 sample(layer, x, grad_out, "full", clock, 1, autocast)  # compiles forward and backward
-        times = {name: [] for name in layers}
-        names = list(layers)
+        if mode == "graph":
+            graphs = capture_all(layers, x, grad_out, autocast, case.label)
+            timers = {name: lambda g=g: clock.time(lambda: [g.replay() for _ in range(args.inner)]) / args.inner
+                      for name, g in graphs.items()}
+        else:
+            timers = {name: lambda l=layer: sample(l, x, grad_out, mode, clock, args.inner, autocast)
+                      for name, layer in layers.items()}
+        times = {name: [] for name in timers}
+        names = list(timers)
         for r in range(args.repeats):
             for name in names[r % len(names):] + names[: r % len(names)]:
-                times[name].append(sample(layers[name], x, grad_out, mode, clock, args.inner, autocast))
+                times[name].append(timers[name]())
+        if mode == "graph":
+            del graphs, timers  # each graph holds its own memory pool
+            torch.cuda.empty_cache()
         dense = statistics.median(times["dense"])
         if mode == "full" and args.profile is not None:
             for name, layer in layers.items():
@@ -294,6 +313,45 @@ def run_case(case: Case, args, clock: Clock) -> list[dict]:
                 "ratio_to_dense": f"{median / dense:.3f}", "repeats": len(ts),
             })
     return rows
+
+
+def capture(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, autocast=None) -> "torch.cuda.CUDAGraph":
+    """A CUDA graph of one forward+backward of `layer`, as sample() calls it: gradients start
+    empty, so the graph allocates them in its own pool and each replay writes them anew."""
+    params = list(layer.parameters())
+
+    def step():
+        x.grad = None
+        for p in params:
+            p.grad = None
+        # autocast's cache of cast weights must be off while capturing (see make_graphed_callables)
+        with torch.autocast("cuda", dtype=autocast or torch.bfloat16, enabled=autocast is not None, cache_enabled=False):
+            y = layer(x)
+        y.backward(grad_out)
+
+    side = torch.cuda.Stream()  # warm up on a side stream before capturing, as torch.cuda.graph asks
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
+def capture_all(layers: dict, x, grad_out, autocast, label: str) -> dict:
+    """A graph per provider; one that cannot be captured is left out, and says why (dense must be)."""
+    graphs = {}
+    for name, layer in layers.items():
+        try:
+            graphs[name] = capture(layer, x, grad_out, autocast)
+        except Exception as error:  # whatever stops a provider's capture: reported, its row left out
+            if name == "dense":
+                raise
+            print(f"{label} {name}: no CUDA graph ({type(error).__name__}: {error})", file=sys.stderr)
+    return graphs
 
 
 PROFILED_CALLS = 5  # calls (a training step, or a layer's forward+backward) under the profiler
@@ -476,14 +534,17 @@ def main(argv=None) -> int:
     clock = Clock(args.device)
     rows = []
     for case in tqdm(cases, desc="bench", unit="case", file=sys.stderr):
-        rows += [{**info, "dtype": args.label, "layout": layout, **row} for row in run_case(case, args, clock)]
+        case_rows = [{**info, "dtype": args.label, "layout": layout, **row} for row in run_case(case, args, clock)]
+        if not args.no_save:
+            append_rows(args.csv, case_rows)  # case by case: a run cut short keeps the cases it finished
+        rows += case_rows
 
     print(f"{info['machine']} | torch {info['torch']} | triton {info['triton']} | {info['threads']} threads | "
           f"{args.label} | commit {info['commit']} | {info['run']}")
-    print(f"median of {args.repeats} samples of {args.inner} calls; (ratio) = time / plain nn.Linear or nn.Conv2d in the same run")
+    print(f"median of {args.repeats} samples of {args.inner} calls; (ratio) = time / plain nn.Linear or nn.Conv2d in the same run"
+          + ("; graph = forward+backward replayed from a CUDA graph (the GPU's time)" if "graph" in args.modes else ""))
     print(table(rows, args.providers))
     if not args.no_save:
-        append_rows(args.csv, rows)
         drawn = plot(latest_run(args.csv, args.device.type, args.label, layout), args.plot)
         print(f"appended {len(rows)} rows to {args.csv}" + (f"; plot: {args.plot}" if drawn else "; no plot (matplotlib is not installed)"))
     return 0

@@ -72,6 +72,14 @@ def test_bench_under_autocast_labels_its_rows(tmp_path):
         assert text.startswith(f"linear-M_8_K_97_N_43-{provider}: wall") and "by self CPU time" in text
 
 
+def test_bench_graph_mode_needs_cuda(tmp_path, capsys):
+    bench = _load(ROOT / "bench" / "run.py")
+    with pytest.raises(SystemExit):
+        bench.main(["--quick", "--modes", "full,graph", "--csv", str(tmp_path / "results.csv")])
+    assert "--modes graph: CUDA graphs need --device cuda" in capsys.readouterr().err
+    assert not (tmp_path / "results.csv").exists()
+
+
 def test_step_bench_times_dense_and_cs_steps(tmp_path, capsys):
     step = _load(ROOT / "bench" / "step.py")
     results = tmp_path / "step.csv"
