@@ -46,7 +46,7 @@ stage tests
 # From /tmp, so that the installed csext (with csext._C) is imported, not the source tree; in
 # four processes where pytest-xdist is there (Triton compiles on the CPU, one kernel at a time).
 PARALLEL=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
-cd /tmp && CSEXT_TRITON_AUTOTUNE=0 within "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -rfEs $PARALLEL \
+cd /tmp && CSEXT_TRITON_AUTOTUNE=0 within "${TEST_TIMEOUT:-210}" python3 -m pytest -q -p no:cacheprovider -rfEs $PARALLEL \
   "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" "$REPO/tests/test_triton_launch.py" \
   "$REPO/tests/test_eager_fast_path.py" "$REPO/tests/test_cuda_graphs.py" >"$OUT/pytest.txt" 2>&1
 tail -40 "$OUT/pytest.txt"
