@@ -30,7 +30,12 @@ from .kernels import gate as gate_kernels
 from .kernels import gated_matmul as matmul_kernels
 
 def device_beta(beta: float, device: torch.device) -> torch.Tensor:
-    """beta as the kernels read it: a 0-dim float32 tensor on `device` (see _ops.beta_tensor)."""
+    """beta as the kernels read it: a 0-dim float32 tensor on `device` (see _ops.beta_tensor).
+    A CUDA graph being captured gets a tensor of its own, filled inside the graph and kept in its
+    memory pool: the kernels read beta through a pointer, and a cached tensor could be evicted,
+    and its memory reused, while the graph still replays."""
+    if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
+        return torch.full((), float(beta), dtype=torch.float32, device=device)
     return _ops.beta_tensor(beta, device, torch.float32)
 
 

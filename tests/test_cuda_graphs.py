@@ -76,6 +76,13 @@ def test_replayed_graph_matches_eager_calls(monkeypatch, backend, kind, shape, f
     with torch.cuda.graph(graph):
         static_y = step()
     captured = (static_y, static_x.grad, layer.weight.grad, layer.mask_logits.grad, layer.bias.grad)
+    # The graph must not read csext's cached beta tensors: they may be evicted, and their memory
+    # reused (here by NaN-filled ones of the same size, on both streams), while the graph lives.
+    csext._ops._beta_tensors.clear()
+    poison = [torch.full((), float("nan"), device="cuda") for _ in range(256)]
+    with torch.cuda.stream(side):
+        poison += [torch.full((), float("nan"), device="cuda") for _ in range(256)]
+    torch.cuda.current_stream().wait_stream(side)
 
     for _ in range(2):  # fresh data each replay, compared with an eager call on the same data
         x, grad = _input(kind, shape), torch.randn_like(static_grad)
@@ -92,6 +99,7 @@ def test_replayed_graph_matches_eager_calls(monkeypatch, backend, kind, shape, f
         eager = (y, x.grad, layer.weight.grad, layer.mask_logits.grad, layer.bias.grad)
         for name, got, want in zip(("y", "dx", "dw", "ds", "db"), replayed, eager):
             torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+    assert all(p.isnan() for p in poison)  # nor writes to memory it does not own
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
