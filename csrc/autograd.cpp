@@ -29,6 +29,8 @@
 #include <utility>
 #include <vector>
 
+#include "op_tags.h"
+
 namespace csext {
 namespace {
 
@@ -547,12 +549,12 @@ TORCH_LIBRARY_FRAGMENT(csext, m) {
   m.def(
       "gated_linear(Tensor input, Tensor weight, Tensor mask_logits, Tensor beta, Tensor? bias, "
       "bool hard=False, float penalty=0.0, ScalarType? dtype=None) -> Tensor",
-      {at::Tag::pt2_compliant_tag});
+      kTags);
   m.def(
       "gated_conv2d(Tensor input, Tensor weight, Tensor mask_logits, Tensor beta, Tensor? bias, "
       "int[2] stride, int[2] padding, int[2] dilation, int groups, bool hard=False, "
       "float penalty=0.0, ScalarType? dtype=None) -> Tensor",
-      {at::Tag::pt2_compliant_tag});
+      kTags);
 }
 
 TORCH_LIBRARY_IMPL(csext, Autograd, m) {

@@ -18,6 +18,7 @@
 
 #include "gate_checks.h"
 #include "gate_cpu.h"
+#include "op_tags.h"
 
 namespace csext {
 namespace {
@@ -184,12 +185,12 @@ TORCH_LIBRARY(csext, m) {
   m.def(
       "gate(Tensor weight, Tensor mask_logits, Tensor beta, bool hard=False, float penalty=0.0, "
       "ScalarType? dtype=None) -> Tensor",
-      {at::Tag::pt2_compliant_tag});
+      kTags);
   // (dL/dw, dL/ds) of the soft gate from grad = dL/dw_eff.
   m.def(
       "gate_backward(Tensor grad, Tensor weight, Tensor mask_logits, Tensor beta, "
       "float penalty=0.0) -> (Tensor, Tensor)",
-      {at::Tag::pt2_compliant_tag});
+      kTags);
 }
 
 TORCH_LIBRARY_IMPL(csext, CPU, m) {

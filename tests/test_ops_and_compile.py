@@ -78,6 +78,15 @@ def test_opcheck_gated_layers(sample):
 
 
 @needs_cpp
+@pytest.mark.parametrize("name", ["gate", "gate_backward", "gated_linear", "gated_conv2d"])
+def test_ops_are_kept_out_of_cuda_graphs(name):
+    """Their CUDA kernels read beta on the host: inside a CUDA graph they would replay the beta
+    they were recorded with, so torch.compile's CUDA graphs (reduce-overhead) must run them
+    between graphs (tests/test_cuda_graphs.py checks this on a GPU)."""
+    assert torch.Tag.cudagraph_unsafe in getattr(torch.ops.csext, name).default.tags
+
+
+@needs_cpp
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_gated_layer_is_one_autograd_node(kind):
     """Gate and layer in one node (csrc/autograd.cpp); a second backward fails as ATen's do."""
