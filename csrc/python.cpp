@@ -88,10 +88,10 @@ at::Tensor beta_tensor(double beta) {
 
 // The arguments both layers share, once taken.
 struct Layer {
-  at::Tensor x, weight, mask_logits, beta;
+  at::Tensor x, weight, mask_logits;
   std::optional<at::Tensor> bias;
   bool hard = false;
-  double penalty = 0.0;
+  double beta = 1.0, penalty = 0.0;
   ScalarType dtype = ScalarType::Float;
 };
 
@@ -107,8 +107,7 @@ std::optional<Layer> take_layer(PyObject* const* args, int64_t weight_dim,
     return std::nullopt;
   }
   Layer layer;
-  double beta = 0.0;
-  if (!read_number(args[3], 1.0, beta) || !read_number(args[6], 0.0, layer.penalty)) return std::nullopt;
+  if (!read_number(args[3], 1.0, layer.beta) || !read_number(args[6], 0.0, layer.penalty)) return std::nullopt;
   layer.hard = args[5] == Py_True;
   layer.x = THPVariable_Unpack(x_obj);
   layer.weight = THPVariable_Unpack(weight_obj);
@@ -139,7 +138,6 @@ std::optional<Layer> take_layer(PyObject* const* args, int64_t weight_dim,
     if (layer.bias && layer.bias->scalar_type() != layer.dtype) return std::nullopt;
   }
   if (layer.x.scalar_type() != layer.dtype) return std::nullopt;
-  layer.beta = beta_tensor(beta);
   return layer;
 }
 
@@ -173,8 +171,8 @@ PyObject* gated_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   at::Tensor out;
   {
     ReleaseGil no_gil;
-    out = op.call(layer->x, layer->weight, layer->mask_logits, layer->beta, layer->bias, layer->hard,
-                  layer->penalty, layer->dtype);
+    out = op.call(layer->x, layer->weight, layer->mask_logits, beta_tensor(layer->beta), layer->bias,
+                  layer->hard, layer->penalty, layer->dtype);
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
@@ -227,8 +225,9 @@ PyObject* gated_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   at::Tensor out;
   {
     ReleaseGil no_gil;
-    out = op.call(layer->x, layer->weight, layer->mask_logits, layer->beta, layer->bias, conv.stride,
-                  conv.padding, conv.dilation, conv.groups, layer->hard, layer->penalty, layer->dtype);
+    out = op.call(layer->x, layer->weight, layer->mask_logits, beta_tensor(layer->beta), layer->bias,
+                  conv.stride, conv.padding, conv.dilation, conv.groups, layer->hard, layer->penalty,
+                  layer->dtype);
   }
   return THPVariable_Wrap(std::move(out));
   END_HANDLE_TH_ERRORS
