@@ -44,11 +44,11 @@ echo "16-byte loads in the CUDA gate kernels (LDG.E.128):" \
 
 stage tests
 # From /tmp, so that the installed csext (with csext._C) is imported, not the source tree; in
-# four processes where pytest-xdist is there (Triton compiles on the CPU, one kernel at a time).
-PARALLEL=$(python3 -c "import xdist" 2>/dev/null && echo "-n 4")
-cd /tmp && CSEXT_TRITON_AUTOTUNE=0 within "${TEST_TIMEOUT:-210}" python3 -m pytest -q -p no:cacheprovider -rfEs $PARALLEL \
-  "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" "$REPO/tests/test_triton_launch.py" \
-  "$REPO/tests/test_eager_fast_path.py" "$REPO/tests/test_cuda_graphs.py" >"$OUT/pytest.txt" 2>&1
+# eight processes where pytest-xdist is there (Triton compiles on the CPU, one kernel at a time).
+PARALLEL=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+cd /tmp && CSEXT_TRITON_AUTOTUNE=0 within "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -rfEs $PARALLEL \
+  "$REPO/tests/test_cuda_graphs.py" "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" \
+  "$REPO/tests/test_triton_launch.py" "$REPO/tests/test_eager_fast_path.py" >"$OUT/pytest.txt" 2>&1
 tail -40 "$OUT/pytest.txt"
 
 cd "$REPO"
@@ -59,13 +59,6 @@ stage bench linear, bf16 autocast
 within 200 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops linear \
   --modes fwd,bwd,full,graph --compile-ops linear --repeats 8 --providers "${LINEAR_PROVIDERS:-all}" --csv "$OUT/gpu.csv" --plot "$OUT/linear.png" \
   --profile "$OUT/profile-linear"
-stage bench host time of the Triton launches
-within 60 python3 bench/triton_launch.py --device cuda --repeats 10 --calls 200
-stage bench ResNet-20 step
-for layout in "" --channels-last; do
-  within 60 python3 bench/step.py --device cuda --model resnet20 --autocast bf16 $layout --csv "$OUT/step.csv" \
-    --profile "$OUT/profile${layout:+-channels-last}"
-done
 # Twice the linear layers' samples: the per-layer conv ratios are host-bound and noisy.
 stage bench conv, bf16 autocast
 within 90 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv \
@@ -75,6 +68,13 @@ if [ -z "${SKIP_CHANNELS_LAST:-}" ]; then
   within 90 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv --channels-last \
     --modes fwd,bwd,full,graph --compile-ops "" --repeats 16 --csv "$OUT/gpu.csv" --plot "$OUT/conv-channels-last.png"
 fi
+stage bench ResNet-20 step
+for layout in "" --channels-last; do
+  within 60 python3 bench/step.py --device cuda --model resnet20 --autocast bf16 $layout --csv "$OUT/step.csv" \
+    --profile "$OUT/profile${layout:+-channels-last}"
+done
+stage bench host time of the Triton launches
+within 60 python3 bench/triton_launch.py --device cuda --repeats 10 --calls 200
 stage bench host time per layer
 within 60 python3 bench/host.py --device cuda --autocast bf16 --repeats 10 --calls 50 --csv "$OUT/host.csv"
 # The Launcher test with autotuning on, as users run: the tuned configuration's launches.
