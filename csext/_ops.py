@@ -45,9 +45,13 @@ def beta_tensor(beta: float, device=None, dtype: torch.dtype = torch.float64) ->
     key = (float(beta), device, dtype)
     tensor = _beta_tensors.get(key)
     if tensor is None:
-        if len(_beta_tensors) >= 64:
-            _beta_tensors.clear()
-        tensor = _beta_tensors[key] = torch.full((), float(beta), dtype=dtype, device=device)
+        tensor = torch.full((), float(beta), dtype=dtype, device=device)
+        # Under torch.func.grad the tensor is a wrapper whose level dies with the transform (a
+        # kernel could not read it later), under a fake mode a fake one: neither is kept.
+        if type(tensor) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+            if len(_beta_tensors) >= 64:
+                _beta_tensors.clear()
+            _beta_tensors[key] = tensor
     return tensor
 
 

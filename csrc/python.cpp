@@ -15,6 +15,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/ScalarOps.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/Exceptions.h>
@@ -82,7 +83,9 @@ at::Tensor beta_tensor(double beta) {
     if (value == beta) return tensor;
   }
   if (cache->size() >= 64) cache->clear();
-  cache->emplace_back(beta, at::scalar_tensor(beta, at::TensorOptions().dtype(ScalarType::Double)));
+  // Made without the dispatcher: under torch.func.grad, at::scalar_tensor would give a wrapper
+  // whose level dies with the transform.
+  cache->emplace_back(beta, at::detail::scalar_tensor_static(beta, ScalarType::Double, at::kCPU));
   return cache->back().second;
 }
 

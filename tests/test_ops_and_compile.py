@@ -161,6 +161,35 @@ def test_functorch_grad_and_vmap_match_torch_backend():
 
 
 @needs_cpp
+@pytest.mark.parametrize("where", ["torch.func.grad", "FakeTensorMode"])
+def test_beta_cache_keeps_only_plain_tensors(monkeypatch, where):
+    """The cached beta tensors (csext._ops.beta_tensor) are plain: one first made under
+    torch.func.grad (a wrapper whose level ends with the transform) or under a fake mode (a fake
+    tensor) is used for that call only, and the next eager call at that beta runs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from csext import _ops
+
+    monkeypatch.setattr(_ops, "_beta_tensors", {})
+    monkeypatch.setattr(csext.functional, "_EAGER", None)  # the Python path, which takes the cache
+    beta = 3.0625
+    w, x = torch.randn(4, 5), torch.randn(3, 5)
+    s = mask_logits_like(w)
+
+    def layer(x, w, s):
+        return csext.functional.gated_linear(x, w, s, beta, backend="cpp")
+
+    if where == "FakeTensorMode":
+        with FakeTensorMode() as mode:
+            assert layer(*map(mode.from_tensor, (x, w, s))).shape == (3, 4)
+    else:
+        torch.func.grad(lambda w: layer(x, w, s).sum())(w)
+    assert all(type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+               for t in _ops._beta_tensors.values())
+    torch.testing.assert_close(layer(x, w, s), csext.functional.gated_linear(x, w, s, beta, backend="torch"))
+
+
+@needs_cpp
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 @pytest.mark.parametrize("hard", [False, True])
 def test_double_backward_through_the_input_gradient(kind, hard):

@@ -225,6 +225,28 @@ def test_torch_func_transforms_match_torch_backend(monkeypatch, full_fp32, path)
         torch.func.jvp(lambda w: CF.gated_linear(x, w, s, 2.0, backend="triton"), (w,), (torch.ones_like(w),))
 
 
+@pytest.mark.parametrize("path", ["fused", "gate"])
+def test_eager_calls_after_torch_func_grad_at_the_same_beta(monkeypatch, full_fp32, path):
+    """A beta first used inside torch.func.grad is made there as a wrapper whose level ends with
+    the transform. The beta cache must not keep it: the kernels read beta by pointer, and on CUDA
+    a later eager call at that beta failed ("Cannot access data pointer of Tensor that doesn't
+    have storage")."""
+    from csext import _ops
+
+    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", 4096 if path == "fused" else 0)
+    monkeypatch.setattr(_ops, "_beta_tensors", {})
+    beta = 3.0625
+    x, w = torch.randn(3, 5, device=DEVICE), torch.randn(4, 5, device=DEVICE)
+    s = mask_logits_like(w).to(DEVICE)
+    torch.func.grad(lambda w: CF.gated_linear(x, w, s, beta, backend="triton").sum())(w)
+    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in _ops._beta_tensors.values())
+    w.requires_grad_()
+    got = CF.gated_linear(x, w, s, beta, backend="triton")
+    got.sum().backward()
+    want = CF.gated_linear(x, w, s, beta, backend="torch")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("hard", [False, True])
 def test_elementwise_gate_for_conv_weights(dtype, hard):
