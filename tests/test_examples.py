@@ -80,6 +80,20 @@ def test_bench_graph_mode_needs_cuda(tmp_path, capsys):
     assert not (tmp_path / "results.csv").exists()
 
 
+def test_profile_summary_counts_each_kernel_once():
+    """A kernel is a device event, and the operator that launched it carries its time too (as
+    key_averages() gives them): the GPU-busy share counts the kernel once."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    bench = _load(ROOT / "bench" / "run.py")
+    events = [SimpleNamespace(device_type=DeviceType.CPU, self_device_time_total=30.0, is_user_annotation=False),
+              SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=30.0, is_user_annotation=False),
+              SimpleNamespace(device_type=DeviceType.CUDA, self_device_time_total=5.0, is_user_annotation=True)]
+    assert bench.kernel_time_us(events) == 30.0
+
+
 def test_step_bench_times_dense_and_cs_steps(tmp_path, capsys):
     step = _load(ROOT / "bench" / "step.py")
     results = tmp_path / "step.csv"
