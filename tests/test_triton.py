@@ -240,11 +240,13 @@ def test_eager_calls_after_torch_func_grad_at_the_same_beta(monkeypatch, full_fp
     s = mask_logits_like(w).to(DEVICE)
     torch.func.grad(lambda w: CF.gated_linear(x, w, s, beta, backend="triton").sum())(w)
     assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in _ops._beta_tensors.values())
+    w_ref = w.clone().requires_grad_()
     w.requires_grad_()
-    got = CF.gated_linear(x, w, s, beta, backend="triton")
-    got.sum().backward()
-    want = CF.gated_linear(x, w, s, beta, backend="torch")
+    got, want = (CF.gated_linear(x, weight, s, beta, backend=b) for weight, b in ((w, "triton"), (w_ref, "torch")))
+    got.square().sum().backward()
+    want.square().sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
