@@ -23,6 +23,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from kernels import gated_matmul  # noqa: E402
 
 TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+DOT_DTYPES = {"bf16": triton.language.bfloat16, "fp16": triton.language.float16, "fp32": triton.language.float32}
 FLOAT32_POINTERS = {"w_ptr", "s_ptr", "beta_ptr", "bias_ptr", "grad_w_ptr", "grad_s_ptr"}
 
 
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for config in gated_matmul.GATED_CONFIGS[: args.configs]:
         print(report("forward / input grad", gated_matmul.gated_matmul_kernel, config,
-                     {"HARD": False, "HAS_BIAS": True, "PRECISION": "ieee"}, args.arch, args.dtype))
+                     {"HARD": False, "HAS_BIAS": True, "PRECISION": "ieee", "DOT_DTYPE": DOT_DTYPES[args.dtype]},
+                     args.arch, args.dtype))
     for config in gated_matmul.WEIGHT_GRAD_CONFIGS[: args.configs]:
         print(report("weight grad", gated_matmul.gated_weight_grad_kernel, config,
                      {"HARD": False, "NEED_WEIGHT": True, "NEED_MASK": True, "PRECISION": "ieee"},

@@ -4,6 +4,7 @@
 
     python bench/triton_launch.py                  # no GPU: Triton's Python only (see below)
     python bench/triton_launch.py --device cuda    # real launches of tiny kernels
+    python bench/triton_launch.py --autocast bf16  # the layers' forward under autocast, x float32
 
 On CUDA the kernels run on tiny tensors, so each launch costs what its host code costs. Without
 a GPU the script installs a stand-in driver, and a compiled kernel whose launch does nothing
@@ -106,7 +107,7 @@ def launches(device):
     numel, grid = w.numel(), (triton.cdiv(w.numel(), gate.BLOCK),)
     mm_args = (x, w, s, out, out, beta, m, n, k, *x.stride(), *w.stride(), *s.stride(), *out.stride())
     wg_args = (g, x, w, s, gw, gs, beta, m, n, k, *g.stride(), *x.stride(), *w.stride(), *s.stride(), 1e-4)
-    mm_flags = dict(HARD=False, HAS_BIAS=False, PRECISION="ieee")
+    mm_flags = dict(HARD=False, HAS_BIAS=False, PRECISION="ieee", DOT_DTYPE=triton.language.float32)
     wg_flags = dict(HARD=False, NEED_WEIGHT=True, NEED_MASK=True, PRECISION="ieee")
     if mm.AUTOTUNE:
         mm_kernel, wg_kernel = mm.gated_matmul_tuned, mm.gated_weight_grad_tuned
@@ -124,7 +125,7 @@ def launches(device):
             lambda: gate.gate_backward(w, w, s, beta, 1e-4, gw, gs)),
         "fused matmul": (
             lambda: mm_kernel[mm_grid](*mm_args, **mm_flags),
-            lambda: mm.gated_matmul(x, w, s, beta, None, out, False, "ieee")),
+            lambda: mm.gated_matmul(x, w, s, beta, None, out, False, "ieee", torch.float32)),
         "weight gradient": (
             lambda: wg_kernel[wg_grid](*wg_args, **wg_flags),
             lambda: mm.gated_weight_grad(g, x, w, s, beta, 1e-4, gw, gs, False, "ieee")),
@@ -136,9 +137,10 @@ SETTINGS = [("Triton, Python checks", False, False), ("Launcher, Python checks",
             ("Launcher, C checks", True, True)]
 
 
-def layer_calls(device):
+def layer_calls(device, autocast=None):
     """name|setting -> forward+backward of csext.functional.gated_linear on the triton backend,
-    its two paths, and of gated_conv2d, in each of SETTINGS; and of F.linear (the floor)."""
+    its two paths, and of gated_conv2d, in each of SETTINGS; and of F.linear (the floor). With
+    `autocast` (a dtype) every forward runs under torch.autocast, x and the weights float32."""
     import torch.nn.functional as F
 
     from csext import functional as CF
@@ -159,6 +161,10 @@ def layer_calls(device):
             return CF.gated_conv2d(xc, wc, sc, 4.0, None, 1, 1, penalty=1e-4, backend="triton")
         return CF.gated_linear(x, w, s, 4.0, penalty=1e-4, backend="triton")
 
+    def forward(fn, *args):
+        with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            return fn(*args)
+
     def layer(path, use_launcher, use_c_checks):
         def call():
             for launcher in launchers:
@@ -166,7 +172,7 @@ def layer_calls(device):
             CF._EAGER = c_checks if use_c_checks else None
             CF.TRITON_FUSED_MAX_ROWS = fused_max_rows if path == "fused linear" else 0
             try:
-                run(path).sum().backward()
+                forward(run, path).sum().backward()
             finally:
                 for launcher in launchers:
                     launcher.compiled = True
@@ -175,7 +181,7 @@ def layer_calls(device):
 
     calls = {f"{path}|{setting}": layer(path, *flags)
              for path in ("fused linear", "gate + F.linear", "gate + F.conv2d") for setting, *flags in SETTINGS}
-    calls["F.linear (dense)|"] = lambda: F.linear(x, w).sum().backward()
+    calls["F.linear (dense)|"] = lambda: forward(F.linear, x, w).sum().backward()
     return calls
 
 
@@ -203,6 +209,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--calls", type=int, default=500, help="calls per sample")
+    parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None,
+                        help="the layer rows' forwards under torch.autocast in this dtype (x and weights float32)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
@@ -220,10 +228,12 @@ def main(argv=None) -> int:
     for name in pairs:
         through, cached = times[f"{name}|triton"], times[f"{name}|launcher"]
         print(f"  {name:18s} {through:7.2f} us  {cached:7.2f} us  ({through / cached:.1f}x)")
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast)
     print("host time of a forward+backward (median us) on the triton backend: csext.functional.gated_linear's\n"
           "two paths, x (4, 8) and w (8, 8), and gated_conv2d, x (1, 4, 6, 6) and w (4, 4, 3, 3):\n"
-          f"{'; '.join(name for name, *_ in SETTINGS)}; and F.linear's")
-    times = timed(layer_calls(args.device), args.repeats, max(1, args.calls // 5), args.device)
+          f"{'; '.join(name for name, *_ in SETTINGS)}; and F.linear's"
+          + (f"; forwards under autocast ({args.autocast})" if autocast else ""))
+    times = timed(layer_calls(args.device, autocast), args.repeats, max(1, args.calls // 5), args.device)
     for name in dict.fromkeys(key.split("|")[0] for key in times):
         row = [times[key] for key in times if key.split("|")[0] == name]
         print(f"  {name:22s}" + "".join(f" {us:7.1f} us" for us in row))

@@ -16,9 +16,12 @@ custom op's Python dispatch per call (under torch.func's transforms, through twi
 Functions written as the transforms require, with vmap rules). Both routes share one backward
 (`_gate_backward`, `_linear_backward`), handed the op set to call; with grad mode on in it
 (create_graph=True, torch.func) it builds the gradients from csext.reference in torch ops
-instead, differentiable again. beta travels as a 0-dim float32 tensor on the tensors' device
-(see device_beta). The kernels launch through kernels/launch.py's Launcher, which skips
-Triton's per-call Python once a call's specialization is compiled.
+instead, differentiable again. Under autocast the fused linear takes x uncast, in any float
+dtype, with the compute dtype beside it: its GEMMs cast x's tiles, and dL/dx comes back in x's
+dtype, so the layer needs no cast of x and no autograd node for one. beta travels as a 0-dim
+float32 tensor on the tensors' device (see device_beta). The kernels launch through
+kernels/launch.py's Launcher, which skips Triton's per-call Python once a call's specialization
+is compiled.
 """
 
 from types import SimpleNamespace
@@ -65,18 +68,19 @@ def _gate_backward_impl(grad, weight, mask_logits, beta, penalty: float):
     return grad_weight, grad_mask_logits
 
 
-def _linear_impl(x, weight, mask_logits, beta, bias, hard: bool, penalty: float):
-    """x (M, K) in the compute dtype -> (M, N) in that dtype."""
-    out = x.new_empty((x.shape[0], weight.shape[0]))
-    matmul_kernels.gated_matmul(x, weight, mask_logits, beta, bias, out, hard, _precision(x.dtype, x.device))
+def _linear_impl(x, weight, mask_logits, beta, bias, hard: bool, penalty: float, dtype: torch.dtype):
+    """x (M, K) -> (M, N) in the compute dtype `dtype`. Under autocast x may have another (float32
+    x under bf16): the kernel casts its tiles, in place of autocast's pass over x."""
+    out = x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype)
+    matmul_kernels.gated_matmul(x, weight, mask_logits, beta, bias, out, hard, _precision(dtype, x.device), dtype)
     return out
 
 
-def _linear_grad_input_impl(grad, weight, mask_logits, beta, hard: bool):
-    """dL/dx = G (M, N) @ (w * m) (N, K), in G's dtype."""
-    out = grad.new_empty((grad.shape[0], weight.shape[1]))
+def _linear_grad_input_impl(grad, weight, mask_logits, beta, hard: bool, dtype: torch.dtype):
+    """dL/dx = G (M, N) @ (w * m) (N, K), computed in G's dtype and stored in x's, `dtype`."""
+    out = grad.new_empty((grad.shape[0], weight.shape[1]), dtype=dtype)
     matmul_kernels.gated_matmul(grad, weight.t(), mask_logits.t(), beta, None, out, hard,
-                                _precision(grad.dtype, grad.device))
+                                _precision(grad.dtype, grad.device), grad.dtype)
     return out
 
 
@@ -120,7 +124,7 @@ def _linear_backward(ops, ctx, grad):
     need_x, need_w, need_s, _, need_b = ctx.needs_input_grad[:5]
     grad_x = grad_weight = grad_mask_logits = grad_bias = None
     if need_x:
-        grad_x = ops.linear_grad_input(grad, weight, mask_logits, beta, ctx.hard)
+        grad_x = ops.linear_grad_input(grad, weight, mask_logits, beta, ctx.hard, x.dtype)
     if need_w or (need_s and not ctx.hard):
         grad_weight, grad_mask_logits = ops.linear_grad_weight(
             grad, x, weight, mask_logits, beta, ctx.hard, ctx.penalty, bool(need_s))
@@ -128,7 +132,7 @@ def _linear_backward(ops, ctx, grad):
         grad_mask_logits = grad_mask_logits if need_s and not ctx.hard else None
     if need_b:
         grad_bias = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return grad_x, grad_weight, grad_mask_logits, None, grad_bias, None, None
+    return grad_x, grad_weight, grad_mask_logits, None, grad_bias, None, None, None
 
 
 # With grad mode on in a backward (create_graph=True: a loss on gradients, a Hessian-vector
@@ -150,14 +154,14 @@ def _linear_backward_with_graph(ctx, grad, x, weight, mask_logits, beta):
     need_x, need_w, need_s, _, need_b = ctx.needs_input_grad[:5]
     grad_x = grad_weight = grad_mask_logits = grad_bias = None
     if need_x:
-        grad_x = grad.matmul(reference.gate(weight, mask_logits, beta, ctx.hard, 0.0, x.dtype))
+        grad_x = grad.matmul(reference.gate(weight, mask_logits, beta, ctx.hard, 0.0, grad.dtype)).to(x.dtype)
     if need_w or need_s:
         grad_weight, grad_mask_logits = reference.gate_grads(
-            grad.t().matmul(x), weight, mask_logits, beta, ctx.hard, ctx.penalty)
+            grad.t().matmul(x.to(grad.dtype)), weight, mask_logits, beta, ctx.hard, ctx.penalty)
         grad_weight, grad_mask_logits = grad_weight if need_w else None, grad_mask_logits if need_s else None
     if need_b:
         grad_bias = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return grad_x, grad_weight, grad_mask_logits, None, grad_bias, None, None
+    return grad_x, grad_weight, grad_mask_logits, None, grad_bias, None, None, None
 
 
 def _gate_setup(ctx, inputs, output):
@@ -167,7 +171,7 @@ def _gate_setup(ctx, inputs, output):
 
 
 def _linear_setup(ctx, inputs, output):
-    x, weight, mask_logits, beta, bias, hard, penalty = inputs
+    x, weight, mask_logits, beta, bias, hard, penalty, _ = inputs
     ctx.save_for_backward(x, weight, mask_logits, beta)
     ctx.hard, ctx.penalty = hard, penalty
     ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -233,19 +237,20 @@ class _LinearFunctionForTransforms(_LinearFunction):
     setup_context = staticmethod(_linear_setup)
 
     @staticmethod
-    def vmap(info, in_dims, x, weight, mask_logits, beta, bias, hard, penalty):
+    def vmap(info, in_dims, x, weight, mask_logits, beta, bias, hard, penalty, dtype):
         if in_dims[3] is not None:
             raise ValueError("csext: the triton gated_linear cannot be vmapped over beta")
         n = info.batch_size
         if all(d is None for d in in_dims[1:5]):  # only x: its batch is more rows
             x = x.movedim(in_dims[0], 0)
-            y = _LinearFunctionForTransforms.apply(x.flatten(0, 1), weight, mask_logits, beta, bias, hard, penalty)
+            y = _LinearFunctionForTransforms.apply(x.flatten(0, 1), weight, mask_logits, beta, bias, hard, penalty,
+                                                   dtype)
             return y.unflatten(0, x.shape[:2]), 0
         # weights, mask logits or biases batched: one layer per sample
         x, weight, mask_logits = (_batch_first(t, d, n) for t, d in zip((x, weight, mask_logits), in_dims))
         biases = [None] * n if bias is None else _batch_first(bias, in_dims[4], n)
         return torch.stack([_LinearFunctionForTransforms.apply(x[i], weight[i], mask_logits[i], beta, biases[i],
-                                                               hard, penalty) for i in range(n)]), 0
+                                                               hard, penalty, dtype) for i in range(n)]), 0
 
 
 # --- compiled route: torch.library custom ops -----------------------------------------------------
@@ -276,24 +281,24 @@ def _(grad, weight, mask_logits, beta, penalty):
 
 @torch.library.custom_op("csext::triton_gated_linear", mutates_args=())
 def triton_gated_linear(x: torch.Tensor, weight: torch.Tensor, mask_logits: torch.Tensor, beta: torch.Tensor,
-                        bias: torch.Tensor | None, hard: bool, penalty: float) -> torch.Tensor:
-    return _linear_impl(x, weight, mask_logits, beta, bias, hard, penalty)
+                        bias: torch.Tensor | None, hard: bool, penalty: float, dtype: torch.dtype) -> torch.Tensor:
+    return _linear_impl(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
 
 
 @triton_gated_linear.register_fake
-def _(x, weight, mask_logits, beta, bias, hard, penalty):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+def _(x, weight, mask_logits, beta, bias, hard, penalty, dtype):
+    return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype)
 
 
 @torch.library.custom_op("csext::triton_gated_linear_grad_input", mutates_args=())
 def triton_gated_linear_grad_input(grad: torch.Tensor, weight: torch.Tensor, mask_logits: torch.Tensor,
-                                   beta: torch.Tensor, hard: bool) -> torch.Tensor:
-    return _linear_grad_input_impl(grad, weight, mask_logits, beta, hard)
+                                   beta: torch.Tensor, hard: bool, dtype: torch.dtype) -> torch.Tensor:
+    return _linear_grad_input_impl(grad, weight, mask_logits, beta, hard, dtype)
 
 
 @triton_gated_linear_grad_input.register_fake
-def _(grad, weight, mask_logits, beta, hard):
-    return grad.new_empty((grad.shape[0], weight.shape[1]))
+def _(grad, weight, mask_logits, beta, hard, dtype):
+    return grad.new_empty((grad.shape[0], weight.shape[1]), dtype=dtype)
 
 
 @torch.library.custom_op("csext::triton_gated_linear_grad_weight", mutates_args=())
@@ -329,9 +334,10 @@ def gate(weight, mask_logits, beta, hard: bool, penalty: float, dtype: torch.dty
     return function.apply(weight, mask_logits, beta, hard, penalty, dtype)
 
 
-def gated_linear(x, weight, mask_logits, beta, bias, hard: bool, penalty: float):
-    """x (M, K) @ (w * m)^T + bias in x's dtype (beta a device tensor), differentiable."""
+def gated_linear(x, weight, mask_logits, beta, bias, hard: bool, penalty: float, dtype: torch.dtype):
+    """x (M, K) @ (w * m)^T + bias in the compute dtype `dtype` (beta a device tensor),
+    differentiable; x in that dtype or, under autocast, in one autocast would cast to it."""
     if torch.compiler.is_compiling():
-        return triton_gated_linear(x, weight, mask_logits, beta, bias, hard, penalty)
+        return triton_gated_linear(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
     function = _LinearFunctionForTransforms if torch._C._are_functorch_transforms_active() else _LinearFunction
-    return function.apply(x, weight, mask_logits, beta, bias, hard, penalty)
+    return function.apply(x, weight, mask_logits, beta, bias, hard, penalty, dtype)

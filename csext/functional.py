@@ -137,9 +137,10 @@ _LAYER_OPS = ("cpp", "cuda")
 
 # In eager mode, a call whose backend is a layer op first tries the C++ fast path of csext._C
 # (csrc/python.cpp): the checks below, autocast's cast of x and the op call in one C call. A
-# call on the triton backend takes the C checks and cast alone (csext._C.linear_input,
-# conv2d_input), then the Triton layer. Either returns None for anything it does not take, and
-# the call goes on here, where bad input gets its error.
+# call on the triton backend takes the C checks alone (csext._C.linear_input, which returns x
+# uncast and the compute dtype; conv2d_input, which casts x), then the Triton layer. Either
+# returns None for anything it does not take, and the call goes on here, where bad input gets
+# its error.
 _EAGER = getattr(_ops, "_C", None)
 _EAGER_ROUTES: dict = {}  # (backend, device type) -> "layer op", "triton" or None
 
@@ -175,15 +176,16 @@ def _check_triton_dtype(weight: torch.Tensor) -> None:
 TRITON_FUSED_MAX_ROWS = 1024
 
 
-def _layer_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+def _layer_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cast: bool = True):
     """(x, dtype) for a gated layer: dtype is what the matmul or convolution runs in, and x is
-    cast to it as autocast casts F.linear's and F.conv2d's input. Outside autocast, x and bias
-    must have weight's dtype, as F.linear and F.conv2d demand (one error for every backend)."""
+    cast to it as autocast casts F.linear's and F.conv2d's input (with `cast` False, x is left
+    for the kernels to cast). Outside autocast, x and bias must have weight's dtype, as F.linear
+    and F.conv2d demand (one error for every backend)."""
     device_type = weight.device.type
     if _autocast_applies(weight, device_type):
         dtype = torch.get_autocast_dtype(device_type)
         if x.dtype != dtype and x.is_floating_point() and x.dtype != torch.float64:
-            x = x.to(dtype)
+            return (x.to(dtype) if cast else x), dtype
     else:
         dtype = weight.dtype
         if bias is not None and bias.dtype != dtype:
@@ -194,17 +196,21 @@ def _layer_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale, dtype):
-    """gated_linear on the triton backend: x (..., K) in the compute dtype `dtype`, fused or not."""
+    """gated_linear on the triton backend, fused or not: x (..., K) in the compute dtype `dtype`
+    or, under autocast, not yet cast to it."""
     _check_triton_dtype(weight)
     # Batched x as rows (not (-1, K): K may be 0); a 2-D x as it is, without a view's autograd node
     rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     fused_bias = bias if mask_scale == 1.0 else None  # added in the GEMM's epilogue
     if rows.shape[0] > TRITON_FUSED_MAX_ROWS:
         w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, "triton")
-        y = F.linear(rows, w_eff, fused_bias)
+        y = F.linear(rows.to(dtype), w_eff, fused_bias)
     else:
+        # The GEMMs cast x's tiles and round dL/dx as autocast's cast would: no pass over memory,
+        # no op and no autograd node for it. The layer keeps x as given for the backward.
         beta_on_device = _triton.device_beta(beta, weight.device)
-        y = _triton.gated_linear(rows, weight, mask_logits, beta_on_device, fused_bias, bool(hard), float(penalty))
+        y = _triton.gated_linear(rows, weight, mask_logits, beta_on_device, fused_bias, bool(hard), float(penalty),
+                                 dtype)
     if x.dim() != 2:
         y = y.reshape(*x.shape[:-1], weight.shape[0])
     if mask_scale == 1.0:
@@ -231,9 +237,10 @@ def gated_linear(
         if y is not None:
             return y
     elif route == "triton":
-        x_in = _EAGER.linear_input(x, weight, mask_logits, beta, bias, hard, penalty)
-        if x_in is not None:
-            return _triton_linear(x_in, weight, mask_logits, beta, bias, hard, penalty, 1.0, x_in.dtype)
+        taken = _EAGER.linear_input(x, weight, mask_logits, beta, bias, hard, penalty)
+        if taken is not None:  # (x, the compute dtype): the fused GEMMs cast x themselves
+            x_in, dtype = taken
+            return _triton_linear(x_in, weight, mask_logits, beta, bias, hard, penalty, 1.0, dtype)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
@@ -241,7 +248,7 @@ def gated_linear(
             f"x must have shape (..., {weight.shape[1]}) to match in_features, got {tuple(x.shape)}"
         )
     name = backends.resolve(backend, _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale))
-    x, dtype = _layer_input(x, weight, bias)
+    x, dtype = _layer_input(x, weight, bias, cast=name != "triton")
     if name == "triton":
         return _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale, dtype)
     if name in _LAYER_OPS and mask_scale == 1.0:

@@ -18,6 +18,7 @@
 #include <ATen/ScalarOps.h>
 #include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 
@@ -99,9 +100,9 @@ struct Layer {
 };
 
 // args: x, weight, mask_logits, beta, bias, hard, penalty. The checks of
-// functional._check_layer_args and _layer_input, and its autocast cast of x.
+// functional._check_layer_args and _layer_input, and (with cast_x) its autocast cast of x.
 std::optional<Layer> take_layer(PyObject* const* args, int64_t weight_dim,
-                                bool (*x_fits)(const at::Tensor& x, const at::Tensor& weight)) {
+                                bool (*x_fits)(const at::Tensor& x, const at::Tensor& weight), bool cast_x = true) {
   PyObject *x_obj = args[0], *weight_obj = args[1], *mask_logits_obj = args[2], *bias_obj = args[4];
   // Exactly torch.Tensor or nn.Parameter: a subclass may override __torch_function__.
   if (at::impl::torch_function_mode_enabled() || !THPVariable_CheckExact(x_obj) ||
@@ -134,7 +135,8 @@ std::optional<Layer> take_layer(PyObject* const* args, int64_t weight_dim,
     layer.dtype = at::autocast::get_autocast_dtype(device.type());
     const ScalarType x_type = x.scalar_type();
     if (x_type != layer.dtype && x.is_floating_point() && x_type != ScalarType::Double) {
-      layer.x = x.to(layer.dtype);
+      if (cast_x) layer.x = x.to(layer.dtype);
+      return layer;
     }
   } else {
     layer.dtype = weight_type;
@@ -181,15 +183,16 @@ PyObject* gated_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// linear_input(x, weight, mask_logits, beta, bias, hard, penalty) -> Tensor or None: the checks
-// of gated_linear alone, for the triton backend's layer (Python): x as the layer takes it,
-// autocast's cast done.
+// linear_input(x, weight, mask_logits, beta, bias, hard, penalty) -> (x, dtype) or None: the
+// checks of gated_linear alone, for the triton backend's layer (Python): x as given, not cast
+// under autocast (its kernels cast it), and the dtype its GEMMs run in.
 PyObject* linear_input(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (wrong_count("linear_input", nargs, 7)) return nullptr;
-  std::optional<Layer> layer = take_layer(args, 2, linear_fits);
+  std::optional<Layer> layer = take_layer(args, 2, linear_fits, /*cast_x=*/false);
   if (!layer) Py_RETURN_NONE;
-  return THPVariable_Wrap(std::move(layer->x));
+  PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(layer->dtype));  // borrowed
+  return PyTuple_Pack(2, args[0], dtype);  // x's own Python object, as x came in
   END_HANDLE_TH_ERRORS
 }
 
@@ -254,7 +257,7 @@ PyMethodDef methods[] = {
     {"gated_conv2d", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&gated_conv2d)),
      METH_FASTCALL, "Eager fast path of csext.functional.gated_conv2d: a tensor, or None to take the Python path."},
     {"linear_input", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&linear_input)),
-     METH_FASTCALL, "csext.functional.gated_linear's checks: x (cast under autocast), or None to take the Python path."},
+     METH_FASTCALL, "csext.functional.gated_linear's checks: (x, compute dtype), or None to take the Python path."},
     {"conv2d_input", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&conv2d_input)),
      METH_FASTCALL, "csext.functional.gated_conv2d's checks: x (cast under autocast), or None to take the Python path."},
     {nullptr, nullptr, 0, nullptr}};

@@ -6,7 +6,10 @@
                  from the epilogue of the G^T @ x GEMM
 
 so neither w_eff nor dL/dw_eff is ever written to memory. The gate is computed in float32 and
-cast to the activations' dtype for `tl.dot`; accumulation is float32.
+cast to the compute dtype for `tl.dot`; accumulation is float32. Under autocast the activations
+may come in another dtype (float32 x): each tile is cast as it is loaded, and the input gradient
+is rounded to the compute dtype before it is stored in x's, so the kernels give what autocast's
+separate casts of x and of dL/dx give, bit for bit, without those two passes over memory.
 
 The gated tile is the dot's first operand (the kernels compute y^T tile by tile), the operand
 Hopper's wgmma can take from registers rather than shared memory; compiled for sm_90 it does
@@ -18,6 +21,7 @@ autotuning's repeated launches cannot corrupt it.
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -74,10 +78,11 @@ def gated_matmul_kernel(
     x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, beta_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_om, stride_on,
-    HARD: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    HARD: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """out[M, N] = x[M, K] @ (w * m)[N, K]^T (+ bias[N]), any strides."""
+    """out[M, N] = x[M, K] @ (w * m)[N, K]^T (+ bias[N]), any strides; x and the gated weight
+    enter the dot in DOT_DTYPE, and the result is rounded to it before it is stored in out's."""
     # Programs side by side share a weight tile: its float32 w and s, the widest operands,
     # then come from L2 after the first read instead of from memory once per row tile of x.
     pid_m, pid_n = _tile_ids(M, N, BLOCK_X, BLOCK_W, GROUP)
@@ -96,8 +101,8 @@ def gated_matmul_kernel(
         w_inside = (offs_n[:, None] < N) & k_inside
         w = tl.load(w_ptrs, mask=w_inside, other=0.0).to(tl.float32)
         s = tl.load(s_ptrs, mask=w_inside, other=0.0)
-        x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_inside, other=0.0)
-        w_eff = (w * mask_of(s, beta, HARD)).to(x.dtype)
+        x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_inside, other=0.0).to(DOT_DTYPE)
+        w_eff = (w * mask_of(s, beta, HARD)).to(DOT_DTYPE)
         acc = tl.dot(w_eff, tl.trans(x), acc, input_precision=PRECISION)  # out^T tile
         w_ptrs += BLOCK_K * stride_wk
         s_ptrs += BLOCK_K * stride_sk
@@ -105,7 +110,8 @@ def gated_matmul_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
     out_ptrs = out_ptr + rows_n * stride_on + offs_m.to(tl.int64)[None, :] * stride_om
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
+    out = acc.to(DOT_DTYPE).to(out_ptr.dtype.element_ty)  # as a cast after a GEMM in DOT_DTYPE would give
+    tl.store(out_ptrs, out, mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
 
 
 @triton.jit
@@ -117,8 +123,9 @@ def gated_weight_grad_kernel(
     HARD: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_MASK: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
-    """D = grad[M, N]^T @ x[M, K] tile by tile; the epilogue writes dL/dw = D * m (w's dtype and
-    strides) and, for a soft mask, dL/ds = beta * m * (1 - m) * (D * w + penalty) (s's)."""
+    """D = grad[M, N]^T @ x[M, K] tile by tile, in grad's dtype (x's tiles cast to it); the
+    epilogue writes dL/dw = D * m (w's dtype and strides) and, for a soft mask,
+    dL/ds = beta * m * (1 - m) * (D * w + penalty) (s's)."""
     pid_n, pid_k = _tile_ids(N, K, BLOCK_W, BLOCK_K, GROUP)
     offs_n = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -129,7 +136,7 @@ def gated_weight_grad_kernel(
     for step in range(0, tl.cdiv(M, BLOCK_X)):
         m_inside = offs_m[:, None] < M - step * BLOCK_X
         g = tl.load(g_ptrs, mask=m_inside & (offs_n[None, :] < N), other=0.0)
-        x = tl.load(x_ptrs, mask=m_inside & (offs_k[None, :] < K), other=0.0)
+        x = tl.load(x_ptrs, mask=m_inside & (offs_k[None, :] < K), other=0.0).to(g.dtype)
         acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
         g_ptrs += BLOCK_X * stride_gm
         x_ptrs += BLOCK_X * stride_xm
@@ -164,9 +171,13 @@ def _tile_grid(rows, cols, row_block, col_block):
     return lambda meta: (triton.cdiv(rows, meta[row_block]) * triton.cdiv(cols, meta[col_block]),)
 
 
-def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision: str) -> None:
-    """out[M, N] = x[M, K] @ (weight * m)[N, K]^T (+ bias). Any strides: the input gradient
-    G @ (w * m) is this call with weight.t() and mask_logits.t()."""
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision: str, dot_dtype: torch.dtype) -> None:
+    """out[M, N] = x[M, K] @ (weight * m)[N, K]^T (+ bias), the GEMM in `dot_dtype` (x and out
+    may have others). Any strides: the input gradient G @ (w * m) is this call with weight.t()
+    and mask_logits.t()."""
     (M, K), N = x.shape, weight.shape[0]
     if M == 0 or N == 0:
         return
@@ -177,14 +188,15 @@ def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision:
     bias = bias.contiguous() if has_bias else out  # the epilogue reads it densely; else a placeholder
     tensors = (x, weight, mask_logits, bias, out, beta)
     ints = (M, N, K, *x.stride(), *weight.stride(), *mask_logits.stride(), *out.stride())
-    flags = dict(HARD=hard, HAS_BIAS=has_bias, PRECISION=precision, **_CONFIG)
+    flags = dict(HARD=hard, HAS_BIAS=has_bias, PRECISION=precision, DOT_DTYPE=_TRITON_DTYPES[dot_dtype], **_CONFIG)
     _launch_matmul(_tile_grid(M, N, "BLOCK_X", "BLOCK_W"), tensors, ints, (), flags)
 
 
 def gated_weight_grad(grad, x, weight, mask_logits, beta, penalty: float, grad_weight, grad_mask_logits,
                       hard: bool, precision: str) -> None:
     """grad_weight = (grad^T @ x) * m and, unless hard, grad_mask_logits (SPEC section 1); either
-    may be None when not needed. The outputs have the strides of weight and mask_logits."""
+    may be None when not needed. The GEMM runs in grad's dtype, whatever x's. The outputs have
+    the strides of weight and mask_logits."""
     (M, N), K = grad.shape, x.shape[1]
     if N == 0 or K == 0:
         return

@@ -292,6 +292,92 @@ def test_autocast():
         torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
 
 
+def _graph_node_names(node) -> set:
+    """The type names of the autograd nodes from `node` down to the leaves."""
+    names, todo = set(), [node]
+    while todo:
+        node = todo.pop()
+        if node is not None:
+            names.add(type(node).__name__)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("x_shape", [(37, 45), (2, 3, 45)])
+@pytest.mark.parametrize("hard", [False, True])
+def test_fused_gemms_cast_x_as_autocast_would(x_shape, hard):
+    """Under autocast the fused GEMMs take float32 x and cast its tiles themselves, with no
+    autograd node for the cast; output and every gradient are those of x cast beforehand, bit for
+    bit (dL/dx rounded to the autocast dtype, then stored in x's)."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    w = torch.randn(29, 45, device=DEVICE, requires_grad=True)
+    s = mask_logits_like(w).to(DEVICE).requires_grad_()
+    b = torch.randn(29, device=DEVICE, requires_grad=True)
+    x = torch.randn(x_shape, device=DEVICE, requires_grad=True)
+    results = []
+    for cast_first in (False, True):
+        with torch.autocast(DEVICE, dtype=dtype):
+            y = CF.gated_linear(x.to(dtype) if cast_first else x, w, s, 2.5, b, hard=hard, penalty=0.01,
+                                backend="triton")
+        assert y.dtype == dtype
+        nodes = _graph_node_names(y.grad_fn)
+        assert ("ToCopyBackward0" in nodes) == cast_first, nodes
+        leaves = [x, w, b] if hard else [x, w, s, b]
+        results.append([y, *torch.autograd.grad((y.float() * torch.linspace(-1, 1, 29, device=DEVICE)).sum(),
+                                                leaves)])
+    for folded, cast_first in zip(*results):
+        assert folded.dtype == cast_first.dtype
+        torch.testing.assert_close(folded, cast_first, rtol=0, atol=0)
+
+
+def test_compiled_route_under_autocast_matches_eager():
+    """torch.compile's route (the custom ops) takes float32 x under autocast as the eager one does."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    layer = csext.GatedLinear(45, 29, device=DEVICE)
+    layer.backend, layer.penalty = "triton", 0.01
+    x = torch.randn(37, 45, device=DEVICE, requires_grad=True)
+    results = []
+    torch._dynamo.reset()
+    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
+    for run in (layer, torch.compile(layer, fullgraph=True, backend=backend)):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast(DEVICE, dtype=dtype):
+            y = run(x)
+        y.float().square().sum().backward()
+        results.append([y, x.grad, layer.weight.grad, layer.mask_logits.grad, layer.bias.grad])
+    assert results[1][0].dtype == dtype and results[1][1].dtype == torch.float32
+    # the same kernels; inductor may sum the bias gradient in another order
+    tolerance = dict(rtol=0, atol=0) if backend == "aot_eager" else dict(rtol=1e-4, atol=1e-4)
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, **tolerance)
+
+
+@pytest.mark.parametrize("of", ["x", "w"])
+def test_double_backward_under_autocast_reaches_x(of):
+    """create_graph=True with float32 x under autocast: a loss on dL/dx or on dL/dw
+    differentiates back to x and the weights as it does with x cast beforehand."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    w = torch.randn(6, 9, device=DEVICE)
+    tensors = (torch.randn(5, 9, device=DEVICE), w, mask_logits_like(w).to(DEVICE), torch.randn(6, device=DEVICE))
+    results = []
+    for cast_first in (False, True):
+        x, w, s, b = leaves = [t.clone().requires_grad_() for t in tensors]
+        with torch.autocast(DEVICE, dtype=dtype):
+            y = CF.gated_linear(x.to(dtype) if cast_first else x, w, s, 2.0, b, penalty=0.01, backend="triton")
+        # dL/dw of a loss linear in y depends on x alone through the layer's own backward
+        loss = y.float().square().sum() if of == "x" else (y.float() * torch.linspace(-1, 2, 6, device=DEVICE)).sum()
+        (grad,) = torch.autograd.grad(loss, x if of == "x" else w, create_graph=True)
+        grad.square().sum().backward()
+        results.append([t.grad for t in leaves])
+    assert results[0][0] is not None, "no gradient reached x"
+    for name, folded, cast_first in zip("xwsb", *results):
+        assert (folded is None) == (cast_first is None), name
+        if folded is not None:  # half-precision sums added up in another order on each side
+            scale = cast_first.abs().max().item()
+            torch.testing.assert_close(folded, cast_first, rtol=1e-2, atol=1e-2 * scale, msg=lambda m: f"{name}: {m}")
+
+
 def test_compile_fullgraph_without_recompiling_for_beta():
     layer = csext.GatedLinear(17, 11, device=DEVICE)
     layer.backend, layer.penalty = "triton", 0.01
@@ -352,8 +438,13 @@ def test_opcheck_triton_ops():
     beta = _triton.device_beta(2.0, w.device)
     torch.library.opcheck(_triton.triton_gate, (w, s, beta, False, 0.01, torch.float32))
     torch.library.opcheck(_triton.triton_gate_backward, (g.new_ones(w.shape), w, s, beta, 0.01))
-    torch.library.opcheck(_triton.triton_gated_linear, (x, w, s, beta, torch.randn(13, device=DEVICE), False, 0.01))
-    torch.library.opcheck(_triton.triton_gated_linear_grad_input, (g, w, s, beta, True))
+    half = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    torch.library.opcheck(_triton.triton_gated_linear,
+                          (x, w, s, beta, torch.randn(13, device=DEVICE), False, 0.01, torch.float32))
+    torch.library.opcheck(_triton.triton_gated_linear, (x, w, s, beta, None, False, 0.01, half))  # autocast's
+    torch.library.opcheck(_triton.triton_gated_linear_grad_input, (g, w, s, beta, True, torch.float32))
+    torch.library.opcheck(_triton.triton_gated_linear_grad_input, (g.to(half), w, s, beta, False, torch.float32))
+    torch.library.opcheck(_triton.triton_gated_linear_grad_weight, (g.to(half), x, w, s, beta, False, 0.01, True))
     torch.library.opcheck(_triton.triton_gated_linear_grad_weight, (g, x, w, s, beta, False, 0.01, True))
 
 

@@ -121,10 +121,12 @@ def _check_all():
             for m, n, k, stride in ((5, 9, 9, 9), (1, 9, 9, 9), (16, 9, 9, 9), (5, 16, 9, 9), (5, 9, 32, 9),
                                    (5, 9, 2**33, 9), (5, 9, 9, 16), (5, 9, 9, 1)):
                 strides = (stride, 1) * 4
-                for hard in (False, True):
+                # the GEMM in x's dtype, and in float16 (x's tiles cast, as under autocast)
+                for hard, dot_dtype in ((False, dtype), (True, dtype), (False, torch.float16)):
                     seen.add(check(mm._launch_matmul, mm._tile_grid(m, n, "BLOCK_X", "BLOCK_W"),
                                    (x, w, s, o, o, beta), (m, n, k, *strides), HARD=hard, HAS_BIAS=True,
-                                   PRECISION="ieee", **mm._CONFIG))
+                                   PRECISION="ieee", DOT_DTYPE=mm._TRITON_DTYPES[dot_dtype], **mm._CONFIG))
+                for hard in (False, True):
                     seen.add(check(mm._launch_weight_grad, mm._tile_grid(n, k, "BLOCK_W", "BLOCK_K"),
                                    (o, x, w, s, w, s, beta), (m, n, k, *strides), (1e-4,), HARD=hard,
                                    NEED_WEIGHT=True, NEED_MASK=not hard, PRECISION="tf32", **mm._CONFIG))
