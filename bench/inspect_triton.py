@@ -24,7 +24,7 @@ from kernels import gated_matmul  # noqa: E402
 
 TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 DOT_DTYPES = {"bf16": triton.language.bfloat16, "fp16": triton.language.float16, "fp32": triton.language.float32}
-FLOAT32_POINTERS = {"w_ptr", "s_ptr", "beta_ptr", "bias_ptr", "grad_w_ptr", "grad_s_ptr"}
+FLOAT32_POINTERS = {"w_ptr", "s_ptr", "beta_ptr", "bias_ptr", "grad_w_ptr", "grad_s_ptr", "grad_b_ptr"}
 
 
 def signature(fn, dtype: str) -> dict:
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
                      args.arch, args.dtype))
     for config in gated_matmul.WEIGHT_GRAD_CONFIGS[: args.configs]:
         print(report("weight grad", gated_matmul.gated_weight_grad_kernel, config,
-                     {"HARD": False, "NEED_WEIGHT": True, "NEED_MASK": True, "PRECISION": "ieee"},
+                     {"HARD": False, "NEED_WEIGHT": True, "NEED_MASK": True, "NEED_BIAS": True, "PRECISION": "ieee"},
                      args.arch, args.dtype))
     return 0
 

@@ -102,13 +102,13 @@ def launches(device):
     m, n, k = 4, 8, 8
     w, s = torch.randn(n, k, device=device), torch.randn(n, k, device=device)
     g, x, out = torch.randn(m, n, device=device), torch.randn(m, k, device=device), torch.empty(m, n, device=device)
-    gw, gs, w_eff = torch.empty_like(w), torch.empty_like(s), torch.empty_like(w)
+    gw, gs, w_eff, gb = torch.empty_like(w), torch.empty_like(s), torch.empty_like(w), torch.empty(n, device=device)
     beta = torch.tensor(4.0, device=device)
     numel, grid = w.numel(), (triton.cdiv(w.numel(), gate.BLOCK),)
     mm_args = (x, w, s, out, out, beta, m, n, k, *x.stride(), *w.stride(), *s.stride(), *out.stride())
-    wg_args = (g, x, w, s, gw, gs, beta, m, n, k, *g.stride(), *x.stride(), *w.stride(), *s.stride(), 1e-4)
+    wg_args = (g, x, w, s, gw, gs, gb, beta, m, n, k, *g.stride(), *x.stride(), *w.stride(), *s.stride(), 1e-4)
     mm_flags = dict(HARD=False, HAS_BIAS=False, PRECISION="ieee", DOT_DTYPE=triton.language.float32)
-    wg_flags = dict(HARD=False, NEED_WEIGHT=True, NEED_MASK=True, PRECISION="ieee")
+    wg_flags = dict(HARD=False, NEED_WEIGHT=True, NEED_MASK=True, NEED_BIAS=True, PRECISION="ieee")
     if mm.AUTOTUNE:
         mm_kernel, wg_kernel = mm.gated_matmul_tuned, mm.gated_weight_grad_tuned
     else:
@@ -128,7 +128,7 @@ def launches(device):
             lambda: mm.gated_matmul(x, w, s, beta, None, out, False, "ieee", torch.float32)),
         "weight gradient": (
             lambda: wg_kernel[wg_grid](*wg_args, **wg_flags),
-            lambda: mm.gated_weight_grad(g, x, w, s, beta, 1e-4, gw, gs, False, "ieee")),
+            lambda: mm.gated_weight_grad(g, x, w, s, beta, 1e-4, gw, gs, gb, False, "ieee")),
     }
 
 

@@ -9,7 +9,7 @@ autograd registrations (no graph break, opcheck-clean):
     csext::triton_gate, csext::triton_gate_backward   elementwise gate and its backward
     csext::triton_gated_linear                        y = x @ (w * m)^T + b, one fused GEMM
     csext::triton_gated_linear_grad_input             dx = G @ (w * m), fused
-    csext::triton_gated_linear_grad_weight            dL/dw, dL/ds from the G^T x epilogue
+    csext::triton_gated_linear_grad_weight            dL/dw, dL/ds from the G^T x epilogue, dL/db
 
 In eager mode they call them through torch.autograd.Function, which costs a fraction of a
 custom op's Python dispatch per call (under torch.func's transforms, through twins of those
@@ -84,16 +84,19 @@ def _linear_grad_input_impl(grad, weight, mask_logits, beta, hard: bool, dtype: 
     return out
 
 
-def _linear_grad_weight_impl(grad, x, weight, mask_logits, beta, hard: bool, penalty: float, need_mask_grad: bool):
-    """(dL/dw, dL/ds) from G^T @ x; dL/ds is empty where it is not needed (hard, or no grad)."""
+def _linear_grad_weight_impl(grad, x, weight, mask_logits, beta, hard: bool, penalty: float, need_mask_grad: bool,
+                             need_bias_grad: bool):
+    """(dL/dw, dL/ds, dL/db) from G^T @ x, dL/db in float32; dL/ds is empty where it is not needed
+    (hard, or no grad), dL/db where need_bias_grad is False."""
     weight, mask_logits = weight.contiguous(), mask_logits.contiguous()
     grad_weight = torch.empty_like(weight)
     need_mask_grad = need_mask_grad and not hard
     grad_mask_logits = torch.empty_like(mask_logits) if need_mask_grad else mask_logits.new_empty(0)
+    grad_bias = grad.new_empty(grad.shape[1] if need_bias_grad else 0, dtype=torch.float32)
     matmul_kernels.gated_weight_grad(grad, x, weight, mask_logits, beta, penalty, grad_weight,
-                                     grad_mask_logits if need_mask_grad else None, hard,
-                                     _precision(grad.dtype, grad.device))
-    return grad_weight, grad_mask_logits
+                                     grad_mask_logits if need_mask_grad else None,
+                                     grad_bias if need_bias_grad else None, hard, _precision(grad.dtype, grad.device))
+    return grad_weight, grad_mask_logits, grad_bias
 
 
 EAGER = SimpleNamespace(gate=_gate_impl, gate_backward=_gate_backward_impl, linear=_linear_impl,
@@ -125,13 +128,14 @@ def _linear_backward(ops, ctx, grad):
     grad_x = grad_weight = grad_mask_logits = grad_bias = None
     if need_x:
         grad_x = ops.linear_grad_input(grad, weight, mask_logits, beta, ctx.hard, x.dtype)
-    if need_w or (need_s and not ctx.hard):
-        grad_weight, grad_mask_logits = ops.linear_grad_weight(
-            grad, x, weight, mask_logits, beta, ctx.hard, ctx.penalty, bool(need_s))
+    if need_w or (need_s and not ctx.hard):  # dL/db beside them, from the G tiles the GEMM loads
+        grad_weight, grad_mask_logits, grad_bias = ops.linear_grad_weight(
+            grad, x, weight, mask_logits, beta, ctx.hard, ctx.penalty, bool(need_s), bool(need_b))
         grad_weight = grad_weight if need_w else None
         grad_mask_logits = grad_mask_logits if need_s and not ctx.hard else None
-    if need_b:
-        grad_bias = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    elif need_b:
+        grad_bias = grad.sum(0, dtype=torch.float32)
+    grad_bias = grad_bias.to(ctx.bias_dtype) if need_b else None
     return grad_x, grad_weight, grad_mask_logits, None, grad_bias, None, None, None
 
 
@@ -304,14 +308,16 @@ def _(grad, weight, mask_logits, beta, hard, dtype):
 @torch.library.custom_op("csext::triton_gated_linear_grad_weight", mutates_args=())
 def triton_gated_linear_grad_weight(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                                     mask_logits: torch.Tensor, beta: torch.Tensor, hard: bool, penalty: float,
-                                    need_mask_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _linear_grad_weight_impl(grad, x, weight, mask_logits, beta, hard, penalty, need_mask_grad)
+                                    need_mask_grad: bool, need_bias_grad: bool
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _linear_grad_weight_impl(grad, x, weight, mask_logits, beta, hard, penalty, need_mask_grad, need_bias_grad)
 
 
 @triton_gated_linear_grad_weight.register_fake
-def _(grad, x, weight, mask_logits, beta, hard, penalty, need_mask_grad):
+def _(grad, x, weight, mask_logits, beta, hard, penalty, need_mask_grad, need_bias_grad):
     grad_mask_logits = torch.empty_like(mask_logits) if need_mask_grad and not hard else mask_logits.new_empty(0)
-    return torch.empty_like(weight, memory_format=torch.contiguous_format), grad_mask_logits
+    grad_bias = grad.new_empty(grad.shape[1] if need_bias_grad else 0, dtype=torch.float32)
+    return torch.empty_like(weight, memory_format=torch.contiguous_format), grad_mask_logits, grad_bias
 
 
 COMPILED = SimpleNamespace(gate=triton_gate, gate_backward=triton_gate_backward, linear=triton_gated_linear,

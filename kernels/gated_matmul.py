@@ -3,7 +3,7 @@
     forward      y   = x @ w_eff^T + b   each (w, s) tile is gated as it is loaded
     input grad   dx  = G @ w_eff         the same kernel, on the transposed weight
     weight grad  dL/dw = (G^T x) * m,  dL/ds = beta * m * (1 - m) * ((G^T x) * w + lam)
-                 from the epilogue of the G^T @ x GEMM
+                 from the epilogue of the G^T @ x GEMM, and dL/db = sum of G's rows beside it
 
 so neither w_eff nor dL/dw_eff is ever written to memory. The gate is computed in float32 and
 cast to the compute dtype for `tl.dot`; accumulation is float32. Under autocast the activations
@@ -116,16 +116,18 @@ def gated_matmul_kernel(
 
 @triton.jit
 def gated_weight_grad_kernel(
-    grad_ptr, x_ptr, w_ptr, s_ptr, grad_w_ptr, grad_s_ptr, beta_ptr,
+    grad_ptr, x_ptr, w_ptr, s_ptr, grad_w_ptr, grad_s_ptr, grad_b_ptr, beta_ptr,
     M, N, K,
     stride_gm, stride_gn, stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk,
     penalty,
-    HARD: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    HARD: tl.constexpr, NEED_WEIGHT: tl.constexpr, NEED_MASK: tl.constexpr, NEED_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
 ):
     """D = grad[M, N]^T @ x[M, K] tile by tile, in grad's dtype (x's tiles cast to it); the
     epilogue writes dL/dw = D * m (w's dtype and strides) and, for a soft mask,
-    dL/ds = beta * m * (1 - m) * (D * w + penalty) (s's)."""
+    dL/ds = beta * m * (1 - m) * (D * w + penalty) (s's). With NEED_BIAS the programs of the
+    first column of tiles also write dL/db[N] = the float32 sum of grad's rows (bias's dtype)."""
     pid_n, pid_k = _tile_ids(N, K, BLOCK_W, BLOCK_K, GROUP)
     offs_n = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -133,13 +135,19 @@ def gated_weight_grad_kernel(
     g_ptrs = grad_ptr + offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
     acc = tl.zeros((BLOCK_W, BLOCK_K), dtype=tl.float32)
+    grad_b = tl.zeros((BLOCK_W,), dtype=tl.float32)
     for step in range(0, tl.cdiv(M, BLOCK_X)):
         m_inside = offs_m[:, None] < M - step * BLOCK_X
         g = tl.load(g_ptrs, mask=m_inside & (offs_n[None, :] < N), other=0.0)
         x = tl.load(x_ptrs, mask=m_inside & (offs_k[None, :] < K), other=0.0).to(g.dtype)
         acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
+        if NEED_BIAS:  # the G tile is loaded already: its column sums cost no memory traffic
+            grad_b += tl.sum(g.to(tl.float32), axis=0)
         g_ptrs += BLOCK_X * stride_gm
         x_ptrs += BLOCK_X * stride_xm
+    if NEED_BIAS:
+        if pid_k == 0:
+            tl.store(grad_b_ptr + offs_n, grad_b.to(grad_b_ptr.dtype.element_ty), mask=offs_n < N)
     inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     rows_n = offs_n.to(tl.int64)[:, None]
     s = tl.load(s_ptr + rows_n * stride_sn + offs_k[None, :] * stride_sk, mask=inside, other=0.0)
@@ -193,25 +201,27 @@ def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision:
 
 
 def gated_weight_grad(grad, x, weight, mask_logits, beta, penalty: float, grad_weight, grad_mask_logits,
-                      hard: bool, precision: str) -> None:
-    """grad_weight = (grad^T @ x) * m and, unless hard, grad_mask_logits (SPEC section 1); either
-    may be None when not needed. The GEMM runs in grad's dtype, whatever x's. The outputs have
-    the strides of weight and mask_logits."""
+                      grad_bias, hard: bool, precision: str) -> None:
+    """grad_weight = (grad^T @ x) * m, unless hard grad_mask_logits (SPEC section 1), and
+    grad_bias = grad.sum(0) (summed in float32); any may be None when not needed. The GEMM runs
+    in grad's dtype, whatever x's. The outputs have the strides of weight and mask_logits."""
     (M, N), K = grad.shape, x.shape[1]
-    if N == 0 or K == 0:
-        return
     need_weight, need_mask = grad_weight is not None, grad_mask_logits is not None and not hard
-    if M == 0:  # no rows: D = 0
+    need_bias = grad_bias is not None
+    if M == 0 or N == 0 or K == 0:  # no rows: D = 0; no weights: nothing but dL/db
         if need_weight:
             grad_weight.zero_()
         if need_mask:
             grad_mask_logits.copy_(penalty * beta * _slope(mask_logits, beta))
+        if need_bias:
+            grad_bias.copy_(grad.sum(0, dtype=torch.float32))
         return
-    placeholder = grad_weight if grad_weight is not None else grad_mask_logits
+    placeholder = next(t for t in (grad_weight, grad_mask_logits, grad_bias) if t is not None)
     tensors = (grad, x, weight, mask_logits, grad_weight if need_weight else placeholder,
-               grad_mask_logits if need_mask else placeholder, beta)
+               grad_mask_logits if need_mask else placeholder, grad_bias if need_bias else placeholder, beta)
     ints = (M, N, K, *grad.stride(), *x.stride(), *weight.stride(), *mask_logits.stride())
-    flags = dict(HARD=hard, NEED_WEIGHT=need_weight, NEED_MASK=need_mask, PRECISION=precision, **_CONFIG)
+    flags = dict(HARD=hard, NEED_WEIGHT=need_weight, NEED_MASK=need_mask, NEED_BIAS=need_bias, PRECISION=precision,
+                 **_CONFIG)
     _launch_weight_grad(_tile_grid(N, K, "BLOCK_W", "BLOCK_K"), tensors, ints, (float(penalty),), flags)
 
 

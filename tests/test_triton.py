@@ -47,6 +47,25 @@ def test_fused_linear_matches_torch_backend(dtype, hard, shape):
     _compare(op, tensors, dtype, x_shape[:-1] + (n,))
 
 
+@pytest.mark.parametrize("frozen", ["nothing", "w", "w and s", "everything but b"])
+@pytest.mark.parametrize("rows", [0, 1, 70])
+def test_fused_bias_gradient(frozen, rows):
+    """dL/db from the weight-gradient GEMM's G tiles (the first column of programs writes it),
+    or, with w and s frozen, summed on its own; no rows give zeros."""
+    w = torch.randn(75, 40, device=DEVICE)
+    leaves = {"x": torch.randn(rows, 40, device=DEVICE), "w": w, "s": mask_logits_like(w).to(DEVICE),
+              "b": torch.randn(75, device=DEVICE)}
+    needs = {"nothing": "xwsb", "w": "xsb", "w and s": "xb", "everything but b": "b"}[frozen]
+    leaves = {name: t.requires_grad_(name in needs) for name, t in leaves.items()}
+    grad_out = torch.randn(rows, 75, device=DEVICE)
+    results = []
+    for backend in ("triton", "torch"):
+        y = CF.gated_linear(leaves["x"], leaves["w"], leaves["s"], 2.0, leaves["b"], penalty=0.01, backend=backend)
+        results.append(torch.autograd.grad(y, [leaves[name] for name in needs], grad_out))
+    for name, got, want in zip(needs, *results):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("fused_max_rows", [0, 4096])
 @pytest.mark.parametrize("mask_scale", [1.0, 1.7])
 def test_both_linear_paths_with_bias_and_mask_scale(monkeypatch, fused_max_rows, mask_scale):
@@ -444,8 +463,9 @@ def test_opcheck_triton_ops():
     torch.library.opcheck(_triton.triton_gated_linear, (x, w, s, beta, None, False, 0.01, half))  # autocast's
     torch.library.opcheck(_triton.triton_gated_linear_grad_input, (g, w, s, beta, True, torch.float32))
     torch.library.opcheck(_triton.triton_gated_linear_grad_input, (g.to(half), w, s, beta, False, torch.float32))
-    torch.library.opcheck(_triton.triton_gated_linear_grad_weight, (g.to(half), x, w, s, beta, False, 0.01, True))
-    torch.library.opcheck(_triton.triton_gated_linear_grad_weight, (g, x, w, s, beta, False, 0.01, True))
+    torch.library.opcheck(_triton.triton_gated_linear_grad_weight, (g, x, w, s, beta, False, 0.01, True, True))
+    torch.library.opcheck(_triton.triton_gated_linear_grad_weight, (g, x, w, s, beta, True, 0.01, True, False))
+    torch.library.opcheck(_triton.triton_gated_linear_grad_weight, (g.to(half), x, w, s, beta, False, 0.01, True, True))
 
 
 def test_float64_is_refused_with_a_clear_error():

@@ -128,8 +128,9 @@ def _check_all():
                                    PRECISION="ieee", DOT_DTYPE=mm._TRITON_DTYPES[dot_dtype], **mm._CONFIG))
                 for hard in (False, True):
                     seen.add(check(mm._launch_weight_grad, mm._tile_grid(n, k, "BLOCK_W", "BLOCK_K"),
-                                   (o, x, w, s, w, s, beta), (m, n, k, *strides), (1e-4,), HARD=hard,
-                                   NEED_WEIGHT=True, NEED_MASK=not hard, PRECISION="tf32", **mm._CONFIG))
+                                   (o, x, w, s, w, s, o, beta), (m, n, k, *strides), (1e-4,), HARD=hard,
+                                   NEED_WEIGHT=True, NEED_MASK=not hard, NEED_BIAS=not hard, PRECISION="tf32",
+                                   **mm._CONFIG))
     assert len(seen) > 40, f"the calls reached only {len(seen)} binaries"
 
     # A profiler's launch hook still sees the launches that skip Triton.
