@@ -4,7 +4,6 @@
 
     python bench/triton_launch.py                  # no GPU: Triton's Python only (see below)
     python bench/triton_launch.py --device cuda    # real launches of tiny kernels
-    python bench/triton_launch.py --autocast bf16  # the layers' forward under autocast, x float32
 
 On CUDA the kernels run on tiny tensors, so each launch costs what its host code costs. Without
 a GPU the script installs a stand-in driver, and a compiled kernel whose launch does nothing
@@ -137,10 +136,12 @@ SETTINGS = [("Triton, Python checks", False, False), ("Launcher, Python checks",
             ("Launcher, C checks", True, True)]
 
 
-def layer_calls(device, autocast=None):
+def layer_calls(device):
     """name|setting -> forward+backward of csext.functional.gated_linear on the triton backend,
-    its two paths, and of gated_conv2d, in each of SETTINGS; and of F.linear (the floor). With
-    `autocast` (a dtype) every forward runs under torch.autocast, x and the weights float32."""
+    its two paths, and of gated_conv2d, in each of SETTINGS; and of F.linear (the floor). Then
+    the fused linear as the GPU benchmark calls it (a bias, the forward under bf16 autocast, x
+    float32) in the last setting, and on CUDA F.linear so too (on the CPU autocast's F.linear
+    computes in bf16, which is not host time)."""
     import torch.nn.functional as F
 
     from csext import functional as CF
@@ -151,6 +152,7 @@ def layer_calls(device, autocast=None):
     c_checks, fused_max_rows = CF._EAGER, CF.TRITON_FUSED_MAX_ROWS
     x = torch.randn(4, 8, device=device, requires_grad=True)
     w = torch.randn(8, 8, device=device, requires_grad=True)
+    b = torch.randn(8, device=device, requires_grad=True)
     s = torch.randn(8, 8, device=device, requires_grad=True)
     xc = torch.randn(1, 4, 6, 6, device=device, requires_grad=True)
     wc = torch.randn(4, 4, 3, 3, device=device, requires_grad=True)
@@ -159,20 +161,24 @@ def layer_calls(device, autocast=None):
     def run(path):
         if path == "gate + F.conv2d":
             return CF.gated_conv2d(xc, wc, sc, 4.0, None, 1, 1, penalty=1e-4, backend="triton")
+        if path == "fused, autocast, bias":
+            with torch.autocast(device, dtype=torch.bfloat16):
+                return CF.gated_linear(x, w, s, 4.0, b, penalty=1e-4, backend="triton")
         return CF.gated_linear(x, w, s, 4.0, penalty=1e-4, backend="triton")
 
-    def forward(fn, *args):
-        with torch.autocast(device, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-            return fn(*args)
+    def dense_autocast_bias():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            y = F.linear(x, w, b)
+        y.sum().backward()
 
     def layer(path, use_launcher, use_c_checks):
         def call():
             for launcher in launchers:
                 launcher.compiled = use_launcher  # False: every launch through kernel[grid](...)
             CF._EAGER = c_checks if use_c_checks else None
-            CF.TRITON_FUSED_MAX_ROWS = fused_max_rows if path == "fused linear" else 0
+            CF.TRITON_FUSED_MAX_ROWS = fused_max_rows if path.startswith("fused") else 0
             try:
-                forward(run, path).sum().backward()
+                run(path).sum().backward()
             finally:
                 for launcher in launchers:
                     launcher.compiled = True
@@ -181,7 +187,10 @@ def layer_calls(device, autocast=None):
 
     calls = {f"{path}|{setting}": layer(path, *flags)
              for path in ("fused linear", "gate + F.linear", "gate + F.conv2d") for setting, *flags in SETTINGS}
-    calls["F.linear (dense)|"] = lambda: forward(F.linear, x, w).sum().backward()
+    calls["F.linear (dense)|"] = lambda: F.linear(x, w).sum().backward()
+    calls["fused, autocast, bias|Launcher, C checks"] = layer("fused, autocast, bias", True, True)
+    if device == "cuda":
+        calls["F.linear, autocast, bias|"] = dense_autocast_bias
     return calls
 
 
@@ -209,8 +218,6 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--calls", type=int, default=500, help="calls per sample")
-    parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None,
-                        help="the layer rows' forwards under torch.autocast in this dtype (x and weights float32)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
@@ -228,12 +235,11 @@ def main(argv=None) -> int:
     for name in pairs:
         through, cached = times[f"{name}|triton"], times[f"{name}|launcher"]
         print(f"  {name:18s} {through:7.2f} us  {cached:7.2f} us  ({through / cached:.1f}x)")
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.autocast)
     print("host time of a forward+backward (median us) on the triton backend: csext.functional.gated_linear's\n"
           "two paths, x (4, 8) and w (8, 8), and gated_conv2d, x (1, 4, 6, 6) and w (4, 4, 3, 3):\n"
-          f"{'; '.join(name for name, *_ in SETTINGS)}; and F.linear's"
-          + (f"; forwards under autocast ({args.autocast})" if autocast else ""))
-    times = timed(layer_calls(args.device, autocast), args.repeats, max(1, args.calls // 5), args.device)
+          f"{'; '.join(name for name, *_ in SETTINGS)}; and F.linear's. Then with a bias and the forward\n"
+          "under bf16 autocast (x float32), in the last setting (and, on CUDA, F.linear so too)")
+    times = timed(layer_calls(args.device), args.repeats, max(1, args.calls // 5), args.device)
     for name in dict.fromkeys(key.split("|")[0] for key in times):
         row = [times[key] for key in times if key.split("|")[0] == name]
         print(f"  {name:22s}" + "".join(f" {us:7.1f} us" for us in row))

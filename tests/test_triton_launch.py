@@ -37,7 +37,8 @@ def test_bench_script_runs_without_a_gpu():
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "triton_launch.py"), "--repeats", "3", "--calls", "20"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    for row in ("gate forward", "fused matmul", "weight gradient", "fused linear", "gate + F.conv2d", "F.linear"):
+    for row in ("gate forward", "fused matmul", "weight gradient", "fused linear", "gate + F.conv2d", "F.linear",
+                "fused, autocast, bias"):
         assert row in run.stdout, row
 
 
