@@ -13,10 +13,12 @@ autograd registrations (no graph break, opcheck-clean):
 
 In eager mode they call them through torch.autograd.Function, which costs a fraction of a
 custom op's Python dispatch per call (under torch.func's transforms, through twins of those
-Functions written as the transforms require, with vmap rules). Both routes share one backward
-(`_gate_backward`, `_linear_backward`), handed the op set to call; with grad mode on in it
-(create_graph=True, torch.func) it builds the gradients from csext.reference in torch ops
-instead, differentiable again. Under autocast the fused linear takes x uncast, in any float
+Functions written as the transforms require, with vmap rules). The fused linear layer goes
+further: its forward launches its GEMM here, and csext._C makes the output that of a C++ node
+(csrc/triton_node.cpp) whose backward calls back into this module, with less Python per call
+than a Function's. Every route shares one backward (`_gate_backward`, `_linear_grads`), handed
+the op set to call; with grad mode on in it (create_graph=True, torch.func) it builds the
+gradients from csext.reference in torch ops instead, differentiable again. Under autocast the fused linear takes x uncast, in any float
 dtype, with the compute dtype beside it: its GEMMs cast x's tiles, and dL/dx comes back in x's
 dtype, so the layer needs no cast of x and no autograd node for one. beta travels as a 0-dim
 float32 tensor on the tensors' device (see device_beta). The kernels launch through
@@ -31,6 +33,9 @@ import torch
 from . import _ops, reference
 from .kernels import gate as gate_kernels
 from .kernels import gated_matmul as matmul_kernels
+
+_C = _ops._C if _ops.extension_loaded() else None
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 def device_beta(beta: float, device: torch.device) -> torch.Tensor:
     """beta as the kernels read it: a 0-dim float32 tensor on `device` (see _ops.beta_tensor).
@@ -79,8 +84,8 @@ def _linear_impl(x, weight, mask_logits, beta, bias, hard: bool, penalty: float,
 def _linear_grad_input_impl(grad, weight, mask_logits, beta, hard: bool, dtype: torch.dtype):
     """dL/dx = G (M, N) @ (w * m) (N, K), computed in G's dtype and stored in x's, `dtype`."""
     out = grad.new_empty((grad.shape[0], weight.shape[1]), dtype=dtype)
-    matmul_kernels.gated_matmul(grad, weight.t(), mask_logits.t(), beta, None, out, hard,
-                                _precision(grad.dtype, grad.device), grad.dtype)
+    matmul_kernels.gated_matmul(grad, weight, mask_logits, beta, None, out, hard,
+                                _precision(grad.dtype, grad.device), grad.dtype, transposed=True)
     return out
 
 
@@ -120,23 +125,43 @@ def _gate_backward(ops, ctx, grad):
     return grad_weight, grad_mask_logits, None, None, None, None
 
 
-def _linear_backward(ops, ctx, grad):
-    x, weight, mask_logits, beta = ctx.saved_tensors
+def _linear_grads(ops, grad, x, weight, mask_logits, beta, hard: bool, penalty: float, bias_dtype, needs):
+    """(dL/dx, dL/dw, dL/ds, dL/db) of the fused layer, each None where `needs` (x, w, s, bias)
+    wants none; s gets none under the hard mask."""
     if torch.is_grad_enabled():
-        return _linear_backward_with_graph(ctx, grad, x, weight, mask_logits, beta)
-    need_x, need_w, need_s, _, need_b = ctx.needs_input_grad[:5]
+        return _linear_grads_with_graph(grad, x, weight, mask_logits, beta, hard, penalty, bias_dtype, needs)
+    need_x, need_w, need_s, need_b = needs
     grad_x = grad_weight = grad_mask_logits = grad_bias = None
     if need_x:
-        grad_x = ops.linear_grad_input(grad, weight, mask_logits, beta, ctx.hard, x.dtype)
-    if need_w or (need_s and not ctx.hard):  # dL/db beside them, from the G tiles the GEMM loads
+        grad_x = ops.linear_grad_input(grad, weight, mask_logits, beta, hard, x.dtype)
+    if need_w or (need_s and not hard):  # dL/db beside them, from the G tiles the GEMM loads
         grad_weight, grad_mask_logits, grad_bias = ops.linear_grad_weight(
-            grad, x, weight, mask_logits, beta, ctx.hard, ctx.penalty, bool(need_s), bool(need_b))
+            grad, x, weight, mask_logits, beta, hard, penalty, bool(need_s), bool(need_b))
         grad_weight = grad_weight if need_w else None
-        grad_mask_logits = grad_mask_logits if need_s and not ctx.hard else None
+        grad_mask_logits = grad_mask_logits if need_s and not hard else None
     elif need_b:
         grad_bias = grad.sum(0, dtype=torch.float32)
-    grad_bias = grad_bias.to(ctx.bias_dtype) if need_b else None
+    if not need_b:
+        grad_bias = None
+    elif grad_bias.dtype != bias_dtype:  # summed in float32
+        grad_bias = grad_bias.to(bias_dtype)
+    return grad_x, grad_weight, grad_mask_logits, grad_bias
+
+
+def _linear_backward(ops, ctx, grad):
+    """_linear_grads, as the Functions and the custom op return them."""
+    x, weight, mask_logits, beta = ctx.saved_tensors
+    need_x, need_w, need_s, _, need_b = ctx.needs_input_grad[:5]
+    grad_x, grad_weight, grad_mask_logits, grad_bias = _linear_grads(
+        ops, grad, x, weight, mask_logits, beta, ctx.hard, ctx.penalty, ctx.bias_dtype, (need_x, need_w, need_s, need_b))
     return grad_x, grad_weight, grad_mask_logits, None, grad_bias, None, None, None
+
+
+def _linear_node_backward(compiled, grad, x, weight, mask_logits, beta, hard, penalty, bias_dtype, needs):
+    """The backward of csext._C's node for the layer (eager route), through the custom ops where
+    compiled autograd traces it."""
+    return _linear_grads(COMPILED if compiled else _ops_now(), grad, x, weight, mask_logits, beta, hard, penalty,
+                         bias_dtype, needs)
 
 
 # With grad mode on in a backward (create_graph=True: a loss on gradients, a Hessian-vector
@@ -151,21 +176,21 @@ def _gate_backward_with_graph(ctx, grad, weight, mask_logits, beta):
     return grad_weight if need_w else None, grad_mask_logits if need_s else None, None, None, None, None
 
 
-def _linear_backward_with_graph(ctx, grad, x, weight, mask_logits, beta):
+def _linear_grads_with_graph(grad, x, weight, mask_logits, beta, hard, penalty, bias_dtype, needs):
     """The fused layer's gradients as those of the reference gate then the matmul. dL/dx takes a
     gate without penalty: a loss on dL/dx that passes back through this layer's own node has lam
     added there, once, as on the torch backend."""
-    need_x, need_w, need_s, _, need_b = ctx.needs_input_grad[:5]
+    need_x, need_w, need_s, need_b = needs
     grad_x = grad_weight = grad_mask_logits = grad_bias = None
     if need_x:
-        grad_x = grad.matmul(reference.gate(weight, mask_logits, beta, ctx.hard, 0.0, grad.dtype)).to(x.dtype)
+        grad_x = grad.matmul(reference.gate(weight, mask_logits, beta, hard, 0.0, grad.dtype)).to(x.dtype)
     if need_w or need_s:
         grad_weight, grad_mask_logits = reference.gate_grads(
-            grad.t().matmul(x.to(grad.dtype)), weight, mask_logits, beta, ctx.hard, ctx.penalty)
+            grad.t().matmul(x.to(grad.dtype)), weight, mask_logits, beta, hard, penalty)
         grad_weight, grad_mask_logits = grad_weight if need_w else None, grad_mask_logits if need_s else None
     if need_b:
-        grad_bias = grad.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-    return grad_x, grad_weight, grad_mask_logits, None, grad_bias, None, None, None
+        grad_bias = grad.sum(0, dtype=torch.float32).to(bias_dtype)
+    return grad_x, grad_weight, grad_mask_logits, grad_bias
 
 
 def _gate_setup(ctx, inputs, output):
@@ -327,6 +352,8 @@ COMPILED = SimpleNamespace(gate=triton_gate, gate_backward=triton_gate_backward,
 triton_gate.register_autograd(lambda ctx, grad: _gate_backward(COMPILED, ctx, grad), setup_context=_gate_setup)
 triton_gated_linear.register_autograd(lambda ctx, grad: _linear_backward(COMPILED, ctx, grad),
                                       setup_context=_linear_setup)
+if _C is not None:
+    _C.set_triton_linear_backward(_linear_node_backward)
 
 
 # --- entry points ---------------------------------------------------------------------------------
@@ -345,5 +372,13 @@ def gated_linear(x, weight, mask_logits, beta, bias, hard: bool, penalty: float,
     differentiable; x in that dtype or, under autocast, in one autocast would cast to it."""
     if torch.compiler.is_compiling():
         return triton_gated_linear(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
-    function = _LinearFunctionForTransforms if torch._C._are_functorch_transforms_active() else _LinearFunction
-    return function.apply(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
+    if torch._C._are_functorch_transforms_active():
+        return _LinearFunctionForTransforms.apply(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
+    if _C is None:
+        return _LinearFunction.apply(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
+    # As _LinearFunction, with csext._C's node in place of the Function's: less Python per call.
+    # Tensors left behind by an ended torch.func transform are unwrapped, as Function.apply does.
+    x, weight, mask_logits = _unwrap_if_dead(x), _unwrap_if_dead(weight), _unwrap_if_dead(mask_logits)
+    bias = _unwrap_if_dead(bias) if bias is not None else None
+    y = _linear_impl(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
+    return _C.triton_linear_node(y, x, weight, mask_logits, beta, bias, hard, penalty)

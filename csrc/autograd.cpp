@@ -29,6 +29,7 @@
 #include <utility>
 #include <vector>
 
+#include "nodes.h"
 #include "op_tags.h"
 
 namespace csext {
@@ -84,20 +85,6 @@ std::pair<at::Tensor, at::Tensor> gate_grads(const at::Tensor& grad, const at::T
   return {needs_weight ? grad_weight : at::Tensor(), grad_mask_logits};
 }
 
-// The pointer type of autograd nodes: std::shared_ptr up to torch 2.11, c10::intrusive_ptr after.
-using NodePtr = decltype(torch::autograd::Edge::function);
-
-template <class T>
-auto make_node() {
-  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
-    // As torch 2.11 makes its nodes: deleteNode (found by ADL, so 2.13 never looks for it)
-    // frees a long graph without deep recursion.
-    return std::shared_ptr<T>(new T(), [](auto* node) { deleteNode(node); });
-  } else {
-    return c10::make_intrusive<T>();
-  }
-}
-
 // Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) at level 0, as ATen's kernels
 // do it. The tangent of w_eff = w * m is w_t * m + w * m'(s) * s_t: the first term is the gate
 // of w_t, the second the mask-logit gradient of gate_backward with s_t as the incoming
@@ -146,33 +133,13 @@ at::Tensor layer_tangent(const at::Tensor& out, const at::Tensor& input, const a
 // torch::autograd::Function node (CppNode: saved_data map, argument wrapping) cost ~15 us more
 // per forward+backward on the 2-core CPU CI machine. Each computes its backward in a static
 // function of its saved state, which apply() calls, and which compiled autograd
-// (torch._dynamo.compiled_autograd) gets as a function of IValues (apply_with_saved).
+// (torch._dynamo.compiled_autograd) gets as a function of IValues (apply_with_saved, through
+// nodes.h's call_compiled).
 
 using torch::autograd::SavedVariable;
 using torch::dynamo::autograd::CompiledNodeArgs;
 using torch::dynamo::autograd::PackedArgs;
 using torch::dynamo::autograd::SwapSavedVariables;
-
-// Binds `functional` into compiled autograd's graph and calls it there on `grads` and `args`,
-// as CppNode does for torch::autograd::Function.
-variable_list call_compiled(const torch::autograd::Node& node, SwapSavedVariables& saved,
-                            const std::string& name, torch::autograd::functional_apply_t functional,
-                            const variable_list& grads, const std::vector<at::IValue>& args) {
-  std::vector<at::TypePtr> schema;
-  schema.reserve(args.size());
-  for (const at::IValue& arg : args) {
-    schema.emplace_back(arg.isTensor() ? at::TensorType::get() : arg.type());
-  }
-  const auto output_metadata = torch::dynamo::autograd::IValuePacker<
-      std::vector<std::optional<torch::autograd::InputMetadata>>>::
-      pack(torch::dynamo::autograd::get_input_metadata(node.next_edges()));
-  const auto& compiler = torch::dynamo::autograd::getPyCompilerInterface();
-  const std::string bound =
-      compiler->bind_function(saved.get_py_compiler(), name, std::move(functional), schema,
-                              /*is_custom_function=*/true, /*is_traceable=*/true);
-  return compiler->call_function(saved.get_py_compiler(), "apply_functional", bound, grads, args,
-                                 output_metadata);
-}
 
 // The node of csext::gate. Saves w and s, never m or w_eff: the backward recomputes the mask
 // in its single pass. Edges: weight, mask_logits.

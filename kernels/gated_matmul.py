@@ -182,11 +182,12 @@ def _tile_grid(rows, cols, row_block, col_block):
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
-def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision: str, dot_dtype: torch.dtype) -> None:
+def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision: str, dot_dtype: torch.dtype,
+                 transposed: bool = False) -> None:
     """out[M, N] = x[M, K] @ (weight * m)[N, K]^T (+ bias), the GEMM in `dot_dtype` (x and out
-    may have others). Any strides: the input gradient G @ (w * m) is this call with weight.t()
-    and mask_logits.t()."""
-    (M, K), N = x.shape, weight.shape[0]
+    may have others), any strides. With `transposed`, weight and mask_logits are read as their
+    transposes, (K, N): the input gradient G @ (w * m), without a view op for each."""
+    (M, K), N = x.shape, weight.shape[1 if transposed else 0]
     if M == 0 or N == 0:
         return
     if K == 0:
@@ -195,7 +196,10 @@ def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision:
     has_bias = bias is not None
     bias = bias.contiguous() if has_bias else out  # the epilogue reads it densely; else a placeholder
     tensors = (x, weight, mask_logits, bias, out, beta)
-    ints = (M, N, K, *x.stride(), *weight.stride(), *mask_logits.stride(), *out.stride())
+    w_strides, s_strides = weight.stride(), mask_logits.stride()
+    if transposed:
+        w_strides, s_strides = w_strides[::-1], s_strides[::-1]
+    ints = (M, N, K, *x.stride(), *w_strides, *s_strides, *out.stride())
     flags = dict(HARD=hard, HAS_BIAS=has_bias, PRECISION=precision, DOT_DTYPE=_TRITON_DTYPES[dot_dtype], **_CONFIG)
     _launch_matmul(_tile_grid(M, N, "BLOCK_X", "BLOCK_W"), tensors, ints, (), flags)
 

@@ -52,9 +52,11 @@ class Launcher:
         binary, grid_xyz, tail = found
         stream = driver.active.get_current_stream(device)
         args = (*tensors, *ints, *floats, *tail)
+        enter_hook = knobs.runtime.launch_enter_hook
+        # launch_metadata is None without an enter hook: skip the call that would say so
+        metadata = None if enter_hook is None else binary.launch_metadata(grid_xyz, stream, *args)
         binary.run(grid_xyz[0], grid_xyz[1], grid_xyz[2], stream, binary.function, binary.packed_metadata,
-                   binary.launch_metadata(grid_xyz, stream, *args), knobs.runtime.launch_enter_hook,
-                   knobs.runtime.launch_exit_hook, *args)
+                   metadata, enter_hook, knobs.runtime.launch_exit_hook, *args)
 
     def _launch_through_triton(self, key, grid, tensors, ints, floats, constexprs) -> None:
         """Launch as Triton does (compiling and autotuning as needed) and keep the binary."""

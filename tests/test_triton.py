@@ -134,6 +134,88 @@ def test_non_contiguous_input_and_gradient():
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-5)
 
 
+def _fused_layer_leaves(requires=("x", "w", "s", "b")):
+    w = torch.randn(9, 13, device=DEVICE)
+    leaves = {"x": torch.randn(6, 13, device=DEVICE), "w": w, "s": mask_logits_like(w).to(DEVICE),
+              "b": torch.randn(9, device=DEVICE)}
+    return {name: t.requires_grad_(name in requires) for name, t in leaves.items()}
+
+
+@pytest.mark.skipif(not csext._ops.extension_loaded(), reason="csext._C is not built")
+@pytest.mark.parametrize("needs", ["xwsb", "xw", "s", "b"])
+@pytest.mark.parametrize("hard", [False, True])
+def test_fused_layer_node_matches_the_function(monkeypatch, needs, hard):
+    """In eager mode the fused layer is csext._C's node (csrc/triton_node.cpp), its backward in
+    Python; without csext._C, an autograd.Function. Both give the same output and gradients.
+    Under the hard mask s takes no gradient, and has no edge in the node."""
+    from csext import _triton
+
+    results = {}
+    for route in ("node", "function"):
+        if route == "function":
+            monkeypatch.setattr(_triton, "_C", None)
+        torch.manual_seed(0)
+        leaves = _fused_layer_leaves(needs)
+        y = CF.gated_linear(leaves["x"], leaves["w"], leaves["s"], 2.5, leaves["b"], hard=hard, penalty=0.1,
+                            backend="triton")
+        if route == "node":
+            wants_grad = any(name in needs for name in ("xwb" if hard else "xwsb"))
+            assert y.requires_grad == wants_grad
+            if wants_grad:
+                assert y.grad_fn.name() == "csext::TritonGatedLinearBackward"
+                edges = [f is not None for f, _ in y.grad_fn.next_functions]
+                assert edges == [name in needs and not (hard and name == "s") for name in "xwsb"]
+        if y.requires_grad:
+            y.square().sum().backward()
+        results[route] = [y.detach()] + [leaves[name].grad for name in "xwsb"]
+    for i, (a, b) in enumerate(zip(results["node"], results["function"])):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not csext._ops.extension_loaded(), reason="csext._C is not built")
+def test_fused_layer_node_keeps_autograd_contracts(monkeypatch):
+    """The node saves x, w and s as save_for_backward does: through saved-tensor hooks, checked
+    for in-place changes, freed after the backward; an error in its Python backward reaches the
+    caller; forward-mode AD is refused by name."""
+    from torch.autograd import forward_ad
+
+    from csext import _triton
+
+    def call(leaves, **kwargs):
+        return CF.gated_linear(leaves["x"], leaves["w"], leaves["s"], 2.0, leaves["b"], penalty=0.1,
+                               backend="triton", **kwargs)
+
+    packed = []
+    leaves = _fused_layer_leaves()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        y = call(leaves)
+    assert sorted(id(t) for t in packed) == sorted(id(leaves[name]) for name in "xws")
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
+
+    y = call(leaves)
+    with torch.no_grad():
+        leaves["x"].mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+    def fail(*args):
+        raise ValueError("from the backward")
+
+    monkeypatch.setattr(_triton, "_linear_grads", fail)
+    with pytest.raises(ValueError, match="from the backward"):
+        call(leaves).sum().backward()
+
+    leaves = _fused_layer_leaves(requires=())
+    with forward_ad.dual_level():
+        leaves["x"] = forward_ad.make_dual(leaves["x"], torch.ones_like(leaves["x"]))
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            call(leaves)
+
+
 @pytest.fixture
 def full_fp32():
     """No TF32 in cuDNN's convolutions (on by default) or cuBLAS: the tests that compare float32
