@@ -111,18 +111,31 @@ EAGER = SimpleNamespace(gate=_gate_impl, gate_backward=_gate_backward_impl, line
 # --- one backward per op, for both routes ---------------------------------------------------------
 
 
-def _gate_backward(ops, ctx, grad):
-    weight, mask_logits, beta = ctx.saved_tensors
+def _gate_grads(ops, grad, weight, mask_logits, beta, hard: bool, penalty: float, needs):
+    """(dL/dw, dL/ds) of the gate, None where `needs` (w, s) wants none; s gets none under the
+    hard mask."""
+    need_w, need_s = needs
     if torch.is_grad_enabled():
-        return _gate_backward_with_graph(ctx, grad, weight, mask_logits, beta)
-    grad_weight = grad_mask_logits = None
-    if ctx.hard or not ctx.needs_input_grad[1]:
+        grad_weight, grad_mask_logits = reference.gate_grads(grad, weight, mask_logits, beta, hard, penalty)
+        return grad_weight if need_w else None, grad_mask_logits if need_s else None
+    if hard or not need_s:
         # dL/dw = G * m is the forward with G in place of w; s gets no gradient.
-        if ctx.needs_input_grad[0]:
-            grad_weight = ops.gate(grad, mask_logits, beta, ctx.hard, 0.0, weight.dtype)
-    else:
-        grad_weight, grad_mask_logits = ops.gate_backward(grad, weight, mask_logits, beta, ctx.penalty)
+        return (ops.gate(grad, mask_logits, beta, hard, 0.0, weight.dtype) if need_w else None), None
+    return ops.gate_backward(grad, weight, mask_logits, beta, penalty)
+
+
+def _gate_backward(ops, ctx, grad):
+    """_gate_grads, as the Functions and the custom op return them."""
+    weight, mask_logits, beta = ctx.saved_tensors
+    grad_weight, grad_mask_logits = _gate_grads(ops, grad, weight, mask_logits, beta, ctx.hard, ctx.penalty,
+                                                ctx.needs_input_grad[:2])
     return grad_weight, grad_mask_logits, None, None, None, None
+
+
+def _gate_node_backward(compiled, grad, weight, mask_logits, beta, hard, penalty, needs):
+    """The backward of csext._C's node for the gate (eager route), through the custom ops where
+    compiled autograd traces it."""
+    return _gate_grads(COMPILED if compiled else _ops_now(), grad, weight, mask_logits, beta, hard, penalty, needs)
 
 
 def _linear_grads(ops, grad, x, weight, mask_logits, beta, hard: bool, penalty: float, bias_dtype, needs):
@@ -165,15 +178,9 @@ def _linear_node_backward(compiled, grad, x, weight, mask_logits, beta, hard, pe
 
 
 # With grad mode on in a backward (create_graph=True: a loss on gradients, a Hessian-vector
-# product; and torch.func's grad), the kernels' gradients would have no history: these build them
-# from csext.reference with torch ops instead, differentiable again. torch.compile traces the
-# kernel backwards (grad mode is off there).
-
-
-def _gate_backward_with_graph(ctx, grad, weight, mask_logits, beta):
-    grad_weight, grad_mask_logits = reference.gate_grads(grad, weight, mask_logits, beta, ctx.hard, ctx.penalty)
-    need_w, need_s = ctx.needs_input_grad[:2]
-    return grad_weight if need_w else None, grad_mask_logits if need_s else None, None, None, None, None
+# product; and torch.func's grad), the kernels' gradients would have no history: _gate_grads and
+# this build them from csext.reference with torch ops instead, differentiable again.
+# torch.compile traces the kernel backwards (grad mode is off there).
 
 
 def _linear_grads_with_graph(grad, x, weight, mask_logits, beta, hard, penalty, bias_dtype, needs):
@@ -353,7 +360,7 @@ triton_gate.register_autograd(lambda ctx, grad: _gate_backward(COMPILED, ctx, gr
 triton_gated_linear.register_autograd(lambda ctx, grad: _linear_backward(COMPILED, ctx, grad),
                                       setup_context=_linear_setup)
 if _C is not None:
-    _C.set_triton_linear_backward(_linear_node_backward)
+    _C.set_triton_backwards(_gate_node_backward, _linear_node_backward)
 
 
 # --- entry points ---------------------------------------------------------------------------------
@@ -363,8 +370,14 @@ def gate(weight, mask_logits, beta, hard: bool, penalty: float, dtype: torch.dty
     """w * m in `dtype` (beta a device tensor), differentiable."""
     if torch.compiler.is_compiling():
         return triton_gate(weight, mask_logits, beta, hard, penalty, dtype)
-    function = _GateFunctionForTransforms if torch._C._are_functorch_transforms_active() else _GateFunction
-    return function.apply(weight, mask_logits, beta, hard, penalty, dtype)
+    if torch._C._are_functorch_transforms_active():
+        return _GateFunctionForTransforms.apply(weight, mask_logits, beta, hard, penalty, dtype)
+    if _C is None:
+        return _GateFunction.apply(weight, mask_logits, beta, hard, penalty, dtype)
+    # As _GateFunction, with csext._C's node in place of the Function's (see gated_linear).
+    weight, mask_logits = _unwrap_if_dead(weight), _unwrap_if_dead(mask_logits)
+    return _C.triton_gate_node(_gate_impl(weight, mask_logits, beta, hard, penalty, dtype), weight, mask_logits, beta,
+                               hard, penalty)
 
 
 def gated_linear(x, weight, mask_logits, beta, bias, hard: bool, penalty: float, dtype: torch.dtype):
@@ -377,7 +390,8 @@ def gated_linear(x, weight, mask_logits, beta, bias, hard: bool, penalty: float,
     if _C is None:
         return _LinearFunction.apply(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
     # As _LinearFunction, with csext._C's node in place of the Function's: less Python per call.
-    # Tensors left behind by an ended torch.func transform are unwrapped, as Function.apply does.
+    # Tensors left behind by an ended torch.func transform are unwrapped, as Function.apply does
+    # (beta is csext's own, never one of them).
     x, weight, mask_logits = _unwrap_if_dead(x), _unwrap_if_dead(weight), _unwrap_if_dead(mask_logits)
     bias = _unwrap_if_dead(bias) if bias is not None else None
     y = _linear_impl(x, weight, mask_logits, beta, bias, hard, penalty, dtype)

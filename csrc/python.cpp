@@ -4,12 +4,12 @@
 // that checks the arguments, casts x as autocast would and calls the layer op through the
 // dispatcher, in place of the Python checks and the boxed torch.ops call; and the checks alone
 // (linear_input, conv2d_input) for the triton backend's layers, whose ops are Python; and the
-// autograd node of the triton fused linear layer (triton_node.cpp). A small layer on a GPU runs
-// at the speed of its host code, so these microseconds count (bench/host.py).
+// autograd nodes of the triton gate and fused linear layer (triton_node.cpp). A small layer on a
+// GPU runs at the speed of its host code, so these microseconds count (bench/host.py).
 //
-// They take what csext.functional takes as valid, or less, and never explain: for any other
-// argument they return None, and the Python path runs, which raises the error that names the
-// argument. A tensor subclass or an active __torch_function__ mode also gets None (the Python
+// The fast path's functions take what csext.functional takes as valid, or less, and never
+// explain: for any other argument they return None, and the Python path runs, which raises the
+// error that names the argument. A tensor subclass or an active __torch_function__ mode also gets None (the Python
 // path hands it to __torch_function__); dispatcher-level machinery (autograd, functorch,
 // __torch_dispatch__ modes) sees the same op call either way.
 #include <Python.h>
@@ -262,10 +262,12 @@ PyMethodDef methods[] = {
      METH_FASTCALL, "csext.functional.gated_linear's checks: (x, compute dtype), or None to take the Python path."},
     {"conv2d_input", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&conv2d_input)),
      METH_FASTCALL, "csext.functional.gated_conv2d's checks: x (cast under autocast), or None to take the Python path."},
+    {"triton_gate_node", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&triton_gate_node)),
+     METH_FASTCALL, "The triton gate's output, made that of its autograd node where a gradient is needed."},
     {"triton_linear_node", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&triton_linear_node)),
      METH_FASTCALL, "The triton fused linear layer's output, made that of its autograd node where a gradient is needed."},
-    {"set_triton_linear_backward", &set_triton_linear_backward, METH_O,
-     "Sets the Python backward that the triton fused linear layer's nodes call."},
+    {"set_triton_backwards", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&set_triton_backwards)),
+     METH_FASTCALL, "Sets the Python backwards that the triton nodes call: the gate's, the linear layer's."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -1,12 +1,12 @@
-// The autograd node of the triton backend's fused linear layer (csext/_triton.py).
+// The autograd nodes of the triton backend's gate and fused linear layer (csext/_triton.py).
 //
-// The layer's kernels are launched from Python, forward and backward. In eager mode its
-// forward launches the fused GEMM, then hands the output to triton_linear_node, which makes it
-// the output of this node; the node's backward calls the Python backward that _triton.py set
-// (set_triton_linear_backward). That is the work of a torch.autograd.Function, less its
+// Their kernels are launched from Python, forward and backward. In eager mode the forward
+// launches its kernel, then hands the output to triton_gate_node or triton_linear_node, which
+// make it the output of a node of this file; the node's backward calls the Python backward that
+// _triton.py set (set_triton_backwards). That is the work of a torch.autograd.Function, less its
 // Python: the ctx object, save_for_backward, Function.apply's and the backward's own wrappers.
-// Compiled autograd gets the same Python backward, told to call the layer's custom ops, which
-// it can trace, instead of launching the kernels.
+// Compiled autograd gets the same Python backward, told to call the custom ops, which it can
+// trace, instead of launching the kernels.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -16,9 +16,12 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/autograd/variable.h>
 
 #include <array>
+#include <cstddef>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -36,8 +39,24 @@ using torch::dynamo::autograd::CompiledNodeArgs;
 using torch::dynamo::autograd::PackedArgs;
 using torch::dynamo::autograd::SwapSavedVariables;
 
-// _triton._linear_node_backward; set once, never released (no exit-order issue).
-PyObject* python_backward = nullptr;
+// What sets the two nodes apart. Their Python backwards are called as
+//   backward(compiled, grad, *saved, beta, hard, penalty, [bias dtype,] needs)
+// and return one gradient (or None) per edge; `needs` says which edges want one.
+struct Gate {
+  static constexpr const char* kName = "csext::TritonGateBackward";
+  static constexpr size_t kSaved = 2;  // weight, mask_logits
+  static constexpr size_t kEdges = 2;  // weight, mask_logits
+  static constexpr bool kHasBias = false;
+  static inline PyObject* backward = nullptr;  // _triton._gate_node_backward, never released
+};
+
+struct Linear {
+  static constexpr const char* kName = "csext::TritonGatedLinearBackward";
+  static constexpr size_t kSaved = 3;  // x, weight, mask_logits
+  static constexpr size_t kEdges = 4;  // x, weight, mask_logits, bias
+  static constexpr bool kHasBias = true;
+  static inline PyObject* backward = nullptr;  // _triton._linear_node_backward
+};
 
 struct Gil {
   PyGILState_STATE state = PyGILState_Ensure();
@@ -51,94 +70,112 @@ struct Gil {
   throw std::move(error);
 }
 
-// What the backward reads besides the incoming gradient. Edges: x, weight, mask_logits, bias.
-struct LinearState {
-  at::Tensor input, weight, mask_logits, beta;
+PyObject* new_ref(PyObject* obj) {
+  Py_INCREF(obj);
+  return obj;
+}
+
+// What a backward reads besides the incoming gradient.
+template <class Op>
+struct State {
+  std::array<at::Tensor, Op::kSaved> saved;
+  at::Tensor beta;
   bool hard = false;
   double penalty = 0.0;
   ScalarType bias_type = ScalarType::Float;
-  std::array<bool, 4> needs = {};
+  std::array<bool, Op::kEdges> needs = {};
 
-  // (dL/dx, dL/dw, dL/ds, dL/db) from the Python backward, undefined where it gives None.
+  // One gradient per edge from the Python backward, undefined where it gives None.
   variable_list backward(const at::Tensor& grad, bool compiled) const {
     const Gil gil;
-    PyObject* args = PyTuple_New(10);
-    if (args == nullptr) throw_python_error();
-    PyTuple_SET_ITEM(args, 0, PyBool_FromLong(compiled));
-    PyTuple_SET_ITEM(args, 1, THPVariable_Wrap(grad));
-    PyTuple_SET_ITEM(args, 2, THPVariable_Wrap(input));
-    PyTuple_SET_ITEM(args, 3, THPVariable_Wrap(weight));
-    PyTuple_SET_ITEM(args, 4, THPVariable_Wrap(mask_logits));
-    PyTuple_SET_ITEM(args, 5, THPVariable_Wrap(beta));
-    PyTuple_SET_ITEM(args, 6, PyBool_FromLong(hard));
-    PyTuple_SET_ITEM(args, 7, PyFloat_FromDouble(penalty));
-    PyObject* dtype = reinterpret_cast<PyObject*>(torch::getTHPDtype(bias_type));
-    Py_INCREF(dtype);
-    PyTuple_SET_ITEM(args, 8, dtype);
-    PyTuple_SET_ITEM(args, 9, Py_BuildValue("(OOOO)", needs[0] ? Py_True : Py_False, needs[1] ? Py_True : Py_False,
-                                            needs[2] ? Py_True : Py_False, needs[3] ? Py_True : Py_False));
-    PyObject* result = PyObject_Call(python_backward, args, nullptr);
+    std::vector<PyObject*> items = {PyBool_FromLong(compiled), THPVariable_Wrap(grad)};
+    for (const at::Tensor& t : saved) items.push_back(THPVariable_Wrap(t));
+    items.push_back(THPVariable_Wrap(beta));
+    items.push_back(PyBool_FromLong(hard));
+    items.push_back(PyFloat_FromDouble(penalty));
+    if (Op::kHasBias) items.push_back(new_ref(reinterpret_cast<PyObject*>(torch::getTHPDtype(bias_type))));
+    PyObject* flags = PyTuple_New(Op::kEdges);
+    for (size_t i = 0; flags != nullptr && i < Op::kEdges; ++i) {
+      PyTuple_SET_ITEM(flags, i, PyBool_FromLong(needs[i]));
+    }
+    items.push_back(flags);
+    PyObject* args = PyTuple_New(static_cast<Py_ssize_t>(items.size()));
+    bool complete = args != nullptr;
+    for (size_t i = 0; i < items.size(); ++i) {
+      complete = complete && items[i] != nullptr;
+      if (args != nullptr && items[i] != nullptr) PyTuple_SET_ITEM(args, i, items[i]);  // steals it
+      else Py_XDECREF(items[i]);
+    }
+    if (!complete) {
+      Py_XDECREF(args);
+      throw_python_error();
+    }
+    PyObject* result = PyObject_Call(Op::backward, args, nullptr);
     Py_DECREF(args);
     if (result == nullptr) throw_python_error();
-    variable_list grads(4);
-    const bool four = PyTuple_Check(result) && PyTuple_GET_SIZE(result) == 4;
-    for (Py_ssize_t i = 0; four && i < 4; ++i) {
+    variable_list grads(Op::kEdges);
+    const bool fits = PyTuple_Check(result) && PyTuple_GET_SIZE(result) == static_cast<Py_ssize_t>(Op::kEdges);
+    for (size_t i = 0; fits && i < Op::kEdges; ++i) {
       PyObject* item = PyTuple_GET_ITEM(result, i);
       if (THPVariable_Check(item)) grads[i] = THPVariable_Unpack(item);
     }
     Py_DECREF(result);
-    TORCH_CHECK(four, "csext: the triton linear backward must return 4 gradients");
+    TORCH_CHECK(fits, Op::kName, ": the Python backward must return ", Op::kEdges, " gradients");
     return grads;
   }
 
   void pack(PackedArgs& packed) const {
-    for (const at::Tensor& t : {input, weight, mask_logits, beta}) packed.pack(t);
+    for (const at::Tensor& t : saved) packed.pack(t);
+    packed.pack(beta);
     packed.pack(hard);
     packed.pack(penalty);
     packed.pack(bias_type);
     packed.pack(needs);
   }
 
-  static LinearState unpack(PackedArgs& packed) {
-    LinearState state;
-    for (at::Tensor* t : {&state.input, &state.weight, &state.mask_logits, &state.beta}) {
-      *t = packed.unpack<at::Tensor>();
-    }
+  static State unpack(PackedArgs& packed) {
+    State state;
+    for (at::Tensor& t : state.saved) t = packed.unpack<at::Tensor>();
+    state.beta = packed.unpack<at::Tensor>();
     state.hard = packed.unpack<bool>();
     state.penalty = packed.unpack<double>();
     state.bias_type = packed.unpack<ScalarType>();
-    state.needs = packed.unpack<std::array<bool, 4>>();
+    state.needs = packed.unpack<std::array<bool, Op::kEdges>>();
     return state;
   }
 };
 
-// Saves x, w and s as autograd.Function's save_for_backward would (version checks, saved-tensor
+// Saves its tensors as autograd.Function's save_for_backward would (version checks, saved-tensor
 // hooks), and beta, a 0-dim float32 tensor that takes no gradient, as it is.
-struct TritonGatedLinearBackward : public torch::autograd::Node {
-  SavedVariable input_, weight_, mask_logits_;
+template <class Op>
+struct TritonBackward : public torch::autograd::Node {
+  std::array<SavedVariable, Op::kSaved> saved_;
   at::Tensor beta_;
   bool hard_ = false;
   double penalty_ = 0.0;
   ScalarType bias_type_ = ScalarType::Float;
 
-  std::string name() const override { return "csext::TritonGatedLinearBackward"; }
+  std::string name() const override { return Op::kName; }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    input_.reset_data();
-    weight_.reset_data();
-    mask_logits_.reset_data();
+    for (SavedVariable& v : saved_) v.reset_data();
   }
 
-  LinearState state() const {
-    return {input_.unpack(), weight_.unpack(), mask_logits_.unpack(), beta_, hard_, penalty_, bias_type_,
-            {task_should_compute_output(0), task_should_compute_output(1), task_should_compute_output(2),
-             task_should_compute_output(3)}};
+  State<Op> state() const {
+    State<Op> state;
+    for (size_t i = 0; i < Op::kSaved; ++i) state.saved[i] = saved_[i].unpack();
+    state.beta = beta_;
+    state.hard = hard_;
+    state.penalty = penalty_;
+    state.bias_type = bias_type_;
+    for (size_t i = 0; i < Op::kEdges; ++i) state.needs[i] = task_should_compute_output(i);
+    return state;
   }
 
   variable_list apply(variable_list&& grads) override {
-    if (!grads[0].defined()) return variable_list(4);
-    LinearState state;
+    if (!grads[0].defined()) return variable_list(Op::kEdges);
+    State<Op> state;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       state = this->state();
@@ -147,7 +184,7 @@ struct TritonGatedLinearBackward : public torch::autograd::Node {
   }
 
   void compiled_args(CompiledNodeArgs& args) const override {
-    for (const SavedVariable* v : {&input_, &weight_, &mask_logits_}) args.collect(*v, false);
+    for (const SavedVariable& v : saved_) args.collect(v, false);
     args.collect(beta_);
     args.collect(hard_);
     args.collect(penalty_);
@@ -155,81 +192,115 @@ struct TritonGatedLinearBackward : public torch::autograd::Node {
   }
 
   variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
-    for (SavedVariable* v : {&input_, &weight_, &mask_logits_}) saved.before(*v);
+    for (SavedVariable& v : saved_) saved.before(v);
     saved.before(beta_);
     PackedArgs packed;
     state().pack(packed);
     variable_list result = call_compiled(*this, saved, name(), &functional, grads, packed.vec());
-    for (SavedVariable* v : {&input_, &weight_, &mask_logits_}) saved.after(*v);
+    for (SavedVariable& v : saved_) saved.after(v);
     saved.after(beta_);
     return result;
   }
 
+  // Every edge that takes a gradient gets a tensor, as compiled autograd wants (s has no edge
+  // under the hard mask).
   static variable_list functional(const variable_list& grads, const std::vector<at::IValue>& args) {
     PackedArgs packed(args);
-    const LinearState state = LinearState::unpack(packed);
-    // Every edge that takes a gradient gets a tensor, as compiled autograd wants (s has no edge
-    // under the hard mask).
-    return grads[0].defined() ? state.backward(grads[0], /*compiled=*/true) : variable_list(4);
+    const State<Op> state = State<Op>::unpack(packed);
+    return grads[0].defined() ? state.backward(grads[0], /*compiled=*/true) : variable_list(Op::kEdges);
   }
 };
 
 bool has_tangent(const at::Tensor& t) { return t.defined() && t._fw_grad(/*level=*/0).defined(); }
 
+bool is_tensor(PyObject* obj) { return THPVariable_Check(obj); }
+
+// args[0] (the output) made that of a new TritonBackward<Op> node, which saves `saved` and has
+// one edge per `edges` entry (an undefined tensor: none), where one of them takes a gradient;
+// args[0] itself otherwise.
+template <class Op>
+PyObject* attach(PyObject* const* args, const std::array<at::Tensor, Op::kSaved>& saved,
+                 const std::array<at::Tensor, Op::kEdges>& edges, const at::Tensor& beta, bool hard, double penalty,
+                 ScalarType bias_type) {
+  for (const at::Tensor& t : edges) {
+    TORCH_CHECK_NOT_IMPLEMENTED(!has_tangent(t), "csext: the triton backend's ", Op::kName,
+                                " has no forward-mode AD (jvp); use backend 'torch', 'cpp' or 'cuda' for it");
+  }
+  bool needs_grad = false;
+  for (const at::Tensor& t : edges) needs_grad = needs_grad || (t.defined() && t.requires_grad());
+  if (!needs_grad || !at::GradMode::is_enabled()) return new_ref(args[0]);
+  TORCH_CHECK(Op::backward != nullptr, "csext._C: no backward set for ", Op::kName);
+  auto node = make_node<TritonBackward<Op>>();
+  std::vector<torch::autograd::Edge> next_edges;
+  next_edges.reserve(Op::kEdges);
+  for (const at::Tensor& t : edges) {
+    next_edges.push_back(t.defined() ? torch::autograd::impl::gradient_edge(t) : torch::autograd::Edge());
+  }
+  node->set_next_edges(std::move(next_edges));
+  for (size_t i = 0; i < Op::kSaved; ++i) node->saved_[i] = SavedVariable(saved[i], /*is_output=*/false);
+  node->beta_ = beta;
+  node->hard_ = hard;
+  node->penalty_ = penalty;
+  node->bias_type_ = bias_type;
+  torch::autograd::set_history(THPVariable_Unpack(args[0]), node);
+  return new_ref(args[0]);
+}
+
+// hard and penalty from Python objects; false where one is not a number (a Python error set).
+bool read_flags(PyObject* hard_obj, PyObject* penalty_obj, bool& hard, double& penalty) {
+  const int truth = PyObject_IsTrue(hard_obj);
+  penalty = PyFloat_AsDouble(penalty_obj);
+  hard = truth == 1;
+  return truth != -1 && !(penalty == -1.0 && PyErr_Occurred());
+}
+
 }  // namespace
 
-PyObject* set_triton_linear_backward(PyObject*, PyObject* fn) {
+PyObject* set_triton_backwards(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(PyCallable_Check(fn), "csext._C.set_triton_linear_backward takes a callable");
-  Py_INCREF(fn);
-  Py_XDECREF(python_backward);
-  python_backward = fn;
+  TORCH_CHECK_TYPE(nargs == 2 && PyCallable_Check(args[0]) && PyCallable_Check(args[1]),
+                   "csext._C.set_triton_backwards takes two callables: the gate's and the linear layer's backward");
+  for (PyObject** slot : {&Gate::backward, &Linear::backward}) Py_XDECREF(*slot);
+  Gate::backward = new_ref(args[0]);
+  Linear::backward = new_ref(args[1]);
   Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
+// The hard mask is a step: s takes no gradient through it, and has no edge in either node (as
+// on the torch backend, whose (s > 0) leaves s out of the graph).
+
+PyObject* triton_gate_node(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK_TYPE(nargs == 6 && is_tensor(args[0]) && is_tensor(args[1]) && is_tensor(args[2]) &&
+                       is_tensor(args[3]),
+                   "csext._C.triton_gate_node takes (w_eff, weight, mask_logits, beta, hard, penalty)");
+  bool hard = false;
+  double penalty = 0.0;
+  if (!read_flags(args[4], args[5], hard, penalty)) return nullptr;
+  const at::Tensor& weight = THPVariable_Unpack(args[1]);
+  const at::Tensor& mask_logits = THPVariable_Unpack(args[2]);
+  return attach<Gate>(args, {weight, mask_logits}, {weight, hard ? at::Tensor() : mask_logits},
+                      THPVariable_Unpack(args[3]), hard, penalty, ScalarType::Float);
   END_HANDLE_TH_ERRORS
 }
 
 PyObject* triton_linear_node(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(nargs == 8, "csext._C.triton_linear_node takes 8 arguments, got ", nargs);
-  TORCH_CHECK(python_backward != nullptr, "csext._C.triton_linear_node: no backward set");
-  for (int i : {0, 1, 2, 3, 4}) {
-    TORCH_CHECK_TYPE(THPVariable_Check(args[i]), "csext._C.triton_linear_node: argument ", i, " must be a tensor");
-  }
-  TORCH_CHECK_TYPE(args[5] == Py_None || THPVariable_Check(args[5]),
-                   "csext._C.triton_linear_node: bias must be a tensor or None");
-  const at::Tensor& out = THPVariable_Unpack(args[0]);
+  TORCH_CHECK_TYPE(nargs == 8 && is_tensor(args[0]) && is_tensor(args[1]) && is_tensor(args[2]) &&
+                       is_tensor(args[3]) && is_tensor(args[4]) && (args[5] == Py_None || is_tensor(args[5])),
+                   "csext._C.triton_linear_node takes (y, x, weight, mask_logits, beta, bias or None, hard, "
+                   "penalty)");
+  bool hard = false;
+  double penalty = 0.0;
+  if (!read_flags(args[6], args[7], hard, penalty)) return nullptr;
   const at::Tensor& input = THPVariable_Unpack(args[1]);
   const at::Tensor& weight = THPVariable_Unpack(args[2]);
   const at::Tensor& mask_logits = THPVariable_Unpack(args[3]);
-  std::optional<at::Tensor> bias;
-  if (args[5] != Py_None) bias = THPVariable_Unpack(args[5]);
-  const int hard = PyObject_IsTrue(args[6]);
-  const double penalty = PyFloat_AsDouble(args[7]);
-  if (hard == -1 || (penalty == -1.0 && PyErr_Occurred())) return nullptr;
-  // The hard mask is a step: s takes no gradient through it, and has no edge here (as on the
-  // torch backend, whose (s > 0) leaves s out of the graph).
-  const at::Tensor no_edge;
-  const at::Tensor& mask_edge = hard ? no_edge : mask_logits;
-  TORCH_CHECK_NOT_IMPLEMENTED(
-      !has_tangent(input) && !has_tangent(weight) && !has_tangent(mask_edge) && !(bias && has_tangent(*bias)),
-      "csext: the triton backend's fused linear layer has no forward-mode AD (jvp); use backend "
-      "'torch', 'cpp' or 'cuda' for it");
-  if (!torch::autograd::compute_requires_grad(input, weight, mask_edge, bias)) {
-    Py_INCREF(args[0]);
-    return args[0];
-  }
-  auto node = make_node<TritonGatedLinearBackward>();
-  node->set_next_edges(torch::autograd::collect_next_edges(input, weight, mask_edge, bias));
-  node->input_ = SavedVariable(input, /*is_output=*/false);
-  node->weight_ = SavedVariable(weight, /*is_output=*/false);
-  node->mask_logits_ = SavedVariable(mask_logits, /*is_output=*/false);
-  node->beta_ = THPVariable_Unpack(args[4]);
-  node->hard_ = hard == 1;
-  node->penalty_ = penalty;
-  if (bias) node->bias_type_ = bias->scalar_type();
-  torch::autograd::set_history(out, node);
-  Py_INCREF(args[0]);
-  return args[0];
+  const at::Tensor bias = args[5] == Py_None ? at::Tensor() : THPVariable_Unpack(args[5]);
+  return attach<Linear>(args, {input, weight, mask_logits}, {input, weight, hard ? at::Tensor() : mask_logits, bias},
+                        THPVariable_Unpack(args[4]), hard, penalty,
+                        bias.defined() ? bias.scalar_type() : ScalarType::Float);
   END_HANDLE_TH_ERRORS
 }
 

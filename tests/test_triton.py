@@ -142,29 +142,34 @@ def _fused_layer_leaves(requires=("x", "w", "s", "b")):
 
 
 @pytest.mark.skipif(not csext._ops.extension_loaded(), reason="csext._C is not built")
+@pytest.mark.parametrize("op", ["fused linear", "gate"])
 @pytest.mark.parametrize("needs", ["xwsb", "xw", "s", "b"])
 @pytest.mark.parametrize("hard", [False, True])
-def test_fused_layer_node_matches_the_function(monkeypatch, needs, hard):
-    """In eager mode the fused layer is csext._C's node (csrc/triton_node.cpp), its backward in
-    Python; without csext._C, an autograd.Function. Both give the same output and gradients.
-    Under the hard mask s takes no gradient, and has no edge in the node."""
+def test_nodes_match_the_functions(monkeypatch, op, needs, hard):
+    """In eager mode the gate and the fused layer are nodes of csext._C (csrc/triton_node.cpp),
+    their backwards in Python; without csext._C, autograd.Functions. Both give the same outputs
+    and gradients. Under the hard mask s takes no gradient, and has no edge in the node."""
     from csext import _triton
 
+    edges = "xwsb" if op == "fused linear" else "ws"
     results = {}
     for route in ("node", "function"):
         if route == "function":
             monkeypatch.setattr(_triton, "_C", None)
         torch.manual_seed(0)
         leaves = _fused_layer_leaves(needs)
-        y = CF.gated_linear(leaves["x"], leaves["w"], leaves["s"], 2.5, leaves["b"], hard=hard, penalty=0.1,
-                            backend="triton")
+        if op == "fused linear":
+            y = CF.gated_linear(leaves["x"], leaves["w"], leaves["s"], 2.5, leaves["b"], hard=hard, penalty=0.1,
+                                backend="triton")
+        else:
+            y = CF.gate(leaves["w"], leaves["s"], 2.5, hard=hard, penalty=0.1, backend="triton")
         if route == "node":
-            wants_grad = any(name in needs for name in ("xwb" if hard else "xwsb"))
-            assert y.requires_grad == wants_grad
-            if wants_grad:
-                assert y.grad_fn.name() == "csext::TritonGatedLinearBackward"
-                edges = [f is not None for f, _ in y.grad_fn.next_functions]
-                assert edges == [name in needs and not (hard and name == "s") for name in "xwsb"]
+            wanted = [name in needs and not (hard and name == "s") for name in edges]
+            assert y.requires_grad == any(wanted)
+            if any(wanted):
+                name = "csext::TritonGatedLinearBackward" if op == "fused linear" else "csext::TritonGateBackward"
+                assert y.grad_fn.name() == name
+                assert [f is not None for f, _ in y.grad_fn.next_functions] == wanted
         if y.requires_grad:
             y.square().sum().backward()
         results[route] = [y.detach()] + [leaves[name].grad for name in "xwsb"]
@@ -176,9 +181,10 @@ def test_fused_layer_node_matches_the_function(monkeypatch, needs, hard):
 
 @pytest.mark.skipif(not csext._ops.extension_loaded(), reason="csext._C is not built")
 def test_fused_layer_node_keeps_autograd_contracts(monkeypatch):
-    """The node saves x, w and s as save_for_backward does: through saved-tensor hooks, checked
-    for in-place changes, freed after the backward; an error in its Python backward reaches the
-    caller; forward-mode AD is refused by name."""
+    """The fused layer's node saves x, w and s as save_for_backward does: through saved-tensor
+    hooks, checked for in-place changes, freed after the backward; an error in its Python
+    backward reaches the caller; forward-mode AD is refused by name. (The gate's node is the
+    same C++ template.)"""
     from torch.autograd import forward_ad
 
     from csext import _triton
