@@ -13,12 +13,13 @@ autograd registrations (no graph break, opcheck-clean):
 
 In eager mode they call them through torch.autograd.Function, which costs a fraction of a
 custom op's Python dispatch per call (under torch.func's transforms, through twins of those
-Functions written as the transforms require, with vmap rules). The fused linear layer goes
-further: its forward launches its GEMM here, and csext._C makes the output that of a C++ node
-(csrc/triton_node.cpp) whose backward calls back into this module, with less Python per call
-than a Function's. Every route shares one backward (`_gate_backward`, `_linear_grads`), handed
-the op set to call; with grad mode on in it (create_graph=True, torch.func) it builds the
-gradients from csext.reference in torch ops instead, differentiable again. Under autocast the fused linear takes x uncast, in any float
+Functions written as the transforms require, with vmap rules). Where csext._C is built, the
+eager gate and fused linear layer go further: their forward launches its kernel here, and
+csext._C makes the output that of a C++ node (csrc/triton_node.cpp) whose backward calls back
+into this module, with less Python per call than a Function's. Every route shares one backward
+(`_gate_grads`, `_linear_grads`), handed the op set to call; with grad mode on in it
+(create_graph=True, torch.func) it builds the gradients from csext.reference in torch ops
+instead, differentiable again. Under autocast the fused linear takes x uncast, in any float
 dtype, with the compute dtype beside it: its GEMMs cast x's tiles, and dL/dx comes back in x's
 dtype, so the layer needs no cast of x and no autograd node for one. beta travels as a 0-dim
 float32 tensor on the tensors' device (see device_beta). The kernels launch through
@@ -36,6 +37,7 @@ from .kernels import gated_matmul as matmul_kernels
 
 _C = _ops._C if _ops.extension_loaded() else None
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
 
 def device_beta(beta: float, device: torch.device) -> torch.Tensor:
     """beta as the kernels read it: a 0-dim float32 tensor on `device` (see _ops.beta_tensor).
