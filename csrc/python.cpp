@@ -9,9 +9,9 @@
 //
 // The fast path's functions take what csext.functional takes as valid, or less, and never
 // explain: for any other argument they return None, and the Python path runs, which raises the
-// error that names the argument. A tensor subclass or an active __torch_function__ mode also gets None (the Python
-// path hands it to __torch_function__); dispatcher-level machinery (autograd, functorch,
-// __torch_dispatch__ modes) sees the same op call either way.
+// error that names the argument. A tensor subclass or an active __torch_function__ mode also
+// gets None (the Python path hands it to __torch_function__); dispatcher-level machinery
+// (autograd, functorch, __torch_dispatch__ modes) sees the same op call either way.
 #include <Python.h>
 
 #include <ATen/ATen.h>
