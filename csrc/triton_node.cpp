@@ -44,6 +44,7 @@ using torch::dynamo::autograd::SwapSavedVariables;
 // and return one gradient (or None) per edge; `needs` says which edges want one.
 struct Gate {
   static constexpr const char* kName = "csext::TritonGateBackward";
+  static constexpr const char* kWhat = "gate";
   static constexpr size_t kSaved = 2;  // weight, mask_logits
   static constexpr size_t kEdges = 2;  // weight, mask_logits
   static constexpr bool kHasBias = false;
@@ -52,6 +53,7 @@ struct Gate {
 
 struct Linear {
   static constexpr const char* kName = "csext::TritonGatedLinearBackward";
+  static constexpr const char* kWhat = "fused linear layer";
   static constexpr size_t kSaved = 3;  // x, weight, mask_logits
   static constexpr size_t kEdges = 4;  // x, weight, mask_logits, bias
   static constexpr bool kHasBias = true;
@@ -223,7 +225,7 @@ PyObject* attach(PyObject* const* args, const std::array<at::Tensor, Op::kSaved>
                  const std::array<at::Tensor, Op::kEdges>& edges, const at::Tensor& beta, bool hard, double penalty,
                  ScalarType bias_type) {
   for (const at::Tensor& t : edges) {
-    TORCH_CHECK_NOT_IMPLEMENTED(!has_tangent(t), "csext: the triton backend's ", Op::kName,
+    TORCH_CHECK_NOT_IMPLEMENTED(!has_tangent(t), "csext: the triton backend's ", Op::kWhat,
                                 " has no forward-mode AD (jvp); use backend 'torch', 'cpp' or 'cuda' for it");
   }
   bool needs_grad = false;
@@ -249,9 +251,10 @@ PyObject* attach(PyObject* const* args, const std::array<at::Tensor, Op::kSaved>
 // hard and penalty from Python objects; false where one is not a number (a Python error set).
 bool read_flags(PyObject* hard_obj, PyObject* penalty_obj, bool& hard, double& penalty) {
   const int truth = PyObject_IsTrue(hard_obj);
-  penalty = PyFloat_AsDouble(penalty_obj);
+  if (truth == -1) return false;
   hard = truth == 1;
-  return truth != -1 && !(penalty == -1.0 && PyErr_Occurred());
+  penalty = PyFloat_AsDouble(penalty_obj);
+  return !(penalty == -1.0 && PyErr_Occurred());
 }
 
 }  // namespace
