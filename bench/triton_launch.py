@@ -140,10 +140,12 @@ def layer_calls(device):
     """name|setting -> forward+backward of csext.functional.gated_linear on the triton backend,
     its two paths, and of gated_conv2d, in each of SETTINGS; and of F.linear (the floor). Then
     the fused linear as the GPU benchmark calls it (a bias, the forward under bf16 autocast, x
-    float32) in the last setting, and on CUDA F.linear so too (on the CPU autocast's F.linear
+    float32) in the last setting, once more through the autograd.Function that csext._C's node
+    replaced (as without csext._C), and on CUDA F.linear so too (on the CPU autocast's F.linear
     computes in bf16, which is not host time)."""
     import torch.nn.functional as F
 
+    from csext import _triton
     from csext import functional as CF
     from csext.kernels import gate, gated_matmul
 
@@ -161,7 +163,7 @@ def layer_calls(device):
     def run(path):
         if path == "gate + F.conv2d":
             return CF.gated_conv2d(xc, wc, sc, 4.0, None, 1, 1, penalty=1e-4, backend="triton")
-        if path == "fused, autocast, bias":
+        if path.startswith("fused, autocast, bias"):
             with torch.autocast(device, dtype=torch.bfloat16):
                 return CF.gated_linear(x, w, s, 4.0, b, penalty=1e-4, backend="triton")
         return CF.gated_linear(x, w, s, 4.0, penalty=1e-4, backend="triton")
@@ -171,24 +173,30 @@ def layer_calls(device):
             y = F.linear(x, w, b)
         y.sum().backward()
 
-    def layer(path, use_launcher, use_c_checks):
+    nodes = _triton._C
+
+    def layer(path, use_launcher, use_c_checks, use_node=True):
         def call():
             for launcher in launchers:
                 launcher.compiled = use_launcher  # False: every launch through kernel[grid](...)
             CF._EAGER = c_checks if use_c_checks else None
             CF.TRITON_FUSED_MAX_ROWS = fused_max_rows if path.startswith("fused") else 0
+            _triton._C = nodes if use_node else None  # None: the autograd.Functions
             try:
                 run(path).sum().backward()
             finally:
                 for launcher in launchers:
                     launcher.compiled = True
-                CF._EAGER, CF.TRITON_FUSED_MAX_ROWS = c_checks, fused_max_rows
+                CF._EAGER, CF.TRITON_FUSED_MAX_ROWS, _triton._C = c_checks, fused_max_rows, nodes
         return call
 
     calls = {f"{path}|{setting}": layer(path, *flags)
              for path in ("fused linear", "gate + F.linear", "gate + F.conv2d") for setting, *flags in SETTINGS}
     calls["F.linear (dense)|"] = lambda: F.linear(x, w).sum().backward()
     calls["fused, autocast, bias|Launcher, C checks"] = layer("fused, autocast, bias", True, True)
+    if nodes is not None:
+        calls["fused, autocast, bias, Function|Launcher, C checks"] = layer("fused, autocast, bias", True, True,
+                                                                           use_node=False)
     if device == "cuda":
         calls["F.linear, autocast, bias|"] = dense_autocast_bias
     return calls
@@ -238,11 +246,12 @@ def main(argv=None) -> int:
     print("host time of a forward+backward (median us) on the triton backend: csext.functional.gated_linear's\n"
           "two paths, x (4, 8) and w (8, 8), and gated_conv2d, x (1, 4, 6, 6) and w (4, 4, 3, 3):\n"
           f"{'; '.join(name for name, *_ in SETTINGS)}; and F.linear's. Then with a bias and the forward\n"
-          "under bf16 autocast (x float32), in the last setting (and, on CUDA, F.linear so too)")
+          "under bf16 autocast (x float32), in the last setting, through csext._C's node and through the\n"
+          "autograd.Function it replaced (and, on CUDA, F.linear so too)")
     times = timed(layer_calls(args.device), args.repeats, max(1, args.calls // 5), args.device)
     for name in dict.fromkeys(key.split("|")[0] for key in times):
         row = [times[key] for key in times if key.split("|")[0] == name]
-        print(f"  {name:22s}" + "".join(f" {us:7.1f} us" for us in row))
+        print(f"  {name:32s}" + "".join(f" {us:7.1f} us" for us in row))
     return 0
 
 
