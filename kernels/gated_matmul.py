@@ -141,8 +141,11 @@ def gated_weight_grad_kernel(
         g = tl.load(g_ptrs, mask=m_inside & (offs_n[None, :] < N), other=0.0)
         x = tl.load(x_ptrs, mask=m_inside & (offs_k[None, :] < K), other=0.0).to(g.dtype)
         acc = tl.dot(tl.trans(g), x, acc, input_precision=PRECISION)
-        if NEED_BIAS:  # the G tile is loaded already: its column sums cost no memory traffic
-            grad_b += tl.sum(g.to(tl.float32), axis=0)
+        # The G tile is loaded already: its column sums cost no memory traffic. Only the first
+        # column of tiles stores them, so only it sums.
+        if NEED_BIAS:
+            if pid_k == 0:
+                grad_b += tl.sum(g.to(tl.float32), axis=0)
         g_ptrs += BLOCK_X * stride_gm
         x_ptrs += BLOCK_X * stride_xm
     if NEED_BIAS:
