@@ -7,8 +7,8 @@
 
 On CUDA the kernels run on tiny tensors, so each launch costs what its host code costs. Without
 a GPU the script installs a stand-in driver, and a compiled kernel whose launch does nothing
-(`install_stand_ins`): what is timed is then Python only, Triton's and csext's, up to the
-binary's C launcher, which is not timed; the layer rows time csext's code around no-op kernels.
+but call the launch hooks it is given (`install_stand_ins`): what is timed is then Python only,
+Triton's and csext's, up to the binary's C launcher, which is not timed; the layer rows time csext's code around no-op kernels.
 Figures are medians of `--repeats` samples of `--calls` calls each, in a rotating order.
 """
 
@@ -47,8 +47,9 @@ class StandInDriver:
 def install_stand_ins(record=None):
     """Make every kernel of csext.kernels launchable without a GPU: Triton's driver answers as an
     sm_90 device, compiling yields a binary per specialization whose launch does nothing but
-    hand its arguments to `record(binary, args)`, and autotuning picks each kernel's last
-    configuration; csext.functional takes backend="triton" for CPU tensors. Returns the binaries
+    call the launch hooks it is given, as Triton's launcher does, and hand its arguments to
+    `record(binary, args)`, and autotuning picks each kernel's last configuration;
+    csext.functional takes backend="triton" for CPU tensors. Returns the binaries
     made, by (kernel name, Triton's cache key)."""
     from triton.compiler import CompiledKernel
     from triton.runtime.driver import driver
@@ -61,8 +62,14 @@ def install_stand_ins(record=None):
             self.module, self._run = 0, self._launch  # loaded, as far as CompiledKernel knows
 
         def _launch(self, *args):
+            metadata, enter_hook, exit_hook = args[6:9]
+            # As Triton's C launcher: a hook that is not None is called, around the launch.
+            if enter_hook is not None:
+                enter_hook(metadata)
             if record is not None:
                 record(self, args)
+            if exit_hook is not None:
+                exit_hook(metadata)
 
         def __del__(self):
             pass

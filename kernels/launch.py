@@ -9,7 +9,10 @@ take less. A `Launcher` pays it once per distinct call: it keeps the compiled ke
 returns under a key that fixes Triton's specialization (every tensor's dtype and alignment,
 every integer and constexpr by value; floats are never specialized), and later calls with that
 key go straight to the binary, through the entry Triton's own launch uses
-(`CompiledKernel.run`, with the launch hooks, so profilers still see every launch).
+(`CompiledKernel.run`, with the launch hooks, so profilers still see every launch). Where no hook
+is set it passes none, so the binary's launcher calls nothing: an unset hook is an empty
+`HookChain` in Triton's knobs (3.6 and 3.9 here), which Triton's own launch builds the launch
+metadata for and calls, twice, on every launch.
 
 Triton settings changed after a call's first launch (`triton.knobs`, such as its debug mode) do
 not reach the binary kept for it. Under TRITON_INTERPRET=1 there is no binary, and every call
@@ -23,7 +26,19 @@ from triton.compiler import CompiledKernel
 from triton.runtime.driver import driver
 from triton.runtime.jit import JITFunction
 
+try:
+    from triton.knobs import HookChain
+except ImportError:  # a Triton whose hooks are plain callables, None when unset
+    HookChain = None
+
 MAX_ENTRIES = 256  # distinct calls kept per kernel (shapes vary at inference); then it starts over
+
+
+def _hook(hook):
+    """A launch hook as the binary's launcher takes it: None where it would call nothing."""
+    if HookChain is not None and isinstance(hook, HookChain) and not hook.calls:
+        return None
+    return hook
 
 
 class Launcher:
@@ -52,11 +67,11 @@ class Launcher:
         binary, grid_xyz, tail = found
         stream = driver.active.get_current_stream(device)
         args = (*tensors, *ints, *floats, *tail)
-        enter_hook = knobs.runtime.launch_enter_hook
-        # launch_metadata is None without an enter hook: skip the call that would say so
-        metadata = None if enter_hook is None else binary.launch_metadata(grid_xyz, stream, *args)
+        enter_hook, exit_hook = _hook(knobs.runtime.launch_enter_hook), _hook(knobs.runtime.launch_exit_hook)
+        no_hooks = enter_hook is None and exit_hook is None
+        metadata = None if no_hooks else binary.launch_metadata(grid_xyz, stream, *args)
         binary.run(grid_xyz[0], grid_xyz[1], grid_xyz[2], stream, binary.function, binary.packed_metadata,
-                   metadata, enter_hook, knobs.runtime.launch_exit_hook, *args)
+                   metadata, enter_hook, exit_hook, *args)
 
     def _launch_through_triton(self, key, grid, tensors, ints, floats, constexprs) -> None:
         """Launch as Triton does (compiling and autotuning as needed) and keep the binary."""

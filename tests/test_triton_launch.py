@@ -51,6 +51,12 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+def _same_hook(ours, triton_s) -> bool:
+    """The Launcher passes the hook Triton passes, or None where Triton's is an empty HookChain
+    (a launcher calls nothing for either)."""
+    return ours is triton_s or (ours is None and not getattr(triton_s, "calls", True))
+
+
 def _went_through_triton(*args, **kwargs):
     raise AssertionError("a call the Launcher has seen went through Triton's launch path")
 
@@ -95,7 +101,8 @@ def _check_all():
             assert len(args) == len(reference[1])
             # (grid, stream, function, metadata, launch_metadata, hooks, then every parameter)
             for i, (a, b) in enumerate(zip(args, reference[1])):
-                assert i == 6 or _same(a, b), f"{launcher.kernel.__name__}: argument {i}: {a!r} != {b!r}"
+                same = i == 6 or (_same_hook(a, b) if i in (7, 8) else _same(a, b))
+                assert same, f"{launcher.kernel.__name__}: argument {i}: {a!r} != {b!r}"
         return first[0]
 
     def buffers(dtype, offset, shapes):
@@ -134,16 +141,44 @@ def _check_all():
                                    **mm._CONFIG))
     assert len(seen) > 40, f"the calls reached only {len(seen)} binaries"
 
-    # A profiler's launch hook still sees the launches that skip Triton.
-    knobs.runtime.launch_enter_hook = lambda metadata: None
-    try:
-        w, s, out = buffers(torch.float32, 0, [(3, 3)] * 3)
+    # A profiler's launch hooks still see the launches that skip Triton: a hook set in place of
+    # Triton's, or added to its HookChain (as Proton adds its own); and with none set, nothing
+    # is built for them or called.
+    w, s, out = buffers(torch.float32, 0, [(3, 3)] * 3)
+
+    def launch_twice():
         launched.clear()
         for _ in range(2):
             gate._launch_forward(flat(9), (w, s, out, beta), (9,), (), dict(HARD=False, BLOCK=gate.BLOCK, num_warps=4))
-        assert [args[6].get()["name"] for _, args in launched] == ["gate_forward_kernel"] * 2
-    finally:
-        knobs.runtime.launch_enter_hook = None
+        return [args[6:9] for _, args in launched]
+
+    launch_twice()  # the first launch goes through Triton; the ones below skip it
+
+    unset = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
+    if hasattr(unset[0], "calls"):
+        assert not unset[0].calls and not unset[1].calls
+        assert launch_twice() == [(None, None, None)] * 2, "empty hook chains were passed on"
+    seen_by_hooks = []
+
+    def hook(metadata):
+        seen_by_hooks.append(metadata.get()["name"])
+
+    for setting in ("replaced", "added"):
+        seen_by_hooks.clear()
+        try:
+            if setting == "replaced":
+                knobs.runtime.launch_enter_hook = knobs.runtime.launch_exit_hook = hook
+            elif hasattr(unset[1], "add"):
+                unset[1].add(hook)  # the exit chain alone: the metadata is still built for it
+            else:
+                continue
+            launch_twice()
+        finally:
+            knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook = unset
+            if hasattr(unset[1], "remove"):
+                unset[1].remove(hook)
+        expected = 4 if setting == "replaced" else 2
+        assert seen_by_hooks == ["gate_forward_kernel"] * expected, (setting, seen_by_hooks)
     print(f"all launches matched ({len(seen)} binaries)")
 
 
