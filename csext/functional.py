@@ -195,6 +195,16 @@ def _layer_input(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return x, dtype
 
 
+def _autocast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x cast to the compute dtype, as autocast casts a layer's input. In eager mode csext._C
+    makes the cast's node, whose backward widens dL/dx back to x's dtype with csext::cast, on
+    CUDA a vectorized kernel where ATen's cast is not (csrc/input_cast.cpp); the values are the
+    same."""
+    if x.dtype == dtype or _EAGER is None or torch.compiler.is_compiling():
+        return x.to(dtype)
+    return _EAGER.autocast_input(x, dtype)
+
+
 def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale, dtype):
     """gated_linear on the triton backend, fused or not: x (..., K) in the compute dtype `dtype`
     or, under autocast, not yet cast to it."""
@@ -204,7 +214,7 @@ def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale
     fused_bias = bias if mask_scale == 1.0 else None  # added in the GEMM's epilogue
     if rows.shape[0] > TRITON_FUSED_MAX_ROWS:
         w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, "triton")
-        y = F.linear(rows.to(dtype), w_eff, fused_bias)
+        y = F.linear(_autocast_input(rows, dtype), w_eff, fused_bias)
     else:
         # The GEMMs cast x's tiles and round dL/dx as autocast's cast would: no pass over memory,
         # no op and no autograd node for it. The layer keeps x as given for the backward.

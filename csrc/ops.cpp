@@ -176,6 +176,11 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad,
   return {grad_weight, grad_mask_logits};
 }
 
+// csext::cast everywhere but on CUDA (cuda/ops_cuda.cpp): ATen's cast, always a new tensor.
+at::Tensor cast_composite(const at::Tensor& x, at::ScalarType dtype) {
+  return x.to(dtype, /*non_blocking=*/false, /*copy=*/true);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(csext, m) {
@@ -191,6 +196,13 @@ TORCH_LIBRARY(csext, m) {
       "gate_backward(Tensor grad, Tensor weight, Tensor mask_logits, Tensor beta, "
       "float penalty=0.0) -> (Tensor, Tensor)",
       kTags);
+  // x in `dtype`, as x.to(dtype) but never x itself: the backward of a layer's autocast cast of
+  // its input (csrc/input_cast.cpp). It has no autograd of its own.
+  m.def("cast(Tensor x, ScalarType dtype) -> Tensor", {at::Tag::pt2_compliant_tag});
+}
+
+TORCH_LIBRARY_IMPL(csext, CompositeExplicitAutograd, m) {
+  m.impl("cast", &cast_composite);
 }
 
 TORCH_LIBRARY_IMPL(csext, CPU, m) {

@@ -1,11 +1,12 @@
 // csext._C, the Python module. Importing it loads this library, whose static initialisers
 // register the ops (ops.cpp, autograd.cpp, cuda/ops_cuda.cpp). Its functions are the eager fast
 // path of csext.functional.gated_linear and gated_conv2d on the cpp and cuda backends: one C call
-// that checks the arguments, casts x as autocast would and calls the layer op through the
-// dispatcher, in place of the Python checks and the boxed torch.ops call; and the checks alone
-// (linear_input, conv2d_input) for the triton backend's layers, whose ops are Python; and the
-// autograd nodes of the triton gate and fused linear layer (triton_node.cpp). A small layer on a
-// GPU runs at the speed of its host code, so these microseconds count (bench/host.py).
+// that checks the arguments, casts x as autocast would (with input_cast.cpp's node) and calls the
+// layer op through the dispatcher, in place of the Python checks and the boxed torch.ops call;
+// and the checks alone (linear_input, conv2d_input) for the triton backend's layers, whose ops
+// are Python; and the autograd nodes of the triton gate and fused linear layer (triton_node.cpp).
+// A small layer on a GPU runs at the speed of its host code, so these microseconds count
+// (bench/host.py).
 //
 // The fast path's functions take what csext.functional takes as valid, or less, and never
 // explain: for any other argument they return None, and the Python path runs, which raises the
@@ -31,6 +32,7 @@
 #include <vector>
 
 #include "gate_checks.h"
+#include "input_cast.h"
 #include "triton_node.h"
 
 namespace csext {
@@ -102,7 +104,8 @@ struct Layer {
 };
 
 // args: x, weight, mask_logits, beta, bias, hard, penalty. The checks of
-// functional._check_layer_args and _layer_input, and (with cast_x) its autocast cast of x.
+// functional._check_layer_args and _layer_input, and (with cast_x) its autocast cast of x
+// (cast_input: the same values, csext's node).
 std::optional<Layer> take_layer(PyObject* const* args, int64_t weight_dim,
                                 bool (*x_fits)(const at::Tensor& x, const at::Tensor& weight), bool cast_x = true) {
   PyObject *x_obj = args[0], *weight_obj = args[1], *mask_logits_obj = args[2], *bias_obj = args[4];
@@ -137,7 +140,7 @@ std::optional<Layer> take_layer(PyObject* const* args, int64_t weight_dim,
     layer.dtype = at::autocast::get_autocast_dtype(device.type());
     const ScalarType x_type = x.scalar_type();
     if (x_type != layer.dtype && x.is_floating_point() && x_type != ScalarType::Double) {
-      if (cast_x) layer.x = x.to(layer.dtype);
+      if (cast_x) layer.x = cast_input(x, layer.dtype);
       return layer;
     }
   } else {
@@ -262,6 +265,8 @@ PyMethodDef methods[] = {
      METH_FASTCALL, "csext.functional.gated_linear's checks: (x, compute dtype), or None to take the Python path."},
     {"conv2d_input", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&conv2d_input)),
      METH_FASTCALL, "csext.functional.gated_conv2d's checks: x (cast under autocast), or None to take the Python path."},
+    {"autocast_input", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&autocast_input)),
+     METH_FASTCALL, "x cast to the autocast dtype, its gradient widened back by csext::cast (input_cast.cpp)."},
     {"triton_gate_node", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&triton_gate_node)),
      METH_FASTCALL, "The triton gate's output, made that of its autograd node where a gradient is needed."},
     {"triton_linear_node", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&triton_linear_node)),

@@ -191,3 +191,95 @@ def test_fast_path_under_checkpoint_and_saved_tensor_hooks():
     for others in (hooked, checkpointed):
         for a, b in zip(plain, others):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# --- autocast's cast of x, with csext's node (csrc/input_cast.cpp) ----------------------------------
+
+
+def input_node(y):
+    """The node behind the layer's input: its first edge."""
+    return y.grad_fn.next_functions[0][0]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_autocast_cast_of_x_is_csext_node(monkeypatch, kind):
+    """Under autocast the fast path casts a float32 x with csext's node, whose backward gives
+    ATen's cast's dL/dx bit for bit (test_fast_path_is_taken_and_matches_the_checked_path
+    compares every gradient); an x that takes no gradient gets no node."""
+    args = (linear_args if kind == "linear" else conv_args)()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = call(kind, args)
+        checked = checked_path(monkeypatch, kind, args)
+        frozen = call(kind, [args[0].detach()] + args[1:])
+    assert input_node(fast).name() == "csext::InputCastBackward"
+    assert input_node(checked).name() == "ToCopyBackward0"
+    assert input_node(frozen) is None
+    (grad_fast,) = torch.autograd.grad(fast.float().sum(), args[0])
+    (grad_checked,) = torch.autograd.grad(checked.float().sum(), args[0])
+    assert grad_fast.dtype == torch.float32 and grad_fast.stride() == grad_checked.stride()
+    torch.testing.assert_close(grad_fast, grad_checked, rtol=0, atol=0)
+
+
+def test_autocast_cast_node_under_autograd_machinery(monkeypatch):
+    """The cast node with create_graph (a loss on dL/dx reaches w), retain_graph, compiled
+    autograd, torch.func.grad and forward-mode AD (both of which take ATen's cast), against the
+    path that casts with x.to."""
+    args = linear_args()
+    x, w = args[0], args[1]
+
+    def layer(fast, x=x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return (call if fast else lambda kind, a: checked_path(monkeypatch, kind, a))("linear", [x] + args[1:])
+
+    def loss(y):
+        return y.float().square().sum()
+
+    for fast in (True, False):
+        (gx,) = torch.autograd.grad(loss(layer(fast)), x, create_graph=True)
+        (gw,) = torch.autograd.grad(gx.square().sum(), w)
+        if fast:
+            want_gw = gw
+        else:
+            torch.testing.assert_close(gw, want_gw, rtol=0, atol=0)
+
+    y = layer(True)
+    first = torch.autograd.grad(loss(y), x, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(loss(y), x)[0], first, rtol=0, atol=0)
+
+    torch._dynamo.reset()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+        x.grad = None
+        loss(layer(True)).backward()
+    torch.testing.assert_close(x.grad, first, rtol=0, atol=0)
+    x.grad = None
+
+    grad_x = torch.func.grad(lambda x: loss(layer(True, x)))(x.detach())
+    torch.testing.assert_close(grad_x, first, rtol=0, atol=0)
+
+    tangent = torch.randn_like(x)
+    _, jvp_fast = torch.func.jvp(lambda x: layer(True, x), (x.detach(),), (tangent,))
+    _, jvp_checked = torch.func.jvp(lambda x: layer(False, x), (x.detach(),), (tangent,))
+    torch.testing.assert_close(jvp_fast, jvp_checked, rtol=0, atol=0)
+
+
+def test_autocast_input_hands_subclasses_and_modes_to_x_to():
+    """csext._C.autocast_input: a tensor subclass or a __torch_function__ mode gets x.to(dtype),
+    which they see; a plain tensor that takes a gradient gets csext's node."""
+    seen = []
+
+    class Recording(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(3, 4, requires_grad=True)
+    assert EAGER.autocast_input(x, torch.bfloat16).grad_fn.name() == "csext::InputCastBackward"
+    with Recording():
+        y = EAGER.autocast_input(x, torch.bfloat16)
+    assert "to" in seen and y.grad_fn.name() == "ToCopyBackward0"
+    sub = torch.Tensor._make_subclass(type("Sub", (torch.Tensor,), {}), x.detach(), True)
+    cast_sub = EAGER.autocast_input(sub, torch.bfloat16)
+    assert type(cast_sub) is type(sub) and cast_sub.grad_fn.name() != "csext::InputCastBackward"
+    assert EAGER.autocast_input(x, torch.float32) is x
+    with pytest.raises(TypeError, match="autocast_input takes"):
+        EAGER.autocast_input(x, "bfloat16")

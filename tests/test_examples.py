@@ -33,6 +33,15 @@ def test_quickstart_sparsifies_and_keeps_accuracy(capsys):
     assert result["ticket_acc"] > 0.6  # ...and the ticket still classifies (chance is 0.1)
 
 
+@pytest.mark.skipif(not csext._ops.extension_loaded(), reason="csext::cast needs the C++ extension")
+def test_cast_bench_runs(capsys):
+    """bench/cast.py on the CPU (csext::cast is ATen's cast there): one row per input."""
+    assert _load(ROOT / "bench" / "cast.py").main(["--device", "cpu", "--repeats", "2", "--calls", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| linear") or
+            line.startswith("| conv")]
+    assert len(rows) == 4
+
+
 def test_bench_appends_rows_and_draws_the_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     bench = _load(ROOT / "bench" / "run.py")

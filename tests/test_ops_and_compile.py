@@ -45,6 +45,25 @@ def test_opcheck_gate_backward(dtype):
     torch.library.opcheck(torch.ops.csext.gate_backward.default, (g, w, s, csext._ops.beta_tensor(2.0), 0.1))
 
 
+@needs_cpp
+@pytest.mark.parametrize("sample", ["widen bf16", "widen fp16", "narrow", "same dtype", "transposed", "sliced"])
+def test_opcheck_cast(sample):
+    """csext::cast is x.to(dtype), always a new tensor (even in x's own dtype), x's strides kept."""
+    base = torch.randn(6, 10)
+    x, dtype = {
+        "widen bf16": (base.bfloat16(), torch.float32),
+        "widen fp16": (base.half(), torch.float32),
+        "narrow": (base, torch.bfloat16),
+        "same dtype": (base, torch.float32),
+        "transposed": (base.bfloat16().t(), torch.float32),
+        "sliced": (base.bfloat16()[:, ::3], torch.float32),
+    }[sample]
+    torch.library.opcheck(torch.ops.csext.cast.default, (x, dtype))
+    out = torch.ops.csext.cast(x, dtype)
+    assert out.dtype == dtype and out.data_ptr() != x.data_ptr()
+    assert torch.equal(out, x.to(dtype)) and out.stride() == x.to(dtype).stride()
+
+
 def _layer_samples():
     """(op, args) for csext::gated_linear and csext::gated_conv2d: bias or not, soft or hard,
     a lower-precision compute dtype, channels_last, float64."""

@@ -82,13 +82,17 @@ def test_both_linear_paths_with_bias_and_mask_scale(monkeypatch, fused_max_rows,
 
 @pytest.mark.parametrize("kind,variant", [
     ("linear", "bias"), ("linear", "no bias"), ("linear", "hard"), ("linear", "autocast"), ("linear", "3-D x"),
-    ("conv", "bias"), ("conv", "hard"), ("conv", "autocast"), ("conv", "groups"),
+    ("linear", "autocast, gate path"), ("conv", "bias"), ("conv", "hard"), ("conv", "autocast"), ("conv", "groups"),
 ])
 def test_checks_in_c_match_the_checked_path(monkeypatch, kind, variant):
     """A valid call takes csext._C's checks (linear_input, conv2d_input) and autocast's cast in
-    place of the Python ones, and gives the checked path's output and gradients, bit for bit."""
+    place of the Python ones, and gives the checked path's output and gradients, bit for bit.
+    Where x is cast (the convolution, the linear layer's gate path), the fast path casts it with
+    csext's node (csrc/input_cast.cpp), the checked path with x.to."""
     if CF._EAGER is None:
         pytest.skip("the C++ extension is not built")
+    if variant == "autocast, gate path":
+        monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", 0)
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # bit for bit, twice
     autocast_dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter has no bf16
     groups = 2 if variant == "groups" else 1
@@ -102,18 +106,32 @@ def test_checks_in_c_match_the_checked_path(monkeypatch, kind, variant):
     results = []
     for eager in (CF._EAGER, None):
         monkeypatch.setattr(CF, "_EAGER", eager)
-        with torch.autocast(DEVICE, dtype=autocast_dtype, enabled=variant == "autocast"):
+        with torch.autocast(DEVICE, dtype=autocast_dtype, enabled=variant.startswith("autocast")):
             if eager is not None:
                 checks = eager.linear_input if kind == "linear" else eager.conv2d_input
                 assert checks(*args) is not None, "a valid call was handed back"
             layer = CF.gated_linear if kind == "linear" else CF.gated_conv2d
             y = layer(*args[:5], *layer_args, hard=args[5], penalty=args[6], backend="triton")
+        if variant == "autocast, gate path" or (kind, variant) == ("conv", "autocast"):
+            cast = "csext::InputCastBackward" if eager is not None else "ToCopyBackward0"
+            assert cast in _node_names(y)
         leaves = [t for t in (x, w, s, b) if t is not None]
         results.append([y, *torch.autograd.grad(y.float().square().sum(), leaves, allow_unused=True)])
     for fast, checked in zip(*results):
         assert (fast is None) == (checked is None)
         if fast is not None:
             torch.testing.assert_close(fast, checked, rtol=0, atol=0)
+
+
+def _node_names(y):
+    """The names of the autograd nodes behind y."""
+    seen, todo = set(), [y.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return {node.name() for node in seen}
 
 
 def test_non_contiguous_input_and_gradient():

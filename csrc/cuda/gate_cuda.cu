@@ -1,4 +1,5 @@
-// Host side of the CUDA gate kernels: dtype dispatch, alignment choice and launch.
+// Host side of the CUDA gate kernels and of the widening cast: dtype dispatch, alignment choice
+// and launch.
 #include <algorithm>
 #include <cstdint>
 
@@ -96,7 +97,28 @@ cudaError_t with_half_or_float(DType t, const Fn& fn) {
   }
 }
 
+template <typename T>
+cudaError_t launch_widen(const void* in, float* out, int64_t n, cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(T);
+  const T* x = static_cast<const T*>(in);
+  if (aligned<T>(x, VEC) && aligned<float>(out, VEC)) {
+    widen_kernel<T, VEC><<<blocks_for(n / VEC + 1), kThreads, 0, stream>>>(x, out, n);
+  } else {
+    widen_kernel<T, 1><<<blocks_for(n), kThreads, 0, stream>>>(x, out, n);
+  }
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t widen_to_float(DType in_type, const void* in, float* out, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  switch (in_type) {
+    case DType::Float16: return launch_widen<__half>(in, out, n, stream);
+    case DType::BFloat16: return launch_widen<__nv_bfloat16>(in, out, n, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
 
 cudaError_t gate_forward(DType weight_type, DType out_type, const void* weight,
                          const void* mask_logits, void* out, int64_t n, double beta, bool hard,
