@@ -75,10 +75,11 @@ struct InputCastBackward : public torch::autograd::Node {
 // torch.func's transforms are running (as torch._C._are_functorch_transforms_active tells), or x
 // is one of their tensor wrappers (a dead one, left by a transform that ended, included).
 bool functorch_involved(const at::Tensor& x) {
+  using c10::DispatchKey;
   const c10::DispatchKeySet included = c10::impl::tls_local_dispatch_key_set().included_;
-  const c10::DispatchKeySet functorch_keys({c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::FuncTorchBatched});
-  return included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
-         included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode) || x.key_set().has_any(functorch_keys);
+  const c10::DispatchKeySet wrappers({DispatchKey::FuncTorchGradWrapper, DispatchKey::FuncTorchBatched});
+  return included.has(DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+         included.has(DispatchKey::FuncTorchDynamicLayerBackMode) || x.key_set().has_any(wrappers);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // The CUDA kernels of csext::gate, csext::gate_backward and csext::cast: the same schemas,
 // checks, fake and autograd registrations as the CPU kernels (ops.cpp, autograd.cpp,
-// csext/_ops.py), with the kernel bodies in gate_kernels.cuh. Built only where CUDA torch is present (setup.py).
+// csext/_ops.py), with the kernel bodies in gate_kernels.cuh. Built only where CUDA torch is
+// present (setup.py).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
