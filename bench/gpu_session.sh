@@ -60,9 +60,11 @@ within 30 python3 bench/cast.py --device cuda
 # One invocation per op and layout, each saving its rows case by case, so a stage cut short by
 # its timeout loses only the case it was in. Mode graph replays a CUDA graph of forward+backward:
 # the GPU's time without the host's (run last in each case, on the layers already compiled).
+# The issue's targets are forward+backward: modes full and graph only, with twice the samples of
+# 4cb087e's run, whose eager rows spread 19% at the median (M = 256 is host-bound).
 stage bench linear, bf16 autocast
 within 200 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops linear \
-  --modes fwd,bwd,full,graph --compile-ops linear --repeats 8 --providers "${LINEAR_PROVIDERS:-all}" --csv "$OUT/gpu.csv" --plot "$OUT/linear.png" \
+  --modes full,graph --compile-ops linear --repeats 16 --providers "${LINEAR_PROVIDERS:-all}" --csv "$OUT/gpu.csv" --plot "$OUT/linear.png" \
   --profile "$OUT/profile-linear"
 # Twice the linear layers' samples: the per-layer conv ratios are host-bound and noisy.
 stage bench conv, bf16 autocast
