@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-import csext  # noqa: F401  (loads csext::cast)
+import csext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import Clock, machine_info  # noqa: E402
@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=20)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if not csext._ops.extension_loaded():
+        parser.error("csext::cast is an op of csext._C, which is not built here")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available here")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

@@ -4,6 +4,7 @@ everything else back (None) so that the Python path raises its errors."""
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch.overrides import TorchFunctionMode
 
 import csext
@@ -260,8 +261,6 @@ def test_autocast_cast_node_under_autograd_machinery(monkeypatch):
     _, jvp_fast = torch.func.jvp(lambda x: layer(True, x), (x.detach(),), (tangent,))
     _, jvp_checked = torch.func.jvp(lambda x: layer(False, x), (x.detach(),), (tangent,))
     torch.testing.assert_close(jvp_fast, jvp_checked, rtol=0, atol=0)
-    import torch.autograd.forward_ad as fwAD
-
     with fwAD.dual_level():
         dual = fwAD.make_dual(x, tangent)  # x still takes a gradient: the tangent decides
         tangents = [fwAD.unpack_dual(layer(fast, dual)).tangent for fast in (True, False)]
