@@ -9,7 +9,13 @@ them); csext's kernel moves 16 bytes a thread per access. The shapes are the inp
 benchmark's layers: the linear layer's x at M = 8192 and M = 2048 (K = 4096), and two of the
 convolutions' (batch 128, channels_last). Each figure is the median of --repeats samples of
 --calls casts, timed with CUDA events, in a rotating order; GB/s counts the bytes read and
-written. On the CPU csext::cast is ATen's cast, and the script only checks that it runs.
+written.
+
+A second table times whole layers of the `cuda` backend on those inputs (float32 x under
+autocast): one forward+backward replayed from a CUDA graph (GPU time, as bench/run.py's mode
+`graph`), with x cast by csext's node as the layers do, and with x cast by `x.to` before the
+layer (ATen's node), in the same run. On the CPU csext::cast is ATen's cast, and the script
+only checks that the casts run.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import csext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Clock, machine_info  # noqa: E402
+from run import Clock, capture, machine_info  # noqa: E402
 
 SHAPES = {  # name -> (shape, channels_last)
     "linear x, M=8192 K=4096": ((8192, 4096), False),
@@ -32,6 +39,41 @@ SHAPES = {  # name -> (shape, channels_last)
     "conv x, N=128 C=256 8x8": ((128, 256, 8, 8), True),
     "conv x, N=128 C=16 32x32": ((128, 16, 32, 32), True),
 }
+
+
+class CastFirst(nn.Module):
+    """`layer` given x already cast with x.to, so that the layer itself casts nothing."""
+
+    def __init__(self, layer: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.layer, self.dtype = layer, dtype
+
+    def forward(self, x):
+        return self.layer(x.to(self.dtype))
+
+
+def median_times(calls: dict, clock: Clock, repeats: int, inner: int) -> dict:
+    """name -> median us per call of `repeats` samples of `inner` calls, in a rotating order."""
+    times = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(clock.time(lambda f=calls[name]: [f() for _ in range(inner)]) * 1e3 / inner)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def layer_for(shape, device: torch.device, backend: str) -> nn.Module:
+    """The gated layer that takes x of this shape, as bench/run.py builds them (a linear layer with
+    4096 outputs, a 3x3 convolution without bias in channels_last)."""
+    if len(shape) == 2:
+        layer = csext.GatedLinear(shape[1], 4096, device=device)
+    else:
+        layer = csext.GatedConv2d(shape[1], shape[1], 3, padding=1, bias=False, device=device)
+        layer = layer.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        layer.mask_logits.normal_()
+    layer.beta, layer.penalty, layer.backend = 4.0, 1e-4, backend
+    return layer
 
 
 def main(argv=None) -> int:
@@ -60,16 +102,32 @@ def main(argv=None) -> int:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         assert torch.equal(torch.ops.csext.cast(x, torch.float32), x.float())
-        calls = {"aten": lambda: x.float(), "csext": lambda: torch.ops.csext.cast(x, torch.float32)}
-        times = {key: [] for key in calls}
-        keys = list(calls)
-        for r in range(args.repeats):
-            for key in keys[r % 2:] + keys[: r % 2]:
-                times[key].append(clock.time(lambda f=calls[key]: [f() for _ in range(args.calls)]) * 1e3 / args.calls)
-        aten, ours = statistics.median(times["aten"]), statistics.median(times["csext"])
+        t = median_times({"aten": lambda: x.float(), "csext": lambda: torch.ops.csext.cast(x, torch.float32)},
+                         clock, args.repeats, args.calls)
         moved = x.numel() * (x.element_size() + 4) / 1e3  # kB read and written: per us, GB/s
-        print(f"| {name} {tuple(shape)} | {aten:.1f} us ({moved / aten:.0f} GB/s) | {ours:.1f} us "
-              f"({moved / ours:.0f} GB/s) | {aten / ours:.2f}x |")
+        print(f"| {name} {tuple(shape)} | {t['aten']:.1f} us ({moved / t['aten']:.0f} GB/s) | {t['csext']:.1f} us "
+              f"({moved / t['csext']:.0f} GB/s) | {t['aten'] / t['csext']:.2f}x |")
+    if device.type != "cuda" or "cuda" not in csext.backends.available():
+        print("layers: no CUDA device, or no cuda backend in this install; skipped")
+        return 0
+    print(f"\nGatedLinear / GatedConv2d on the cuda backend, float32 x under {args.dtype} autocast: one "
+          f"forward+backward replayed from a CUDA graph, median us of {args.repeats} samples of {args.calls}")
+    print("| layer input | x cast by csext's node | x cast by x.to | x.to / node |")
+    print("|---|---|---|---|")
+    for name, (shape, channels_last) in SHAPES.items():
+        torch.manual_seed(0)
+        layer = layer_for(shape, device, "cuda")
+        x = torch.randn(shape, device=device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
+            grad_out = torch.randn_like(layer(x))
+        graphs = {"node": capture(layer, x, grad_out, dtype), "x.to": capture(CastFirst(layer, dtype), x, grad_out, dtype)}
+        t = median_times({key: graph.replay for key, graph in graphs.items()}, clock, args.repeats, args.calls)
+        print(f"| {name} {tuple(shape)} | {t['node']:.1f} us | {t['x.to']:.1f} us | {t['x.to'] / t['node']:.3f}x |")
+        del graphs
+        torch.cuda.empty_cache()
     return 0
 
 

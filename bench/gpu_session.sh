@@ -55,7 +55,7 @@ cd "$REPO"
 stage bench launch configurations of the CUDA gate kernels
 nvcc -std=c++17 -O3 -arch=sm_90 bench/gate_launch.cu -o /tmp/gate_launch && within 60 /tmp/gate_launch
 stage bench widening casts: ATen against csext::cast
-within 30 python3 bench/cast.py --device cuda
+within 60 python3 bench/cast.py --device cuda
 
 # One invocation per op and layout, each saving its rows case by case, so a stage cut short by
 # its timeout loses only the case it was in. Mode graph replays a CUDA graph of forward+backward:

@@ -42,6 +42,24 @@ def test_cast_bench_runs(capsys):
     assert len(rows) == 4
 
 
+@pytest.mark.skipif(not csext._ops.extension_loaded(), reason="csext::cast needs the C++ extension")
+@pytest.mark.parametrize("shape", [(6, 10), (2, 3, 5, 5)])
+def test_cast_bench_layer_pair_agrees(shape):
+    """bench/cast.py's two layers (x cast by csext's node, or by x.to first) give the same
+    output and gradients (here on the cpp backend under CPU autocast)."""
+    bench = _load(ROOT / "bench" / "cast.py")
+    torch.manual_seed(0)
+    layer = bench.layer_for(shape, torch.device("cpu"), "cpp")
+    results = []
+    for module in (layer, bench.CastFirst(layer, torch.bfloat16)):
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(x)
+        results.append([y, *torch.autograd.grad(y.float().square().sum(), [x, *layer.parameters()])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_bench_appends_rows_and_draws_the_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     bench = _load(ROOT / "bench" / "run.py")
