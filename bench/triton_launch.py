@@ -5,10 +5,12 @@
     python bench/triton_launch.py                  # no GPU: Triton's Python only (see below)
     python bench/triton_launch.py --device cuda    # real launches of tiny kernels
 
-On CUDA the kernels run on tiny tensors, so each launch costs what its host code costs. Without
-a GPU the script installs a stand-in driver, and a compiled kernel whose launch does nothing
-but call the launch hooks it is given (`install_stand_ins`): what is timed is then Python only,
-Triton's and csext's, up to the binary's C launcher, which is not timed; the layer rows time csext's code around no-op kernels.
+On CUDA the kernels run on tiny tensors, and each sample times the host issuing its calls to an
+idle GPU, not the kernels (the H100 figures of 4cb087e waited for the kernels too, which
+counted GPU time wherever a tiny kernel outlasted its launch). Without a GPU the script installs a stand-in
+driver, and a compiled kernel whose launch does nothing but call the launch hooks it is given
+(`install_stand_ins`): what is timed is then Python only, Triton's and csext's, up to the
+binary's C launcher, which is not timed; the layer rows time csext's code around no-op kernels.
 Figures are medians of `--repeats` samples of `--calls` calls each, in a rotating order.
 """
 
@@ -210,7 +212,9 @@ def layer_calls(device):
 
 
 def timed(calls: dict, repeats: int, per_sample: int, device) -> dict:
-    """name -> median microseconds per call, the names timed in a rotating order."""
+    """name -> median microseconds per call, the names timed in a rotating order. On CUDA each
+    sample starts on an idle GPU and stops when the host has issued its calls, without waiting
+    for the kernels: host time, unless the launch queue fills (about a thousand launches)."""
     names = list(calls)
     for name in names:
         for _ in range(3):
@@ -219,12 +223,14 @@ def timed(calls: dict, repeats: int, per_sample: int, device) -> dict:
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:
             call = calls[name]
+            if device == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
             for _ in range(per_sample):
                 call()
-            if device == "cuda":
-                torch.cuda.synchronize()
             samples[name].append((time.perf_counter() - start) / per_sample * 1e6)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return {name: statistics.median(ts) for name, ts in samples.items()}
 
 
