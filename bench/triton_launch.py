@@ -7,10 +7,11 @@
 
 On CUDA the kernels run on tiny tensors, and each sample times the host issuing its calls to an
 idle GPU, not the kernels (the H100 figures of 4cb087e waited for the kernels too, which
-counted GPU time wherever a tiny kernel outlasted its launch). Without a GPU the script installs a stand-in
-driver, and a compiled kernel whose launch does nothing but call the launch hooks it is given
-(`install_stand_ins`): what is timed is then Python only, Triton's and csext's, up to the
-binary's C launcher, which is not timed; the layer rows time csext's code around no-op kernels.
+counted GPU time wherever a tiny kernel outlasted its launch). Without a GPU the script
+installs a stand-in driver, and a compiled kernel whose launch does nothing but call the
+launch hooks it is given (`install_stand_ins`): what is timed is then Python only, Triton's
+and csext's, up to the binary's C launcher, which is not timed; the layer rows time csext's
+code around no-op kernels.
 Figures are medians of `--repeats` samples of `--calls` calls each, in a rotating order.
 """
 
