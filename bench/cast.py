@@ -15,7 +15,8 @@ A second table times whole layers of the `cuda` backend on those inputs (float32
 autocast): one forward+backward replayed from a CUDA graph (GPU time, as bench/run.py's mode
 `graph`), with x cast by csext's node as the layers do, and with x cast by `x.to` before the
 layer (ATen's node), in the same run. On the CPU csext::cast is ATen's cast, and the script
-only checks that the casts run.
+only checks that the casts run. Rows (provider `aten` or `csext`, with the ratio of ATen's
+time to this one) are appended atomically to bench/results/cast.csv, or --csv.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from torch import nn
 import csext
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Clock, capture, machine_info  # noqa: E402
+from run import Clock, append_rows, capture, machine_info  # noqa: E402
+
+FIELDS = ["run", "commit", "device", "machine", "torch", "triton", "dtype", "table", "input", "provider",
+          "median_us", "aten_over_this", "repeats", "calls"]
 
 SHAPES = {  # name -> (shape, channels_last)
     "linear x, M=8192 K=4096": ((8192, 4096), False),
@@ -82,6 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--csv", type=Path, default=Path(__file__).resolve().parent / "results" / "cast.csv")
+    parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if not csext._ops.extension_loaded():
@@ -90,7 +96,14 @@ def main(argv=None) -> int:
         parser.error("--device cuda: no CUDA device is available here")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     clock = Clock(device)
-    info = machine_info(device)
+    info = {**machine_info(device), "dtype": args.dtype, "repeats": args.repeats, "calls": args.calls}
+    rows = []
+
+    def record(table: str, name: str, shape, times: dict) -> None:
+        for provider, median in times.items():
+            rows.append({**info, "table": table, "input": f"{name} {tuple(shape)}", "provider": provider,
+                         "median_us": f"{median:.2f}", "aten_over_this": f"{times['aten'] / median:.3f}"})
+
     print(f"widening {args.dtype} to float32 on {info['machine']} (torch {info['torch']}, commit {info['commit']}); "
           f"median us per cast of {args.repeats} samples of {args.calls}")
     print("| input | ATen x.float() | csext::cast | ATen / csext |")
@@ -104,12 +117,13 @@ def main(argv=None) -> int:
         assert torch.equal(torch.ops.csext.cast(x, torch.float32), x.float())
         t = median_times({"aten": lambda: x.float(), "csext": lambda: torch.ops.csext.cast(x, torch.float32)},
                          clock, args.repeats, args.calls)
+        record("cast", name, shape, t)
         moved = x.numel() * (x.element_size() + 4) / 1e3  # kB read and written: per us, GB/s
         print(f"| {name} {tuple(shape)} | {t['aten']:.1f} us ({moved / t['aten']:.0f} GB/s) | {t['csext']:.1f} us "
               f"({moved / t['csext']:.0f} GB/s) | {t['aten'] / t['csext']:.2f}x |")
     if device.type != "cuda" or "cuda" not in csext.backends.available():
         print("layers: no CUDA device, or no cuda backend in this install; skipped")
-        return 0
+        return save(rows, args)
     print(f"\nGatedLinear / GatedConv2d on the cuda backend, float32 x under {args.dtype} autocast: one "
           f"forward+backward replayed from a CUDA graph, median us of {args.repeats} samples of {args.calls}")
     print("| layer input | x cast by csext's node | x cast by x.to | x.to / node |")
@@ -123,11 +137,19 @@ def main(argv=None) -> int:
         x.requires_grad_()
         with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
             grad_out = torch.randn_like(layer(x))
-        graphs = {"node": capture(layer, x, grad_out, dtype), "x.to": capture(CastFirst(layer, dtype), x, grad_out, dtype)}
+        graphs = {"csext": capture(layer, x, grad_out, dtype), "aten": capture(CastFirst(layer, dtype), x, grad_out, dtype)}
         t = median_times({key: graph.replay for key, graph in graphs.items()}, clock, args.repeats, args.calls)
-        print(f"| {name} {tuple(shape)} | {t['node']:.1f} us | {t['x.to']:.1f} us | {t['x.to'] / t['node']:.3f}x |")
+        record("layer", name, shape, t)
+        print(f"| {name} {tuple(shape)} | {t['csext']:.1f} us | {t['aten']:.1f} us | {t['aten'] / t['csext']:.3f}x |")
         del graphs
         torch.cuda.empty_cache()
+    return save(rows, args)
+
+
+def save(rows: list[dict], args) -> int:
+    if not args.no_save:
+        append_rows(args.csv, rows, FIELDS)
+        print(f"appended {len(rows)} rows to {args.csv}")
     return 0
 
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One GPU session in one call (the device is lent by the minute): build csext with its CUDA
 # kernels, run the GPU tests, then the benchmarks, most decisive first. Everything lands under
-# $OUT (default ./gpu-out), in six files (the device tool returns at most eight): log.txt,
+# $OUT (default ./gpu-out), in seven files (the device tool returns at most eight): log.txt,
 # pytest.txt (the GPU tests' whole report), gpu.csv (bench/run.py), host.csv (bench/host.py),
-# step.csv (bench/step.py), and extras.tar.gz with the PNGs and the profile tables (step.py, and
-# run.py for the linear layers); bench/gate_launch.cu, bench/cast.py, bench/triton_launch.py and
-# the autotuned Launcher test print to log.txt.
+# step.csv (bench/step.py), cast.csv (bench/cast.py), and extras.tar.gz with the PNGs and the
+# profile tables (step.py, and run.py for the linear layers); bench/gate_launch.cu,
+# bench/triton_launch.py and the autotuned Launcher test print to log.txt.
 # The whole script keeps to BUDGET_S seconds (default 560; the device tool stops a call at 600):
 # each stage's timeout is cut to the time left, and a stage with under 20 s left is skipped, so
 # the results written so far and the archive always come back. At 4cb087e on an H100: 495 s.
@@ -55,7 +55,7 @@ cd "$REPO"
 stage bench launch configurations of the CUDA gate kernels
 nvcc -std=c++17 -O3 -arch=sm_90 bench/gate_launch.cu -o /tmp/gate_launch && within 60 /tmp/gate_launch
 stage bench widening casts: ATen against csext::cast
-within 60 python3 bench/cast.py --device cuda
+within 60 python3 bench/cast.py --device cuda --csv "$OUT/cast.csv"
 
 # One invocation per op and layout, each saving its rows case by case, so a stage cut short by
 # its timeout loses only the case it was in. Mode graph replays a CUDA graph of forward+backward:

@@ -34,12 +34,19 @@ def test_quickstart_sparsifies_and_keeps_accuracy(capsys):
 
 
 @pytest.mark.skipif(not csext._ops.extension_loaded(), reason="csext::cast needs the C++ extension")
-def test_cast_bench_runs(capsys):
-    """bench/cast.py on the CPU (csext::cast is ATen's cast there): one row per input."""
-    assert _load(ROOT / "bench" / "cast.py").main(["--device", "cpu", "--repeats", "2", "--calls", "1"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| linear") or
-            line.startswith("| conv")]
-    assert len(rows) == 4
+def test_cast_bench_runs(tmp_path, capsys):
+    """bench/cast.py on the CPU (csext::cast is ATen's cast there): one line per input, and two
+    CSV rows (ATen's cast, csext::cast) with the machine, versions and commit."""
+    results = tmp_path / "cast.csv"
+    args = ["--device", "cpu", "--repeats", "2", "--calls", "1", "--csv", str(results)]
+    assert _load(ROOT / "bench" / "cast.py").main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| linear", "| conv"))]
+    assert len(lines) == 4
+    with open(results, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and {r["provider"] for r in rows} == {"aten", "csext"}
+    assert all(r["table"] == "cast" and r["torch"] and r["commit"] and float(r["median_us"]) > 0 for r in rows)
+    assert all(r["aten_over_this"] == "1.000" for r in rows if r["provider"] == "aten")
 
 
 @pytest.mark.skipif(not csext._ops.extension_loaded(), reason="csext::cast needs the C++ extension")
