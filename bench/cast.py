@@ -137,7 +137,8 @@ def main(argv=None) -> int:
         x.requires_grad_()
         with torch.no_grad(), torch.autocast("cuda", dtype=dtype):
             grad_out = torch.randn_like(layer(x))
-        graphs = {"csext": capture(layer, x, grad_out, dtype), "aten": capture(CastFirst(layer, dtype), x, grad_out, dtype)}
+        graphs = {"csext": capture(layer, x, grad_out, dtype),  # the layer casts x with csext's node
+                  "aten": capture(CastFirst(layer, dtype), x, grad_out, dtype)}
         t = median_times({key: graph.replay for key, graph in graphs.items()}, clock, args.repeats, args.calls)
         record("layer", name, shape, t)
         print(f"| {name} {tuple(shape)} | {t['csext']:.1f} us | {t['aten']:.1f} us | {t['aten'] / t['csext']:.3f}x |")
