@@ -21,6 +21,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from kernels import gated_matmul  # noqa: E402
+from kernels.launch import OPTIONS  # noqa: E402
 
 TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 DOT_DTYPES = {"bf16": triton.language.bfloat16, "fp16": triton.language.float16, "fp32": triton.language.float32}
@@ -46,7 +47,7 @@ def report(name, fn, config, flags, arch: int, dtype: str) -> str:
     constexprs = {**flags, **config.kwargs}
     source = triton.compiler.ASTSource(fn=fn, signature=signature(fn, dtype), constexprs=constexprs)
     kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+                            options={"num_warps": config.num_warps, "num_stages": config.num_stages, **OPTIONS})
     ptx = kernel.asm["ptx"]
     wgmma = re.findall(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*(\{|%rd)", ptx)
     a_from = "-" if not wgmma else ("registers" if all(w == "{" for w in wgmma) else "shared memory")

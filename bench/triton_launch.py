@@ -90,6 +90,7 @@ def install_stand_ins(record=None):
 
         def compile_stand_in(key, signature, device, constexprs, options, attrs, warmup, kernel=kernel):
             binary = binaries[kernel.__name__, key] = NoOpBinary(kernel.__name__)
+            binary.options = options  # what Triton would have compiled it with
             kernel.device_caches[device][0][key] = binary
             return binary
 
@@ -107,6 +108,7 @@ def launches(device):
     import triton
 
     from csext.kernels import gate, gated_matmul as mm
+    from csext.kernels.launch import OPTIONS  # the Launcher's compile options, for the same binaries
 
     m, n, k = 4, 8, 8
     w, s = torch.randn(n, k, device=device), torch.randn(n, k, device=device)
@@ -127,16 +129,18 @@ def launches(device):
     wg_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_W"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
     return {
         "gate forward": (
-            lambda: gate.gate_forward_kernel[grid](w, s, w_eff, beta, numel, HARD=False, BLOCK=gate.BLOCK, num_warps=4),
+            lambda: gate.gate_forward_kernel[grid](w, s, w_eff, beta, numel, HARD=False, BLOCK=gate.BLOCK, num_warps=4,
+                                                   **OPTIONS),
             lambda: gate.gate_forward(w, s, beta, w_eff, False)),
         "gate backward": (
-            lambda: gate.gate_backward_kernel[grid](w, w, s, gw, gs, beta, numel, 1e-4, BLOCK=gate.BLOCK, num_warps=4),
+            lambda: gate.gate_backward_kernel[grid](w, w, s, gw, gs, beta, numel, 1e-4, BLOCK=gate.BLOCK, num_warps=4,
+                                                    **OPTIONS),
             lambda: gate.gate_backward(w, w, s, beta, 1e-4, gw, gs)),
         "fused matmul": (
-            lambda: mm_kernel[mm_grid](*mm_args, **mm_flags),
+            lambda: mm_kernel[mm_grid](*mm_args, **mm_flags, **OPTIONS),
             lambda: mm.gated_matmul(x, w, s, beta, None, out, False, "ieee", torch.float32)),
         "weight gradient": (
-            lambda: wg_kernel[wg_grid](*wg_args, **wg_flags),
+            lambda: wg_kernel[wg_grid](*wg_args, **wg_flags, **OPTIONS),
             lambda: mm.gated_weight_grad(g, x, w, s, beta, 1e-4, gw, gs, gb, False, "ieee")),
     }
 

@@ -14,6 +14,11 @@ is set it passes none, so the binary's launcher calls nothing: an unset hook is 
 `HookChain` in Triton's knobs (3.6 and 3.9 here), which Triton's own launch builds the launch
 metadata for and calls, twice, on every launch.
 
+Every launch asks Triton for FMA contraction (`OPTIONS`), as inductor and nvcc compile: Triton
+3.9 warns on each first compile that its default turns it off in 3.10, which would change the
+kernels' rounding with the Triton installed (from Triton 3.9, TRITON_FORCE_DISABLE_FP_FUSION=1
+still turns it off).
+
 Triton settings changed after a call's first launch (`triton.knobs`, such as its debug mode) do
 not reach the binary kept for it. Under TRITON_INTERPRET=1 there is no binary, and every call
 goes through Triton's interpreter.
@@ -31,6 +36,7 @@ try:
 except ImportError:  # a Triton whose hooks are plain callables, None when unset
     HookChain = None
 
+OPTIONS = {"enable_fp_fusion": True}  # Triton's compile options for every kernel of csext's
 MAX_ENTRIES = 256  # distinct calls kept per kernel (shapes vary at inference); then it starts over
 
 
@@ -56,7 +62,7 @@ class Launcher:
         """grid(meta) -> up to three grid sizes, meta holding the constexprs (and the tuned
         configuration's block sizes); `constexprs` may hold launch options (num_warps) too."""
         if not self.compiled:
-            (self.tuned or self.kernel)[grid](*tensors, *ints, *floats, **constexprs)
+            (self.tuned or self.kernel)[grid](*tensors, *ints, *floats, **constexprs, **OPTIONS)
             return
         device = driver.active.get_current_device()
         key = (device, ints, *constexprs.values(), *[(t.dtype, t.data_ptr() % 16 == 0) for t in tensors])
@@ -78,10 +84,10 @@ class Launcher:
         args = (*tensors, *ints, *floats)
         with self.first_launch:  # no other thread autotunes between the launch and best_config
             if self.tuned is not None:
-                binary = self.tuned[grid](*args, **constexprs)
+                binary = self.tuned[grid](*args, **constexprs, **OPTIONS)
                 meta = {**constexprs, **self.tuned.best_config.kwargs}
             else:
-                binary = self.kernel[grid](*args, **constexprs)
+                binary = self.kernel[grid](*args, **constexprs, **OPTIONS)
                 meta = constexprs
         if not isinstance(binary, CompiledKernel):  # compiled asynchronously: keep nothing
             return

@@ -70,7 +70,7 @@ def _check_all():
 
     launched = []
     triton_launch.install_stand_ins(record=lambda binary, args: launched.append((binary, args)))
-    from csext.kernels import gate, gated_matmul as mm
+    from csext.kernels import gate, gated_matmul as mm, launch
 
     def via_launcher(launcher, grid, tensors, ints, floats, constexprs):
         launched.clear()
@@ -89,7 +89,7 @@ def _check_all():
 
     def via_triton(launcher, grid, tensors, ints, floats, constexprs):
         launched.clear()
-        (launcher.tuned or launcher.kernel)[grid](*tensors, *ints, *floats, **constexprs)
+        (launcher.tuned or launcher.kernel)[grid](*tensors, *ints, *floats, **constexprs, **launch.OPTIONS)
         (found,) = launched
         return found
 
@@ -140,6 +140,8 @@ def _check_all():
                                    NEED_WEIGHT=True, NEED_MASK=not hard, NEED_BIAS=not hard, PRECISION="tf32",
                                    **mm._CONFIG))
     assert len(seen) > 40, f"the calls reached only {len(seen)} binaries"
+    # FMA contraction asked for, not left to Triton's default (which Triton 3.9 warns will change)
+    assert all(binary.options.enable_fp_fusion for binary in seen)
 
     # A profiler's launch hooks still see the launches that skip Triton: a hook set in place of
     # Triton's, or added to its HookChain (as Proton adds its own); and with none set, nothing
@@ -183,4 +185,9 @@ def _check_all():
 
 
 if __name__ == "__main__":
-    _check_all()
+    import warnings
+
+    os.environ.pop("TRITON_DEFAULT_FP_FUSION", None)  # Triton 3.9 warns where a launch leaves it to this
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*FP_FUSION")
+        _check_all()
