@@ -6,7 +6,8 @@ arguments Triton would pass. No kernel compiles without a GPU: a child process (
 TRITON_INTERPRET=1 that conftest.py sets here) installs bench/triton_launch.py's stand-ins, a
 driver and binaries that record their launches, runs Triton's launch path in full up to them,
 and compares, for every kernel of the triton backend and calls that differ in each thing Triton
-specializes on; a repeated call must not touch Triton's launch path. On a GPU,
+specializes on; a repeated call must not touch Triton's launch path. Every binary is compiled
+with csext's options (FMA contraction asked for), so Triton warns of no default left to it. On a GPU,
 tests/test_triton.py runs the kernels through the Launcher for real.
 """
 
