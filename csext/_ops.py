@@ -1,5 +1,6 @@
-"""The ops csext::gate and csext::gate_backward of the C++ extension: loading them, and their
-fake (shape) registrations, which let torch.compile and FakeTensor trace them.
+"""The ops csext::gate and csext::gate_backward of the C++ extension: loading them, their
+fake (shape) registrations, which let torch.compile and FakeTensor trace them, and their vmap
+rules, which let torch.vmap run them once on a batch.
 
 Their schemas and CPU kernels are in csrc/ops.cpp, their CUDA kernels in csrc/cuda (built
 where CUDA torch is present); the math they implement is csext.reference. csrc/autograd.cpp
@@ -87,3 +88,32 @@ if _EXTENSION_ERROR is None:
             torch.empty_like(weight, memory_format=layout),
             torch.empty_like(mask_logits, memory_format=layout),
         )
+
+    # Under torch.vmap: the gate and its backward are elementwise, so a batch of weights is one
+    # call on their stack (an operand without the batch dimension broadcast to it), where vmap's
+    # fallback would call the kernel once per batch element. A batched beta (vmap over the
+    # temperature) takes one call per element, as the fallback would.
+
+    def _batch_first(tensors, in_dims, batch_size):
+        return [
+            t.expand(batch_size, *t.shape) if dim is None else t.movedim(dim, 0)
+            for t, dim in zip(tensors, in_dims)
+        ]
+
+    @torch.library.register_vmap("csext::gate")
+    def _gate_vmap(info, in_dims, weight, mask_logits, beta, hard=False, penalty=0.0, dtype=None):
+        weight, mask_logits = _batch_first((weight, mask_logits), in_dims[:2], info.batch_size)
+        if in_dims[2] is not None:
+            beta = beta.movedim(in_dims[2], 0)
+            outs = [torch.ops.csext.gate(w, s, b, hard, penalty, dtype) for w, s, b in zip(weight, mask_logits, beta)]
+            return torch.stack(outs), 0
+        return torch.ops.csext.gate(weight, mask_logits, beta, hard, penalty, dtype), 0
+
+    @torch.library.register_vmap("csext::gate_backward")
+    def _gate_backward_vmap(info, in_dims, grad, weight, mask_logits, beta, penalty=0.0):
+        grad, weight, mask_logits = _batch_first((grad, weight, mask_logits), in_dims[:3], info.batch_size)
+        if in_dims[3] is not None:
+            beta = beta.movedim(in_dims[3], 0)
+            outs = [torch.ops.csext.gate_backward(*args, penalty) for args in zip(grad, weight, mask_logits, beta)]
+            return tuple(torch.stack(o) for o in zip(*outs)), (0, 0)
+        return torch.ops.csext.gate_backward(grad, weight, mask_logits, beta, penalty), (0, 0)

@@ -535,4 +535,14 @@ TORCH_LIBRARY_IMPL(csext, CompositeExplicitAutograd, m) {
   m.impl("gated_conv2d", &gated_conv2d_forward);
 }
 
+// Under torch.vmap the layer ops are their composition: the gate runs once where the weights are
+// not batched (its own vmap rule, csext/_ops.py, where they are), and ATen's batched linear and
+// convolution take the rest. vmap's fallback would instead call the op once per batch element,
+// gating the weights each time and, under a torch.func.grad below the vmap, adding the penalty's
+// gradient once per element, where the torch backend adds it once.
+TORCH_LIBRARY_IMPL(csext, FuncTorchBatched, m) {
+  m.impl("gated_linear", &gated_linear_forward);
+  m.impl("gated_conv2d", &gated_conv2d_forward);
+}
+
 }  // namespace csext

@@ -205,6 +205,11 @@ TORCH_LIBRARY_IMPL(csext, CompositeExplicitAutograd, m) {
   m.impl("cast", &cast_composite);
 }
 
+// Under torch.vmap: ATen's cast, batched, instead of vmap's fallback (a cast per batch element).
+TORCH_LIBRARY_IMPL(csext, FuncTorchBatched, m) {
+  m.impl("cast", &cast_composite);
+}
+
 TORCH_LIBRARY_IMPL(csext, CPU, m) {
   m.impl("gate", &gate_cpu);
   m.impl("gate_backward", &gate_backward_cpu);

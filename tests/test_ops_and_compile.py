@@ -1,5 +1,6 @@
 """The registered ops pass torch.library.opcheck; torch.compile(fullgraph=True) equals eager."""
 
+import contextlib
 import copy
 
 import pytest
@@ -10,6 +11,17 @@ import csext
 from numerics import CPU_BACKENDS, mask_logits_like
 
 needs_cpp = pytest.mark.skipif("cpp" not in csext.backends.available(), reason="the C++ extension is not built")
+
+
+@contextlib.contextmanager
+def no_vmap_fallback():
+    """torch.vmap without its fallback (one call per batch element, for an op without a vmap
+    rule): such an op raises instead."""
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._functorch._set_vmap_fallback_enabled(True)
 
 
 def _gate_samples():
@@ -161,22 +173,96 @@ def test_forward_mode_ad_matches_torch_backend(kind, hard):
 
 
 @needs_cpp
-def test_functorch_grad_and_vmap_match_torch_backend():
-    """torch.func.grad and vmap through the C++ layer op, penalty included."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    "cuda" not in csext.backends.available(), reason="the CUDA kernels of csext._C are not built")])])
+def test_functorch_transforms_match_torch_backend(device):
+    """torch.func's grad (nested too), jacrev, jacfwd and vmap (over x, over the weights, over
+    the bias, per-sample gradients, and a grad over a vmap) through the C++ layer ops give the
+    torch backend's results, penalty included, each op running batched (csrc/autograd.cpp and
+    csext/_ops.py register their vmap rules), not once per batch element through vmap's
+    fallback. Under a grad over a vmap, unbatched weights are gated once and the penalty's
+    gradient added once, as on the torch backend (the fallback added it once per element)."""
     F64 = torch.float64
-    w, x, b = torch.randn(5, 4, dtype=F64), torch.randn(3, 4, dtype=F64), torch.randn(5, dtype=F64)
-    s = mask_logits_like(w, F64)
+    x, w, b = (torch.randn(*shape, dtype=F64, device=device) for shape in ((3, 5), (4, 5), (4,)))
+    s = mask_logits_like(w, F64).to(device)
+    xs, ws, bs = (torch.randn(*shape, dtype=F64, device=device) for shape in ((6, 3, 5), (6, 4, 5), (4, 6)))
+    xc, wc, xcs = (torch.randn(*shape, dtype=F64, device=device) for shape in ((2, 4, 5, 6), (2, 6, 2, 3, 3),
+                                                                                (3, 2, 4, 5, 6)))
+    sc = mask_logits_like(wc[0], F64).to(device)
     results = {}
-    for backend in ("cpp", "torch"):
-        def loss(w, s):  # the penalty's gradient comes from the gate's backward on both
-            return csext.functional.gated_linear(x, w, s, 2.0, b, penalty=0.1, backend=backend).square().sum()
+    for backend in ("cpp" if device == "cpu" else "cuda", "torch"):
+        def layer(x, w, s, b=b):
+            return csext.functional.gated_linear(x, w, s, 2.0, b, penalty=0.1, backend=backend)
 
-        def rows(x):
-            return csext.functional.gated_linear(x, w, s, 2.0, b, backend=backend)
+        def loss(w, s, x=x):
+            return layer(x, w, s).square().sum()
 
-        results[backend] = torch.func.grad(loss, argnums=(0, 1))(w, s) + (torch.func.vmap(rows)(x.unsqueeze(1)),)
-    for got, want in zip(results["cpp"], results["torch"]):
-        torch.testing.assert_close(got, want)
+        def conv(x, w, s=sc):
+            return csext.functional.gated_conv2d(x, w, s, 2.0, None, 1, 1, 1, 2, penalty=0.1, backend=backend)
+
+        def conv_loss(w, s, x=xc):
+            return conv(x, w, s).square().sum()
+
+        func = torch.func
+        with no_vmap_fallback():
+            results[backend] = [
+                *func.grad(loss, argnums=(0, 1))(w, s),
+                func.grad(lambda w: func.grad(loss)(w, s).square().sum())(w),
+                *func.jacrev(layer, argnums=(1, 2))(x, w, s),
+                *func.jacfwd(layer, argnums=(0, 1, 2))(x, w, s),
+                *func.jacfwd(conv, argnums=(1, 2))(xc, wc[0], sc),
+                func.vmap(layer, in_dims=(0, None, None))(xs, w, s),
+                func.vmap(layer, in_dims=(0, 0, None))(xs, ws, s),
+                func.vmap(layer, in_dims=(None, 1, 1))(x, ws.movedim(0, 1), ws.movedim(0, 1)),
+                func.vmap(layer, in_dims=(None, None, None, 1))(x, w, s, bs),
+                *func.vmap(func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))(w, s, xs),
+                *func.grad(lambda w, s: func.vmap(layer, in_dims=(0, None, None))(xs, w, s).sum(), argnums=(0, 1))(w, s),
+                *func.grad(lambda w, s: func.vmap(loss)(w, s).sum(), argnums=(0, 1))(ws, ws.flip(0)),
+                func.vmap(conv, in_dims=(None, 0))(xc, wc),
+                func.vmap(conv, in_dims=(0, None))(xcs, wc[0]),
+                *func.vmap(func.grad(conv_loss, argnums=(0, 1)), in_dims=(None, None, 0))(wc[0], sc, xcs),
+                *func.grad(lambda w, s: func.vmap(conv, in_dims=(0, None, None))(xcs, w, s).sum(), argnums=(0, 1))(
+                    wc[0], sc),
+            ]
+    fast, reference = results.values()
+    for i, (got, want) in enumerate(zip(fast, reference, strict=True)):
+        torch.testing.assert_close(got, want, msg=lambda m: f"result {i}: {m}")
+
+
+@needs_cpp
+def test_cast_under_vmap_is_atens_cast():
+    x = torch.randn(3, 4, 5).bfloat16()
+    with no_vmap_fallback():
+        got = torch.vmap(lambda x: torch.ops.csext.cast(x, torch.float32), in_dims=1)(x)
+    torch.testing.assert_close(got, x.float().movedim(1, 0), rtol=0, atol=0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("batched", ["weight", "mask_logits", "grad", "beta"])
+def test_gate_ops_under_vmap_match_a_loop(batched):
+    """csext::gate and csext::gate_backward under torch.vmap: one call on the stacked batch (an
+    unbatched operand broadcast to it), or one call per element for a batched beta, each
+    element's result as the op gives it alone."""
+    n = 3
+    args = {"grad": torch.randn(4, 5), "weight": torch.randn(4, 5)}
+    args["mask_logits"], args["beta"] = mask_logits_like(args["weight"]), torch.tensor(2.0, dtype=torch.float64)
+    stacked = {"beta": torch.tensor([1.5, 2.0, 7.0], dtype=torch.float64)} if batched == "beta" else {
+        batched: torch.stack([args[batched] * (1 + i) for i in range(n)], dim=1)}
+    in_dims = {"grad": None, "weight": None, "mask_logits": None, "beta": None, batched: 0 if batched == "beta" else 1}
+    order = ("grad", "weight", "mask_logits", "beta")
+    inputs = [stacked.get(k, args[k]) for k in order]
+    one = lambda i: [stacked[k].select(in_dims[k], i) if k in stacked else args[k] for k in order]  # noqa: E731
+    ops = torch.ops.csext
+    with no_vmap_fallback():
+        if batched != "grad":
+            got = torch.vmap(lambda w, s, b: ops.gate(w, s, b, False, 0.1, torch.float16),
+                             in_dims=tuple(in_dims[k] for k in order[1:]))(*inputs[1:])
+            want = torch.stack([ops.gate(*one(i)[1:], False, 0.1, torch.float16) for i in range(n)])
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        got = torch.vmap(lambda *a: ops.gate_backward(*a, 0.1), in_dims=tuple(in_dims[k] for k in order))(*inputs)
+        want = [torch.stack(t) for t in zip(*[ops.gate_backward(*one(i), 0.1) for i in range(n)])]
+        for g, w_ in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w_, rtol=0, atol=0)
 
 
 @needs_cpp

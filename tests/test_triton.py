@@ -316,8 +316,8 @@ def test_double_backward(monkeypatch, full_fp32, layer, hard, of):
 @pytest.mark.parametrize("path", ["fused", "gate"])
 def test_torch_func_transforms_match_torch_backend(monkeypatch, full_fp32, path):
     """torch.func's grad (nested too), jacrev and vmap (over x, over the weights, per-sample
-    gradients) through the triton layers give the torch backend's results, penalty included;
-    jvp, which the kernels do not define, raises."""
+    gradients, a grad over a vmap) through the triton layers give the torch backend's results,
+    penalty included; jvp, which the kernels do not define, raises."""
     monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", 4096 if path == "fused" else 0)
     x, w = torch.randn(3, 5, device=DEVICE), torch.randn(4, 5, device=DEVICE)
     s, b = mask_logits_like(w).to(DEVICE), torch.randn(4, device=DEVICE)
@@ -344,6 +344,7 @@ def test_torch_func_transforms_match_torch_backend(monkeypatch, full_fp32, path)
             func.vmap(layer, in_dims=(0, 0, None))(xs, ws, s),
             func.vmap(layer, in_dims=(None, None, None, 1))(x, w, s, bs),
             *func.vmap(func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))(w, s, xs),
+            *func.grad(lambda w, s: func.vmap(layer, in_dims=(0, None, None))(xs, w, s).sum(), argnums=(0, 1))(w, s),
             func.vmap(conv)(wc),
         ]
     for i, (got, want) in enumerate(zip(results["triton"], results["torch"])):
