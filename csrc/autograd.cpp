@@ -61,8 +61,33 @@ std::tuple<at::Tensor, at::Tensor> call_gate_backward(const at::Tensor& grad,
   return op.call(grad, weight, mask_logits, beta, penalty);
 }
 
+// Autograd of csext::gate_backward, which a backward calls and which builds no node of its own.
+// In a backward that builds a graph (create_graph=True: a loss on dL/dw or dL/ds, a
+// Hessian-vector product; torch.func's transforms) the gradients are written out in ATen ops,
+// differentiable again (forward-mode too), as csext.reference.gate_grads writes them; the
+// kernel's output would have no history and the second derivatives would silently be zero.
+std::tuple<at::Tensor, at::Tensor> gate_backward_autograd(const at::Tensor& grad,
+                                                          const at::Tensor& weight,
+                                                          const at::Tensor& mask_logits,
+                                                          const at::Tensor& beta, double penalty) {
+  const auto differentiable = [](const at::Tensor& t) {
+    return t.requires_grad() || t._fw_grad(/*level=*/0).defined();
+  };
+  if (at::GradMode::is_enabled() &&
+      (differentiable(grad) || differentiable(weight) || differentiable(mask_logits))) {
+    const at::Tensor m = at::sigmoid(mask_logits * beta);
+    // In the dtype the gate multiplies in: the wider of w's and m's.
+    const at::Tensor g = grad.to(at::promote_types(weight.scalar_type(), m.scalar_type()));
+    const at::Tensor grad_weight = (g * m).to(weight.scalar_type());
+    const at::Tensor grad_mask_logits = beta * m * (1 - m) * (g * weight + penalty);
+    return {grad_weight, grad_mask_logits.to(mask_logits.scalar_type())};
+  }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return call_gate_backward(grad, weight, mask_logits, beta, penalty);
+}
+
 // Set in a backward pass that builds no graph (create_graph=False): the ops it calls skip the
-// autograd layer, whose boxed fallback for csext::gate_backward cost more than the kernel.
+// autograd layer, whose dispatch for csext::gate_backward cost more than the kernel.
 struct BelowAutogradUnlessGradMode {
   std::optional<at::AutoDispatchBelowADInplaceOrView> guard;
   BelowAutogradUnlessGradMode() {
@@ -526,6 +551,7 @@ TORCH_LIBRARY_FRAGMENT(csext, m) {
 
 TORCH_LIBRARY_IMPL(csext, Autograd, m) {
   m.impl("gate", &gate_autograd);
+  m.impl("gate_backward", &gate_backward_autograd);
   m.impl("gated_linear", &gated_linear_autograd);
   m.impl("gated_conv2d", &gated_conv2d_autograd);
 }

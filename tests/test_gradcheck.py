@@ -38,12 +38,17 @@ def _central_differences(scalar, inputs, eps=1e-6):
 
 
 def _check(fn, inputs, beta, penalty, mask_logits):
-    """gradcheck proper for penalty 0. With penalty > 0 the backward adds lam * dP/ds whatever
+    """gradcheck proper for penalty 0, forward mode and vmap's batched gradients included, and
+    gradgradcheck: the second derivatives (create_graph=True; forward over reverse, as
+    torch.func.hessian takes them). With penalty > 0 the backward adds lam * dP/ds whatever
     grad_output is (gradcheck rejects that by design), so the check is the gradient of the
     scalar sum(v * y) + lam * P against central differences, P's value entering without a
     gradient of its own."""
     if penalty == 0.0:
-        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+        assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, check_forward_ad=True,
+                                        check_batched_grad=True, check_batched_forward_grad=True)
+        assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, check_fwd_over_rev=True,
+                                            check_batched_grad=True)
         return
     v = torch.randn_like(fn(*inputs))
 

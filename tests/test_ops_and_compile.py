@@ -11,6 +11,11 @@ import csext
 from numerics import CPU_BACKENDS, mask_logits_like
 
 needs_cpp = pytest.mark.skipif("cpp" not in csext.backends.available(), reason="the C++ extension is not built")
+# cpu runs the cpp backend, cuda (a gpu test) the cuda one
+ON_CPU_AND_CUDA = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu,
+    pytest.mark.skipif("cuda" not in csext.backends.available(), reason="the CUDA kernels of csext._C are not built"),
+])])
 
 
 @contextlib.contextmanager
@@ -173,8 +178,7 @@ def test_forward_mode_ad_matches_torch_backend(kind, hard):
 
 
 @needs_cpp
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    "cuda" not in csext.backends.available(), reason="the CUDA kernels of csext._C are not built")])])
+@ON_CPU_AND_CUDA
 def test_functorch_transforms_match_torch_backend(device):
     """torch.func's grad (nested too), jacrev, jacfwd and vmap (over x, over the weights, over
     the bias, per-sample gradients, and a grad over a vmap) through the C++ layer ops give the
@@ -295,31 +299,64 @@ def test_beta_cache_keeps_only_plain_tensors(monkeypatch, where):
 
 
 @needs_cpp
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
-@pytest.mark.parametrize("hard", [False, True])
-def test_double_backward_through_the_input_gradient(kind, hard):
-    """create_graph=True: a loss on dL/dx (a gradient penalty, a Hessian-vector product)
-    differentiates back to x, w, s and b as with the torch backend."""
+@ON_CPU_AND_CUDA
+@pytest.mark.parametrize("kind", ["linear", "batched linear", "conv2d"])
+@pytest.mark.parametrize("hard,of", [(False, "x"), (False, "w"), (False, "s"), (True, "x"), (True, "w")])
+def test_double_backward(device, kind, hard, of):
+    """create_graph=True: a loss on a gradient (of x: a gradient penalty, a Hessian-vector
+    product; of w or s) differentiates back to x, w, s and b as on the torch backend, penalty
+    included. A loss on dL/dw or dL/ds goes through csext::gate_backward's own autograd
+    (csrc/autograd.cpp): without it the kernel's output has no history and the second
+    derivatives came out zero, with only a warning."""
     F64 = torch.float64
-    if kind == "linear":
-        x, w = torch.randn(3, 5, dtype=F64), torch.randn(4, 5, dtype=F64)
-    else:
+    if kind == "conv2d":
         x, w = torch.randn(2, 4, 5, 6, dtype=F64), torch.randn(6, 2, 3, 3, dtype=F64)
+    else:
+        x, w = torch.randn(*((2, 3, 5) if kind == "batched linear" else (3, 5)), dtype=F64), torch.randn(4, 5, dtype=F64)
     s, b = mask_logits_like(w, F64), torch.randn(w.shape[0], dtype=F64)
     grads = {}
-    for backend in ("cpp", "torch"):
-        leaves = [t.clone().requires_grad_() for t in (x, w, s, b)]
-        if kind == "linear":
-            y = csext.functional.gated_linear(*leaves[:3], 2.0, leaves[3], hard=hard, backend=backend)
+    for backend in ("cpp" if device == "cpu" else "cuda", "torch"):
+        leaves = [t.to(device).requires_grad_() for t in (x, w, s, b)]
+        if kind == "conv2d":
+            y = csext.functional.gated_conv2d(*leaves[:3], 2.0, leaves[3], 1, 1, 1, 2, hard=hard, penalty=0.1,
+                                              backend=backend)
         else:
-            y = csext.functional.gated_conv2d(*leaves[:3], 2.0, leaves[3], 1, 1, 1, 2, hard=hard, backend=backend)
-        (grad_x,) = torch.autograd.grad(y.square().sum(), leaves[0], create_graph=True)
-        grad_x.square().sum().backward()
+            y = csext.functional.gated_linear(*leaves[:3], 2.0, leaves[3], hard=hard, penalty=0.1, backend=backend)
+        (grad,) = torch.autograd.grad(y.square().sum(), leaves["xws".index(of)], create_graph=True)
+        grad.square().sum().backward()
         grads[backend] = [t.grad for t in leaves]
-    for name, got, want in zip("xwsb", grads["cpp"], grads["torch"]):
+    fast, reference = grads.values()
+    for name, got, want in zip("xwsb", fast, reference):
         assert (got is None) == (want is None), name
         if want is not None:
             torch.testing.assert_close(got, want, msg=lambda m: f"{name}: {m}")
+
+
+@needs_cpp
+@ON_CPU_AND_CUDA
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_hessian_matches_torch_backend(device, kind):
+    """torch.func.hessian (forward over reverse) of a loss in w and s, as on the torch backend."""
+    F64 = torch.float64
+    if kind == "conv2d":
+        x, w = torch.randn(2, 4, 5, 6, dtype=F64, device=device), torch.randn(2, 2, 3, 3, dtype=F64, device=device)
+    else:
+        x, w = torch.randn(3, 5, dtype=F64, device=device), torch.randn(2, 5, dtype=F64, device=device)
+    s = mask_logits_like(w, F64).to(device)
+    hessians = {}
+    for backend in ("cpp" if device == "cpu" else "cuda", "torch"):
+        def loss(w, s, backend=backend):
+            if kind == "conv2d":
+                y = csext.functional.gated_conv2d(x, w, s, 2.0, None, 1, 1, 1, 2, backend=backend)
+            else:
+                y = csext.functional.gated_linear(x, w, s, 2.0, backend=backend)
+            return y.tanh().sum()
+
+        hessians[backend] = torch.func.hessian(loss, argnums=(0, 1))(w, s)
+    fast, reference = hessians.values()
+    for i in range(2):
+        for j in range(2):
+            torch.testing.assert_close(fast[i][j], reference[i][j], msg=lambda m: f"d2/d{'ws'[i]}d{'ws'[j]}: {m}")
 
 
 @needs_cpp
