@@ -12,8 +12,8 @@ autograd registrations (no graph break, opcheck-clean):
     csext::triton_gated_linear_grad_weight            dL/dw, dL/ds from the G^T x epilogue, dL/db
 
 In eager mode they call them through torch.autograd.Function, which costs a fraction of a
-custom op's Python dispatch per call (under torch.func's transforms, through twins of those
-Functions written as the transforms require, with vmap rules). Where csext._C is built, the
+custom op's Python dispatch per call (under torch.func's transforms and forward-mode AD,
+through twins of those Functions written as the transforms require, with vmap and jvp rules). Where csext._C is built, the
 eager gate and fused linear layer go further: their forward launches its kernel here, and
 csext._C makes the output that of a C++ node (csrc/triton_node.cpp) whose backward calls back
 into this module, with less Python per call than a Function's. Every route shares one backward
@@ -30,6 +30,7 @@ is compiled.
 from types import SimpleNamespace
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _ops, reference
 from .kernels import gate as gate_kernels
@@ -246,10 +247,46 @@ class _LinearFunction(torch.autograd.Function):
         return _linear_backward(_ops_now(), ctx, grad)
 
 
-# The same two for torch.func's transforms (grad, jacrev, vmap; not jvp): forward and
-# setup_context apart, as they require, and a vmap rule. Not the eager default: Function.apply
-# then binds the arguments with inspect.signature on every call, 40 us more per forward+backward
-# on the CI machine.
+# The same two for torch.func's transforms (grad, jacrev, vmap, jvp) and forward-mode AD:
+# forward and setup_context apart, as they require, a vmap rule and a jvp. Not the eager
+# default: Function.apply then binds the arguments with inspect.signature on every call, 40 us
+# more per forward+backward on the CI machine.
+
+
+def _transforms_active() -> bool:
+    """torch.func's transforms, or torch.autograd.forward_ad's dual level, are on: the entry points
+    take the Functions below (the C++ nodes define no forward-mode AD)."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+
+
+# The jvp rules write the tangents in torch ops (csext.reference), as the backward does with grad
+# mode on: the transforms around a jvp rule (jacfwd's vmap, hessian's grad) batch and
+# differentiate what it calls, which Triton's launches cannot take.
+
+
+def _gate_tangent(weight, mask_logits, beta, hard: bool, dtype: torch.dtype, weight_t, mask_logits_t):
+    """The tangent of w_eff = w * m, w_t * m + w * m'(s) * s_t (the hard mask is flat: s_t adds
+    nothing), in `dtype`; None where neither w nor s has a tangent."""
+    tangent = None
+    if weight_t is not None:
+        tangent = reference.gate(weight_t, mask_logits, beta, hard, 0.0, dtype)
+    if mask_logits_t is not None and not hard:
+        # dL/ds of the gate with s_t in place of dL/dw_eff is w * m'(s) * s_t
+        term = reference.gate_grads(mask_logits_t, weight, mask_logits, beta)[1].to(dtype)
+        tangent = term if tangent is None else tangent + term
+    return tangent
+
+
+def _gate_setup_for_transforms(ctx, inputs, output):
+    _gate_setup(ctx, inputs, output)
+    ctx.save_for_forward(*inputs[:3])
+    ctx.dtype = inputs[5]
+
+
+def _linear_setup_for_transforms(ctx, inputs, output):
+    _linear_setup(ctx, inputs, output)
+    ctx.save_for_forward(*inputs[:4])
+    ctx.dtype = inputs[7]
 
 
 def _batch_first(t, dim, size):
@@ -259,7 +296,13 @@ def _batch_first(t, dim, size):
 
 class _GateFunctionForTransforms(_GateFunction):
     forward = staticmethod(_gate_impl)
-    setup_context = staticmethod(_gate_setup)
+    setup_context = staticmethod(_gate_setup_for_transforms)
+
+    @staticmethod
+    def jvp(ctx, weight_t, mask_logits_t, *_):
+        weight, mask_logits, beta = ctx.saved_tensors
+        tangent = _gate_tangent(weight, mask_logits, beta, ctx.hard, ctx.dtype, weight_t, mask_logits_t)
+        return tangent if tangent is not None else torch.zeros_like(weight, dtype=ctx.dtype)
 
     @staticmethod
     def vmap(info, in_dims, weight, mask_logits, beta, hard, penalty, dtype):
@@ -272,7 +315,22 @@ class _GateFunctionForTransforms(_GateFunction):
 
 class _LinearFunctionForTransforms(_LinearFunction):
     forward = staticmethod(_linear_impl)
-    setup_context = staticmethod(_linear_setup)
+    setup_context = staticmethod(_linear_setup_for_transforms)
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, mask_logits_t, beta_t, bias_t, *_):
+        """x_t (w * m)^T + x w_eff_t^T + b_t, in the compute dtype."""
+        x, weight, mask_logits, beta = ctx.saved_tensors
+        dtype = ctx.dtype
+        tangent = torch.zeros((x.shape[0], weight.shape[0]), dtype=dtype, device=x.device)
+        if x_t is not None:
+            tangent = tangent + x_t.to(dtype) @ reference.gate(weight, mask_logits, beta, ctx.hard, 0.0, dtype).t()
+        w_eff_t = _gate_tangent(weight, mask_logits, beta, ctx.hard, dtype, weight_t, mask_logits_t)
+        if w_eff_t is not None:
+            tangent = tangent + x.to(dtype) @ w_eff_t.t()
+        if bias_t is not None:
+            tangent = tangent + bias_t.to(dtype)
+        return tangent
 
     @staticmethod
     def vmap(info, in_dims, x, weight, mask_logits, beta, bias, hard, penalty, dtype):
@@ -372,7 +430,7 @@ def gate(weight, mask_logits, beta, hard: bool, penalty: float, dtype: torch.dty
     """w * m in `dtype` (beta a device tensor), differentiable."""
     if torch.compiler.is_compiling():
         return triton_gate(weight, mask_logits, beta, hard, penalty, dtype)
-    if torch._C._are_functorch_transforms_active():
+    if _transforms_active():
         return _GateFunctionForTransforms.apply(weight, mask_logits, beta, hard, penalty, dtype)
     if _C is None:
         return _GateFunction.apply(weight, mask_logits, beta, hard, penalty, dtype)
@@ -387,7 +445,7 @@ def gated_linear(x, weight, mask_logits, beta, bias, hard: bool, penalty: float,
     differentiable; x in that dtype or, under autocast, in one autocast would cast to it."""
     if torch.compiler.is_compiling():
         return triton_gated_linear(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
-    if torch._C._are_functorch_transforms_active():
+    if _transforms_active():
         return _LinearFunctionForTransforms.apply(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
     if _C is None:
         return _LinearFunction.apply(x, weight, mask_logits, beta, bias, hard, penalty, dtype)

@@ -203,8 +203,9 @@ def test_nodes_match_the_functions(monkeypatch, op, needs, hard):
 def test_fused_layer_node_keeps_autograd_contracts(monkeypatch):
     """The fused layer's node saves x, w and s as save_for_backward does: through saved-tensor
     hooks, checked for in-place changes, freed after the backward; an error in its Python
-    backward reaches the caller; forward-mode AD is refused by name. (The gate's node is the
-    same C++ template.)"""
+    backward reaches the caller; forward-mode AD, which the node refuses by name, takes the
+    Function instead and gives the torch backend's tangent. (The gate's node is the same C++
+    template.)"""
     from torch.autograd import forward_ad
 
     from csext import _triton
@@ -235,11 +236,19 @@ def test_fused_layer_node_keeps_autograd_contracts(monkeypatch):
     with pytest.raises(ValueError, match="from the backward"):
         call(leaves).sum().backward()
 
+    # Forward-mode AD takes the Function with a jvp (csext/_triton.py); the node would refuse it.
     leaves = _fused_layer_leaves(requires=())
+    tangents = {name: torch.randn_like(t) for name, t in leaves.items()}
     with forward_ad.dual_level():
-        leaves["x"] = forward_ad.make_dual(leaves["x"], torch.ones_like(leaves["x"]))
+        duals = {name: forward_ad.make_dual(t, tangents[name]) for name, t in leaves.items()}
+        got = forward_ad.unpack_dual(call(duals)).tangent
+        want = forward_ad.unpack_dual(CF.gated_linear(duals["x"], duals["w"], duals["s"], 2.0, duals["b"],
+                                                      backend="torch")).tangent
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(want.abs().max().item(), 1.0))
+        beta = _triton.device_beta(2.0, leaves["x"].device)
+        y = _triton._linear_impl(leaves["x"], leaves["w"], leaves["s"], beta, leaves["b"], False, 0.0, torch.float32)
         with pytest.raises(NotImplementedError, match="fused linear layer has no forward-mode AD"):
-            call(leaves)
+            csext._C.triton_linear_node(y, duals["x"], leaves["w"], leaves["s"], beta, leaves["b"], False, 0.0)
 
 
 @pytest.fixture
@@ -317,7 +326,8 @@ def test_double_backward(monkeypatch, full_fp32, layer, hard, of):
 def test_torch_func_transforms_match_torch_backend(monkeypatch, full_fp32, path):
     """torch.func's grad (nested too), jacrev and vmap (over x, over the weights, per-sample
     gradients, a grad over a vmap) through the triton layers give the torch backend's results,
-    penalty included; jvp, which the kernels do not define, raises."""
+    penalty included; and jvp, jacfwd and hessian (forward over reverse) through the Functions'
+    jvp rules."""
     monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", 4096 if path == "fused" else 0)
     x, w = torch.randn(3, 5, device=DEVICE), torch.randn(4, 5, device=DEVICE)
     s, b = mask_logits_like(w).to(DEVICE), torch.randn(4, device=DEVICE)
@@ -346,12 +356,15 @@ def test_torch_func_transforms_match_torch_backend(monkeypatch, full_fp32, path)
             *func.vmap(func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))(w, s, xs),
             *func.grad(lambda w, s: func.vmap(layer, in_dims=(0, None, None))(xs, w, s).sum(), argnums=(0, 1))(w, s),
             func.vmap(conv)(wc),
+            *func.jvp(layer, (x, w, s), (xs[0], ws[0], ws[1])),
+            *func.jvp(lambda w, s: CF.gate(w, s, 2.0, hard=True, backend=backend), (w, s), (ws[2], ws[3])),
+            *func.jacfwd(layer, argnums=(0, 1, 2))(x, w, s),
+            *func.jacfwd(conv)(wc[0]),
+            *(h for row in func.hessian(lambda w, s: layer(x, w, s).tanh().sum(), argnums=(0, 1))(w, s) for h in row),
         ]
-    for i, (got, want) in enumerate(zip(results["triton"], results["torch"])):
+    for i, (got, want) in enumerate(zip(results["triton"], results["torch"], strict=True)):
         scale = max(want.abs().max().item(), 1.0)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"result {i}: {m}")
-    with pytest.raises(NotImplementedError, match="jvp"):
-        torch.func.jvp(lambda w: CF.gated_linear(x, w, s, 2.0, backend="triton"), (w,), (torch.ones_like(w),))
 
 
 @pytest.mark.parametrize("path", ["fused", "gate"])
