@@ -8,7 +8,7 @@ from . import distributed
 from . import nets
 from .baselines import METHODS
 from .compare import compare
-from .search import ConfigError, Search, SearchConfig
+from .search import ConfigError, DivergedError, Search, SearchConfig
 from .sweep import run_sweep
 
 # The paper's setups (SPEC section 1; Savarese et al., section 5). They need the CIFAR-10 files
@@ -109,6 +109,8 @@ def main(argv=None) -> int:
             distributed.close()
     except (ConfigError, datasets.DataError) as error:
         parser.exit(2, f"python -m csext {args.command}: error: {error}\n")
+    except DivergedError as error:
+        parser.exit(1, f"python -m csext {args.command}: error: {error}\n")
     if not main_rank:  # rank 0 reports
         return 0
     dense = results["dense"]

@@ -184,6 +184,9 @@ def _from_arrays(name: str, x_train, y_train, x_test, y_test, augment: bool = Fa
         if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
             raise DataError(f"{name}: x_{split} must be numeric, got dtype {x.dtype}")
         xs[split] = _to_float(x)
+        bad = int((~torch.isfinite(xs[split])).sum())
+        if bad:  # NaN would train to a NaN loss, and inf overflows it: refuse them here, by name
+            raise DataError(f"{name}: x_{split} holds {bad} NaN or infinite values (as float32)")
     if xs["train"].shape[1:] != xs["test"].shape[1:]:
         raise DataError(f"{name}: x_train and x_test must have one sample shape, got "
                         f"{tuple(xs['train'].shape[1:])} and {tuple(xs['test'].shape[1:])}")

@@ -38,6 +38,11 @@ class ConfigError(ValueError):
     """A setting or a file the run cannot use; the message names it."""
 
 
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the run stops there rather than go on to
+    results that mean nothing."""
+
+
 @dataclass
 class SearchConfig:
     """Settings of a run. The defaults suit the default data and model (mnist1d, mlp: tickets
@@ -174,7 +179,11 @@ def train_epoch(model, data: datasets.Dataset, optimizer, config: SearchConfig, 
             after_step()
         if check_ranks:  # CSEXT_CHECK_RANKS=1: verify after every step that the ranks agree
             distributed.assert_same_on_all_ranks(model)
-        total_loss += loss.item() * len(y)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise DivergedError(f"the training loss is {value} at step {step} of the epoch: lower --lr "
+                                f"(it is {config.lr:g}) or check the data")
+        total_loss += value * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
     return {"loss": total_loss / seen, "train_acc": correct / seen}

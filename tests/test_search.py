@@ -216,7 +216,7 @@ def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, capsys):
 @pytest.mark.parametrize(
     "case",
     ["missing file", "missing keys", "labels out of range", "lengths differ", "pickled arrays",
-     "unknown model", "unknown data", "negative epochs", "model does not fit data"],
+     "non-finite features", "unknown model", "unknown data", "negative epochs", "model does not fit data"],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
     data = tmp_path / "data.npz"
@@ -231,6 +231,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
         _write_npz(data, y_train=np.zeros(95, dtype=np.int64))
     elif case == "pickled arrays":
         _write_npz(data, y_train=np.array([object()] * 96, dtype=object))
+    elif case == "non-finite features":  # 1e39 overflows float32
+        _write_npz(data, x_test=np.where(np.eye(40, 12) > 0, 1e39, np.ones((40, 12))))
     else:
         _write_npz(data)
         extra = {"unknown model": ["--model", "transformer"], "unknown data": [],
@@ -245,6 +247,19 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
     assert "error:" in err and "Traceback" not in err
     assert len(err.splitlines()) == 1, err
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
+
+
+def test_a_diverging_run_stops_with_exit_code_1_and_writes_no_results(tmp_path, capsys):
+    """A NaN training loss (here from a learning rate far too large) stops the run with one line
+    that says what to try; no results.json claims a ticket."""
+    data, out = _write_npz(tmp_path / "data.npz"), tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["search", "--data", str(data), "--out", str(out), *SMALL, "--lr", "1e30"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("python -m csext search: error: the training loss is ") and "lower --lr" in err, err
+    assert len(err.splitlines()) == 1, err
+    assert not (out / "results.json").exists()
 
 
 def test_the_real_command_line_reports_bad_input_without_traceback(tmp_path):
