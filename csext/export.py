@@ -82,6 +82,23 @@ class SparseLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # A saved weight has its own nonzeros (another ticket's, or a dense nn.Linear's weight),
+        # which copy_ into this CSR buffer cannot take: it replaces the buffer instead.
+        key = prefix + "weight"
+        weight = state_dict.get(key)
+        if isinstance(weight, torch.Tensor):
+            expected = (self.out_features, self.in_features)
+            if tuple(weight.shape) != expected:
+                error_msgs.append(f"size mismatch for {key}: expected {expected}, got {tuple(weight.shape)}")
+                return
+            csr = weight if weight.layout == torch.sparse_csr else weight.to_sparse_csr()
+            self.weight = csr.to(device=self.weight.device, dtype=self.weight.dtype, copy=True)
+            state_dict = {**state_dict, key: self.weight}  # what the parent then copies is that buffer
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def extra_repr(self) -> str:
         nnz = self.weight.values().numel()
         return f"in_features={self.in_features}, out_features={self.out_features}, nonzeros={nnz}"

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -63,6 +64,27 @@ def test_sparse_export_equals_the_finalized_model():
     layer = export.to_sparse(csext.finalize(_ticket()[3]))  # a model that is one layer
     assert isinstance(layer, export.SparseLinear)
     assert layer(torch.randn(2, 3, 144)).shape == (2, 3, 50)
+
+
+def test_sparse_model_loads_another_tickets_state_dict(tmp_path):
+    """A saved sparse model loads (weights_only) into one exported from another ticket, whose CSR
+    weights hold other nonzeros; a finalized model's dense state dict loads too; a wrong shape
+    is named."""
+    saved, other = export.to_sparse(_ticket(seed=0)), export.to_sparse(_ticket(seed=1))
+    assert saved[3].weight.values().numel() != other[3].weight.values().numel()
+    torch.save(saved.state_dict(), tmp_path / "sparse.pt")
+    other.load_state_dict(torch.load(tmp_path / "sparse.pt", weights_only=True))
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(other(x), saved(x), rtol=0, atol=0)
+    assert other[3].weight.layout == torch.sparse_csr
+    finalized = csext.finalize(_ticket(seed=2))
+    other.load_state_dict(finalized.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), finalized(x), rtol=1e-5, atol=1e-5)
+    state = finalized.state_dict()
+    state["3.weight"] = torch.zeros(49, 4 * 6 * 6)
+    with pytest.raises(RuntimeError, match=r"size mismatch for 3.weight: expected \(50, 144\), got \(49, 144\)"):
+        other.load_state_dict(state)
 
 
 def test_shrink_removes_gated_off_units_and_keeps_outputs():
