@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import reference
-from .model import _plain, _replace, gated_modules
+from .model import _plain, _replace, gated_modules, module_aliases
 from .modules import GatedConv2d, GatedLinear
 
 
@@ -33,6 +33,7 @@ def _plain_like(module: nn.Module) -> nn.Module:
 def to_prune_form(model: nn.Module) -> nn.Module:
     """Every gated layer becomes a plain nn.Linear / nn.Conv2d pruned with
     prune.custom_from_mask: weight_orig holds mask_scale * w, weight_mask the hard mask."""
+    aliases = module_aliases(model)
     for name, module in gated_modules(model):
         plain = _plain_like(module)
         plain.weight = nn.Parameter((module.weight * module.mask_scale).detach().clone(),
@@ -41,7 +42,7 @@ def to_prune_form(model: nn.Module) -> nn.Module:
         plain.train(module.training)
         mask = reference.hard_mask(module.mask_logits).to(module.weight.dtype)
         prune.custom_from_mask(plain, "weight", mask)
-        model = _replace(model, name, plain)
+        model = _replace(model, name, plain, aliases)
     return model
 
 
@@ -52,6 +53,7 @@ def from_prune_form(model: nn.Module) -> nn.Module:
     nonzero and -1 elsewhere."""
     found = [(n, m) for n, m in model.named_modules()
              if type(m) in (nn.Linear, nn.Conv2d) and hasattr(m, "weight_orig") and hasattr(m, "weight_mask")]
+    aliases = module_aliases(model)
     for name, module in found:
         plain = _plain_like(module)
         plain.weight = module.weight_orig
@@ -61,7 +63,7 @@ def from_prune_form(model: nn.Module) -> nn.Module:
         gated = gated_type.from_dense(plain)
         gated.mask_logits.copy_(torch.where(module.weight_mask != 0, 1.0, -1.0).to(gated.mask_logits.dtype))
         gated.hard = True
-        model = _replace(model, name, gated)
+        model = _replace(model, name, gated, aliases)
     return model
 
 
@@ -111,15 +113,16 @@ def to_sparse(model: nn.Module) -> nn.Module:
     convolutions become finalized nn.Conv2d."""
     targets = [(n, m) for n, m in model.named_modules()
                if isinstance(m, GatedLinear) or (type(m) is nn.Linear and (m.weight == 0).float().mean() > 0.5)]
+    aliases = module_aliases(model)
     for name, module in gated_modules(model):
         if isinstance(module, GatedConv2d):
-            model = _replace(model, name, _plain(module))
+            model = _replace(model, name, _plain(module), aliases)
     for name, module in targets:
         if isinstance(module, GatedLinear):
             weight = reference.gate(module.weight, module.mask_logits, module.beta, hard=True) * module.mask_scale
         else:
             weight = module.weight
-        model = _replace(model, name, SparseLinear(weight, module.bias))
+        model = _replace(model, name, SparseLinear(weight, module.bias), aliases)
     return model
 
 

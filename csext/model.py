@@ -19,11 +19,31 @@ def gated_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, GATED_TYPES)]
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+Aliases = dict[int, tuple[nn.Module, list[str]]]
+
+
+def module_aliases(model: nn.Module) -> Aliases:
+    """Every qualified name each module of `model` sits at (a module shared by two parents has
+    two), by id, with the module (which keeps the id its own)."""
+    aliases: Aliases = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), (m, []))[1].append(name)
+    return aliases
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module, aliases: Aliases | None = None) -> nn.Module:
+    """`new` in place of the submodule at `name`, and wherever else that module sits in the tree
+    (module_aliases(model), taken before replacing; computed here if not given): a module shared
+    by two parents is one layer, and stays one."""
     if name == "":
         return new
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
+    if aliases is None:
+        aliases = module_aliases(model)
+    old = model.get_submodule(name)
+    held, names = aliases.get(id(old), (old, [name]))
+    for alias in names if held is old else [name]:
+        parent_name, _, child = alias.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
     return model
 
 
@@ -48,12 +68,24 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
             f"sparsify replaces submodules in place; model is itself an {type(model).__name__}: "
             f"use {_DENSE_TO_GATED[type(model)].__name__}.from_dense(model)"
         )
-    for name, module in candidates:
-        if any(fnmatch.fnmatchcase(name, p) for p in patterns):
-            continue
+    chosen = [(name, m) for name, m in candidates if not any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    holders: dict[int, list[tuple[nn.Module, str]]] = {}  # id(Parameter) -> the modules holding it
+    for owner_name, owner in model.named_modules(remove_duplicate=False):
+        for param_name, p in owner.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append((owner, f"{owner_name}.{param_name}" if owner_name else param_name))
+    for name, module in chosen:
+        tied = sorted({held_as for owner, held_as in holders[id(module.weight)] if owner is not module})
+        if tied:
+            raise ValueError(
+                f"sparsify: {name}.weight is tied to {', '.join(tied)} (one Parameter in two modules): a mask on "
+                f"{name} would gate one use of it and not the other; pass exclude=[{name!r}] to leave it dense, "
+                f"or untie the weights first"
+            )
+    aliases = module_aliases(model)
+    for name, module in chosen:
         gated = _DENSE_TO_GATED[type(module)].from_dense(module, mask_init=mask_init)
         gated.penalty = float(penalty)
-        _replace(model, name, gated)
+        _replace(model, name, gated, aliases)
     return [m for _, m in gated_modules(model)]
 
 
@@ -140,6 +172,7 @@ def _plain(module: nn.Module) -> nn.Module:
 def finalize(model: nn.Module) -> nn.Module:
     """Replace, in place, every gated layer by a plain nn.Linear / nn.Conv2d holding w * 1[s > 0].
     Returns the model (or the new layer, when `model` is itself a gated layer)."""
+    aliases = module_aliases(model)
     for name, module in gated_modules(model):
-        model = _replace(model, name, _plain(module))
+        model = _replace(model, name, _plain(module), aliases)
     return model

@@ -1,5 +1,7 @@
 """sparsify, set_beta, set_hard, mask_penalty, sparsity_report, backends.available."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -39,6 +41,55 @@ def test_sparsify_exclude():
         csext.sparsify(Net(), exclude=["no_such_layer"])
     with pytest.raises(TypeError, match="from_dense"):
         csext.sparsify(nn.Linear(3, 3))
+
+
+class _SharedLayer(nn.Module):
+    """One nn.Linear registered at three places (a layer applied twice, weight-shared)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = self.a
+        self.block = nn.Sequential(self.a, nn.ReLU())
+
+    def forward(self, x):
+        return self.b(self.block(x))
+
+
+def test_a_shared_layer_stays_one_layer():
+    """sparsify, finalize and the exports replace a module at every place it sits: replacing one
+    left the other places running the old layer, ungated (or, after finalize, unmasked)."""
+    from csext import export
+
+    model = _SharedLayer()
+    (gated,) = csext.sparsify(model)
+    assert model.a is model.b is model.block[0] is gated
+    with torch.no_grad():
+        gated.mask_logits.copy_(torch.randn(4, 4))
+    csext.set_hard(model)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        expected = model(x)
+    for convert in (csext.finalize, export.to_sparse, export.to_prune_form):
+        converted = convert(copy.deepcopy(model))
+        assert converted.a is converted.b is converted.block[0], convert.__name__
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), expected, msg=convert.__name__)
+    back = export.from_prune_form(export.to_prune_form(copy.deepcopy(model)))
+    assert back.a is back.b is back.block[0] and isinstance(back.a, csext.GatedLinear)
+
+
+def test_sparsify_refuses_tied_weights_by_name():
+    """A Linear whose weight Parameter another module holds too (a language model's output layer
+    tied to its embedding) would have only one of its uses gated: sparsify names it and the way
+    out, and touches nothing."""
+    model = nn.Module()
+    model.embed, model.head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
+    model.head.weight = model.embed.weight
+    with pytest.raises(ValueError, match=r"head.weight is tied to embed.weight .* exclude=\['head'\]"):
+        csext.sparsify(model)
+    assert type(model.head) is nn.Linear
+    assert csext.sparsify(model, exclude=["head"]) == []
 
 
 def test_set_beta_set_hard_and_penalty():
