@@ -51,7 +51,8 @@ cd /tmp && CSEXT_TRITON_AUTOTUNE=0 within "${TEST_TIMEOUT:-180}" python3 -m pyte
   "$REPO/tests/test_triton_launch.py" "$REPO/tests/test_eager_fast_path.py" \
   "$REPO/tests/test_ops_and_compile.py::test_functorch_transforms_match_torch_backend" \
   "$REPO/tests/test_ops_and_compile.py::test_double_backward" \
-  "$REPO/tests/test_ops_and_compile.py::test_hessian_matches_torch_backend" >"$OUT/pytest.txt" 2>&1
+  "$REPO/tests/test_ops_and_compile.py::test_hessian_matches_torch_backend" \
+  "$REPO/tests/test_ops_and_compile.py::test_forward_over_reverse_matches_torch_backend" >"$OUT/pytest.txt" 2>&1
 tail -40 "$OUT/pytest.txt"
 
 cd "$REPO"

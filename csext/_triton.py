@@ -13,13 +13,13 @@ autograd registrations (no graph break, opcheck-clean):
 
 In eager mode they call them through torch.autograd.Function, which costs a fraction of a
 custom op's Python dispatch per call (under torch.func's transforms and forward-mode AD,
-through twins of those Functions written as the transforms require, with vmap and jvp rules). Where csext._C is built, the
-eager gate and fused linear layer go further: their forward launches its kernel here, and
-csext._C makes the output that of a C++ node (csrc/triton_node.cpp) whose backward calls back
-into this module, with less Python per call than a Function's. Every route shares one backward
-(`_gate_grads`, `_linear_grads`), handed the op set to call; with grad mode on in it
-(create_graph=True, torch.func) it builds the gradients from csext.reference in torch ops
-instead, differentiable again. Under autocast the fused linear takes x uncast, in any float
+through twins of those Functions written as the transforms require, with vmap and jvp
+rules). Where csext._C is built, the eager gate and fused linear layer go further: their
+forward launches its kernel here, and csext._C makes the output that of a C++ node
+(csrc/triton_node.cpp) whose backward calls back into this module, with less Python per call
+than a Function's. Every route shares one backward (`_gate_grads`, `_linear_grads`), handed
+the op set to call; with grad mode on in it (create_graph=True, torch.func) it builds the
+gradients from csext.reference in torch ops instead, differentiable again. Under autocast the fused linear takes x uncast, in any float
 dtype, with the compute dtype beside it: its GEMMs cast x's tiles, and dL/dx comes back in x's
 dtype, so the layer needs no cast of x and no autograd node for one. beta travels as a 0-dim
 float32 tensor on the tensors' device (see device_beta). The kernels launch through
@@ -30,7 +30,6 @@ is compiled.
 from types import SimpleNamespace
 
 import torch
-from torch.autograd import forward_ad as _forward_ad
 
 from . import _ops, reference
 from .kernels import gate as gate_kernels
@@ -114,11 +113,17 @@ EAGER = SimpleNamespace(gate=_gate_impl, gate_backward=_gate_backward_impl, line
 # --- one backward per op, for both routes ---------------------------------------------------------
 
 
+def _differentiable_backward() -> bool:
+    """The backward builds a graph (create_graph=True, torch.func), or runs in a forward-mode AD
+    dual level, where its gradients must carry their tangents (forward over reverse)."""
+    return torch.is_grad_enabled() or reference.transforms_active()
+
+
 def _gate_grads(ops, grad, weight, mask_logits, beta, hard: bool, penalty: float, needs):
     """(dL/dw, dL/ds) of the gate, None where `needs` (w, s) wants none; s gets none under the
     hard mask."""
     need_w, need_s = needs
-    if torch.is_grad_enabled():
+    if _differentiable_backward():
         grad_weight, grad_mask_logits = reference.gate_grads(grad, weight, mask_logits, beta, hard, penalty)
         return grad_weight if need_w else None, grad_mask_logits if need_s else None
     if hard or not need_s:
@@ -144,7 +149,7 @@ def _gate_node_backward(compiled, grad, weight, mask_logits, beta, hard, penalty
 def _linear_grads(ops, grad, x, weight, mask_logits, beta, hard: bool, penalty: float, bias_dtype, needs):
     """(dL/dx, dL/dw, dL/ds, dL/db) of the fused layer, each None where `needs` (x, w, s, bias)
     wants none; s gets none under the hard mask."""
-    if torch.is_grad_enabled():
+    if _differentiable_backward():
         return _linear_grads_with_graph(grad, x, weight, mask_logits, beta, hard, penalty, bias_dtype, needs)
     need_x, need_w, need_s, need_b = needs
     grad_x = grad_weight = grad_mask_logits = grad_bias = None
@@ -181,8 +186,9 @@ def _linear_node_backward(compiled, grad, x, weight, mask_logits, beta, hard, pe
 
 
 # With grad mode on in a backward (create_graph=True: a loss on gradients, a Hessian-vector
-# product; and torch.func's grad), the kernels' gradients would have no history: _gate_grads and
-# this build them from csext.reference with torch ops instead, differentiable again.
+# product; and torch.func's grad), or in a forward-mode dual level, the kernels' gradients would
+# have no history and no tangents: _gate_grads and this build them from csext.reference with
+# torch ops instead, differentiable again.
 # torch.compile traces the kernel backwards (grad mode is off there).
 
 
@@ -251,12 +257,6 @@ class _LinearFunction(torch.autograd.Function):
 # forward and setup_context apart, as they require, a vmap rule and a jvp. Not the eager
 # default: Function.apply then binds the arguments with inspect.signature on every call, 40 us
 # more per forward+backward on the CI machine.
-
-
-def _transforms_active() -> bool:
-    """torch.func's transforms, or torch.autograd.forward_ad's dual level, are on: the entry points
-    take the Functions below (the C++ nodes define no forward-mode AD)."""
-    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
 # The jvp rules write the tangents in torch ops (csext.reference), as the backward does with grad
@@ -430,7 +430,7 @@ def gate(weight, mask_logits, beta, hard: bool, penalty: float, dtype: torch.dty
     """w * m in `dtype` (beta a device tensor), differentiable."""
     if torch.compiler.is_compiling():
         return triton_gate(weight, mask_logits, beta, hard, penalty, dtype)
-    if _transforms_active():
+    if reference.transforms_active():  # the C++ nodes define no forward-mode AD
         return _GateFunctionForTransforms.apply(weight, mask_logits, beta, hard, penalty, dtype)
     if _C is None:
         return _GateFunction.apply(weight, mask_logits, beta, hard, penalty, dtype)
@@ -445,7 +445,7 @@ def gated_linear(x, weight, mask_logits, beta, bias, hard: bool, penalty: float,
     differentiable; x in that dtype or, under autocast, in one autocast would cast to it."""
     if torch.compiler.is_compiling():
         return triton_gated_linear(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
-    if _transforms_active():
+    if reference.transforms_active():  # the C++ nodes define no forward-mode AD
         return _LinearFunctionForTransforms.apply(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
     if _C is None:
         return _LinearFunction.apply(x, weight, mask_logits, beta, bias, hard, penalty, dtype)

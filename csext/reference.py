@@ -9,6 +9,7 @@
 """
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 
 def soft_mask(mask_logits: torch.Tensor, beta: float) -> torch.Tensor:
@@ -44,8 +45,8 @@ class _AddPenaltyGradient(torch.autograd.Function):
 
 
 class _AddPenaltyGradientForTransforms(_AddPenaltyGradient):
-    """The same for torch.func's transforms, which want forward and setup_context apart, a vmap
-    rule and a jvp. Not the default: Function.apply then binds the arguments with
+    """The same for torch.func's transforms and forward-mode AD, which want forward and
+    setup_context apart, a vmap rule and a jvp. Not the default: Function.apply then binds the arguments with
     inspect.signature on every call, and torch.compile does not trace a custom jvp."""
 
     generate_vmap_rule = True
@@ -63,6 +64,12 @@ class _AddPenaltyGradientForTransforms(_AddPenaltyGradient):
         return soft_tangent  # lam acts on the backward only
 
 
+def transforms_active() -> bool:
+    """torch.func's transforms, or a torch.autograd.forward_ad dual level, are on: autograd
+    Functions must then be the forms with a jvp (and a vmap rule)."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+
+
 def gate(
     weight: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -74,8 +81,7 @@ def gate(
     """w_eff = weight * m in `dtype` (default: weight's)."""
     m = mask(mask_logits, beta, hard)
     if penalty and not hard:
-        transforms = torch._C._are_functorch_transforms_active()
-        m = (_AddPenaltyGradientForTransforms if transforms else _AddPenaltyGradient).apply(m, penalty)
+        m = (_AddPenaltyGradientForTransforms if transforms_active() else _AddPenaltyGradient).apply(m, penalty)
     return (weight * m).to(dtype or weight.dtype)
 
 

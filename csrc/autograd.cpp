@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -70,11 +71,15 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_autograd(const at::Tensor& grad
                                                           const at::Tensor& weight,
                                                           const at::Tensor& mask_logits,
                                                           const at::Tensor& beta, double penalty) {
-  const auto differentiable = [](const at::Tensor& t) {
-    return t.requires_grad() || t._fw_grad(/*level=*/0).defined();
-  };
-  if (at::GradMode::is_enabled() &&
-      (differentiable(grad) || differentiable(weight) || differentiable(mask_logits))) {
+  const auto requires_grad = [](const at::Tensor& t) { return t.requires_grad(); };
+  const auto has_tangent = [](const at::Tensor& t) { return t._fw_grad(/*level=*/0).defined(); };
+  const auto any = [&](const auto& test) { return test(grad) || test(weight) || test(mask_logits); };
+  if ((at::GradMode::is_enabled() && any(requires_grad)) || any(has_tangent)) {
+    // The kernel's checks read beta, which may be a functorch wrapper here; the shapes must
+    // agree, or the ops below would broadcast.
+    TORCH_CHECK_VALUE(grad.sizes() == weight.sizes() && mask_logits.sizes() == weight.sizes(),
+                      "csext::gate_backward: grad, weight and mask_logits must have one shape, got ",
+                      grad.sizes(), ", ", weight.sizes(), " and ", mask_logits.sizes());
     const at::Tensor m = at::sigmoid(mask_logits * beta);
     // In the dtype the gate multiplies in: the wider of w's and m's.
     const at::Tensor g = grad.to(at::promote_types(weight.scalar_type(), m.scalar_type()));
@@ -86,12 +91,22 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_autograd(const at::Tensor& grad
   return call_gate_backward(grad, weight, mask_logits, beta, penalty);
 }
 
-// Set in a backward pass that builds no graph (create_graph=False): the ops it calls skip the
-// autograd layer, whose dispatch for csext::gate_backward cost more than the kernel.
-struct BelowAutogradUnlessGradMode {
+// Whether a backward's ops must run through autograd: it builds a graph (create_graph=True,
+// torch.func), or a tensor it reads carries a forward-mode tangent (forward over reverse).
+bool backward_is_differentiable(std::initializer_list<at::Tensor> tensors) {
+  if (at::GradMode::is_enabled()) return true;
+  for (const at::Tensor& t : tensors) {
+    if (t.defined() && t._fw_grad(/*level=*/0).defined()) return true;
+  }
+  return false;
+}
+
+// Set in a backward pass that is not differentiable (the training loop's): the ops it calls skip
+// the autograd layer, whose dispatch for csext::gate_backward cost more than the kernel.
+struct BelowAutogradUnless {
   std::optional<at::AutoDispatchBelowADInplaceOrView> guard;
-  BelowAutogradUnlessGradMode() {
-    if (!at::GradMode::is_enabled()) guard.emplace();
+  explicit BelowAutogradUnless(bool differentiable) {
+    if (!differentiable) guard.emplace();
   }
 };
 
@@ -177,7 +192,7 @@ struct GateBackward : public torch::autograd::Node {
   static variable_list compute(const at::Tensor& grad, const at::Tensor& weight,
                                const at::Tensor& mask_logits, const at::Tensor& beta, bool hard,
                                double penalty, std::array<bool, 2> needs) {
-    const BelowAutogradUnlessGradMode below_autograd;
+    const BelowAutogradUnless below_autograd(backward_is_differentiable({grad, weight, mask_logits}));
     auto [grad_weight, grad_mask_logits] =
         gate_grads(grad, weight, mask_logits, beta, hard, penalty, needs[0], needs[1]);
     return {grad_weight, grad_mask_logits};
@@ -359,9 +374,9 @@ struct GatedLayerBackward : public torch::autograd::Node {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!grads[0].defined()) return variable_list(4);
     LayerState state = this->state();
-    if (at::GradMode::is_enabled()) {
-      // create_graph=True: the input gradient (G w_eff) must reach w and s in the next
-      // backward, and the forward's w_eff has no history: gate again, with autograd.
+    if (backward_is_differentiable({grads[0], state.input, state.weight, state.mask_logits})) {
+      // The input gradient (G w_eff) must reach w and s in the next backward, or carry their
+      // tangents, and the forward's w_eff has neither: gate again, with autograd.
       state.w_eff = call_gate(state.weight, state.mask_logits, state.beta, state.hard, 0.0,
                               state.w_eff.scalar_type());
     }
@@ -419,7 +434,8 @@ struct Linear {
   struct Params {};
 
   static variable_list compute(const at::Tensor& grad_out, const LayerState& s, const Params&) {
-    const BelowAutogradUnlessGradMode below_autograd;
+    const BelowAutogradUnless below_autograd(
+        backward_is_differentiable({grad_out, s.input, s.weight, s.mask_logits}));
     const at::Tensor grad_rows = as_rows(grad_out);
     at::Tensor grad_input, grad_w_eff, grad_bias;
     if (s.needs[LayerState::kInput]) grad_input = grad_out.matmul(s.w_eff);
@@ -441,7 +457,8 @@ struct Conv2d {
   };
 
   static variable_list compute(const at::Tensor& grad_out, const LayerState& s, const Params& p) {
-    const BelowAutogradUnlessGradMode below_autograd;
+    const BelowAutogradUnless below_autograd(
+        backward_is_differentiable({grad_out, s.input, s.weight, s.mask_logits}));
     const bool needs_bias = s.needs[LayerState::kBias];
     const std::array<int64_t, 1> bias_sizes = {s.w_eff.size(0)};
     auto [grad_input, grad_w_eff, grad_bias] = at::convolution_backward(

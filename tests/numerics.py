@@ -71,3 +71,26 @@ def compare_with_torch_backend(op, tensors, dtype, out_shape, backend, device="c
         if f is not None:
             assert not torch.isnan(f).any(), f"{name}: NaN (an element left unwritten?)"
             assert_close_rule(f, p, e, name)
+
+
+def forward_over_reverse(kind: str, backend: str, inputs: dict, tangents: dict, penalty: float = 0.1) -> list:
+    """The gradients of square(layer).sum() in the inputs that require grad, taken by a backward
+    without create_graph inside a forward-mode dual level, and their tangents (forward over
+    reverse). `kind` is "gate", "linear" or "conv2d" (stride 1, padding 1, groups 2); `inputs`
+    and `tangents` map x, w, s (and b) to tensors."""
+    from torch.autograd import forward_ad
+
+    with forward_ad.dual_level():
+        duals = {name: forward_ad.make_dual(t, tangents[name]) if name in tangents else t for name, t in inputs.items()}
+        F = csext.functional
+        if kind == "gate":
+            y = F.gate(duals["w"], duals["s"], 2.0, penalty=penalty, backend=backend)
+        elif kind == "linear":
+            y = F.gated_linear(duals["x"], duals["w"], duals["s"], 2.0, duals.get("b"), penalty=penalty, backend=backend)
+        else:
+            y = F.gated_conv2d(duals["x"], duals["w"], duals["s"], 2.0, duals.get("b"), 1, 1, 1, 2, penalty=penalty,
+                               backend=backend)
+        leaves = [duals[name] for name, t in inputs.items() if t.requires_grad]
+        grads = torch.autograd.grad(y.square().sum(), leaves)
+        return [part for g in grads for part in (forward_ad.unpack_dual(g).primal.clone(),
+                                                 forward_ad.unpack_dual(g).tangent)]

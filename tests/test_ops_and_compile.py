@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import csext
-from numerics import CPU_BACKENDS, mask_logits_like
+from numerics import CPU_BACKENDS, forward_over_reverse, mask_logits_like
 
 needs_cpp = pytest.mark.skipif("cpp" not in csext.backends.available(), reason="the C++ extension is not built")
 # cpu runs the cpp backend, cuda (a gpu test) the cuda one
@@ -330,6 +330,30 @@ def test_double_backward(device, kind, hard, of):
         assert (got is None) == (want is None), name
         if want is not None:
             torch.testing.assert_close(got, want, msg=lambda m: f"{name}: {m}")
+
+
+@needs_cpp
+@ON_CPU_AND_CUDA
+@pytest.mark.parametrize("kind", ["gate", "linear", "conv2d"])
+def test_forward_over_reverse_matches_torch_backend(device, kind):
+    """A backward without create_graph inside a forward-mode dual level gives gradients whose
+    tangents are those of the torch backend (the layers' backward then runs through autograd,
+    as with create_graph; it dropped the tangents), penalty included."""
+    F64 = torch.float64
+    if kind == "conv2d":
+        x, w = torch.randn(2, 4, 5, 6, dtype=F64), torch.randn(6, 2, 3, 3, dtype=F64)
+    else:
+        x, w = torch.randn(3, 5, dtype=F64), torch.randn(4, 5, dtype=F64)
+    inputs = {"x": x, "w": w, "s": mask_logits_like(w, F64), "b": torch.randn(w.shape[0], dtype=F64)}
+    if kind == "gate":
+        del inputs["x"], inputs["b"]
+    inputs = {name: t.to(device).requires_grad_(name != "x") for name, t in inputs.items()}
+    tangents = {name: torch.randn_like(t) for name, t in inputs.items()}
+    got = forward_over_reverse(kind, "cpp" if device == "cpu" else "cuda", inputs, tangents)
+    want = forward_over_reverse(kind, "torch", inputs, tangents)
+    for i, (g, r) in enumerate(zip(got, want, strict=True)):
+        assert g is not None, f"result {i}: no tangent"
+        torch.testing.assert_close(g, r, msg=lambda m: f"result {i}: {m}")
 
 
 @needs_cpp

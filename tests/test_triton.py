@@ -10,7 +10,7 @@ import torch
 
 import csext
 from csext import functional as CF
-from numerics import compare_with_torch_backend, mask_logits_like
+from numerics import compare_with_torch_backend, forward_over_reverse, mask_logits_like
 
 pytestmark = pytest.mark.skipif("triton" not in csext.backends.available(), reason="Triton is not installed")
 
@@ -320,6 +320,30 @@ def test_double_backward(monkeypatch, full_fp32, layer, hard, of):
         if want is not None:
             scale = max(want.abs().max().item(), 1.0)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * scale, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["gate", "fused linear", "gate + linear", "conv2d"])
+def test_forward_over_reverse_matches_torch_backend(monkeypatch, full_fp32, kind):
+    """A backward without create_graph inside a forward-mode dual level gives gradients whose
+    tangents are the torch backend's (it builds them from csext.reference there, as with
+    create_graph; the kernels' gradients carry no tangents), penalty included."""
+    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", 4096 if kind == "fused linear" else 0)
+    if kind == "conv2d":
+        x, w = torch.randn(2, 4, 5, 6), torch.randn(6, 2, 3, 3)
+    else:
+        x, w = torch.randn(3, 5), torch.randn(4, 5)
+    inputs = {"x": x, "w": w, "s": mask_logits_like(w), "b": torch.randn(w.shape[0])}
+    if kind == "gate":
+        del inputs["x"], inputs["b"]
+    inputs = {name: t.to(DEVICE).requires_grad_(name != "x") for name, t in inputs.items()}
+    tangents = {name: torch.randn_like(t) for name, t in inputs.items()}
+    op = "gate" if kind == "gate" else "conv2d" if kind == "conv2d" else "linear"
+    got = forward_over_reverse(op, "triton", inputs, tangents)
+    want = forward_over_reverse(op, "torch", inputs, tangents)
+    for i, (g, r) in enumerate(zip(got, want, strict=True)):
+        assert g is not None, f"result {i}: no tangent"
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * max(r.abs().max().item(), 1.0),
+                                   msg=lambda m: f"result {i}: {m}")
 
 
 @pytest.mark.parametrize("path", ["fused", "gate"])
