@@ -290,6 +290,7 @@ struct LayerState {
   double penalty = 0.0;
   ScalarType bias_type = ScalarType::Float;
   std::array<bool, 4> needs = {};  // which edges want a gradient
+  bool differentiable = false;      // the backward runs through autograd (see BelowAutogradUnless)
 
   bool needs_w_eff() const { return needs[kWeight] || needs[kMaskLogits]; }
 
@@ -374,7 +375,8 @@ struct GatedLayerBackward : public torch::autograd::Node {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!grads[0].defined()) return variable_list(4);
     LayerState state = this->state();
-    if (backward_is_differentiable({grads[0], state.input, state.weight, state.mask_logits})) {
+    state.differentiable = backward_is_differentiable({grads[0], state.input, state.weight, state.mask_logits});
+    if (state.differentiable) {
       // The input gradient (G w_eff) must reach w and s in the next backward, or carry their
       // tangents, and the forward's w_eff has neither: gate again, with autograd.
       state.w_eff = call_gate(state.weight, state.mask_logits, state.beta, state.hard, 0.0,
@@ -406,7 +408,8 @@ struct GatedLayerBackward : public torch::autograd::Node {
 
   static variable_list functional(const variable_list& grads, const std::vector<at::IValue>& args) {
     PackedArgs packed(args);
-    const LayerState state = LayerState::unpack(packed);
+    LayerState state = LayerState::unpack(packed);
+    state.differentiable = backward_is_differentiable({grads[0], state.input, state.weight, state.mask_logits});
     const typename Layer::Params params = Layer::unpack(packed);
     variable_list result = grads[0].defined() ? Layer::compute(grads[0], state, params) : variable_list(4);
     // As in GateBackward::functional: a tensor for every edge that takes a gradient.
@@ -434,8 +437,7 @@ struct Linear {
   struct Params {};
 
   static variable_list compute(const at::Tensor& grad_out, const LayerState& s, const Params&) {
-    const BelowAutogradUnless below_autograd(
-        backward_is_differentiable({grad_out, s.input, s.weight, s.mask_logits}));
+    const BelowAutogradUnless below_autograd(s.differentiable);
     const at::Tensor grad_rows = as_rows(grad_out);
     at::Tensor grad_input, grad_w_eff, grad_bias;
     if (s.needs[LayerState::kInput]) grad_input = grad_out.matmul(s.w_eff);
@@ -457,8 +459,7 @@ struct Conv2d {
   };
 
   static variable_list compute(const at::Tensor& grad_out, const LayerState& s, const Params& p) {
-    const BelowAutogradUnless below_autograd(
-        backward_is_differentiable({grad_out, s.input, s.weight, s.mask_logits}));
+    const BelowAutogradUnless below_autograd(s.differentiable);
     const bool needs_bias = s.needs[LayerState::kBias];
     const std::array<int64_t, 1> bias_sizes = {s.w_eff.size(0)};
     auto [grad_input, grad_w_eff, grad_bias] = at::convolution_backward(
