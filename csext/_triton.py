@@ -18,13 +18,13 @@ rules). Where csext._C is built, the eager gate and fused linear layer go furthe
 forward launches its kernel here, and csext._C makes the output that of a C++ node
 (csrc/triton_node.cpp) whose backward calls back into this module, with less Python per call
 than a Function's. Every route shares one backward (`_gate_grads`, `_linear_grads`), handed
-the op set to call; with grad mode on in it (create_graph=True, torch.func) it builds the
-gradients from csext.reference in torch ops instead, differentiable again. Under autocast the fused linear takes x uncast, in any float
-dtype, with the compute dtype beside it: its GEMMs cast x's tiles, and dL/dx comes back in x's
-dtype, so the layer needs no cast of x and no autograd node for one. beta travels as a 0-dim
-float32 tensor on the tensors' device (see device_beta). The kernels launch through
-kernels/launch.py's Launcher, which skips Triton's per-call Python once a call's specialization
-is compiled.
+the op set to call; with grad mode on in it (create_graph=True, torch.func), or in a
+forward-mode dual level, it builds the gradients from csext.reference in torch ops instead,
+differentiable again. Under autocast the fused linear takes x uncast, in any float dtype, with
+the compute dtype beside it: its GEMMs cast x's tiles, and dL/dx comes back in x's dtype, so
+the layer needs no cast of x and no autograd node for one. beta travels as a 0-dim float32
+tensor on the tensors' device (see device_beta). The kernels launch through kernels/launch.py's
+Launcher, which skips Triton's per-call Python once a call's specialization is compiled.
 """
 
 from types import SimpleNamespace

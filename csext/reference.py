@@ -46,8 +46,9 @@ class _AddPenaltyGradient(torch.autograd.Function):
 
 class _AddPenaltyGradientForTransforms(_AddPenaltyGradient):
     """The same for torch.func's transforms and forward-mode AD, which want forward and
-    setup_context apart, a vmap rule and a jvp. Not the default: Function.apply then binds the arguments with
-    inspect.signature on every call, and torch.compile does not trace a custom jvp."""
+    setup_context apart, a vmap rule and a jvp. Not the default: Function.apply then binds the
+    arguments with inspect.signature on every call, and torch.compile does not trace a custom
+    jvp."""
 
     generate_vmap_rule = True
 

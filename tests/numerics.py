@@ -86,7 +86,8 @@ def forward_over_reverse(kind: str, backend: str, inputs: dict, tangents: dict, 
         if kind == "gate":
             y = F.gate(duals["w"], duals["s"], 2.0, penalty=penalty, backend=backend)
         elif kind == "linear":
-            y = F.gated_linear(duals["x"], duals["w"], duals["s"], 2.0, duals.get("b"), penalty=penalty, backend=backend)
+            y = F.gated_linear(duals["x"], duals["w"], duals["s"], 2.0, duals.get("b"), penalty=penalty,
+                               backend=backend)
         else:
             y = F.gated_conv2d(duals["x"], duals["w"], duals["s"], 2.0, duals.get("b"), 1, 1, 1, 2, penalty=penalty,
                                backend=backend)

@@ -312,7 +312,8 @@ def test_double_backward(device, kind, hard, of):
     if kind == "conv2d":
         x, w = torch.randn(2, 4, 5, 6, dtype=F64), torch.randn(6, 2, 3, 3, dtype=F64)
     else:
-        x, w = torch.randn(*((2, 3, 5) if kind == "batched linear" else (3, 5)), dtype=F64), torch.randn(4, 5, dtype=F64)
+        x_shape = (2, 3, 5) if kind == "batched linear" else (3, 5)
+        x, w = torch.randn(x_shape, dtype=F64), torch.randn(4, 5, dtype=F64)
     s, b = mask_logits_like(w, F64), torch.randn(w.shape[0], dtype=F64)
     grads = {}
     for backend in ("cpp" if device == "cpu" else "cuda", "torch"):
