@@ -174,6 +174,11 @@ def _from_arrays(name: str, x_train, y_train, x_test, y_test, augment: bool = Fa
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if x.ndim not in (2, 3, 4):
             raise DataError(f"{name}: x_{split} must be (N, D), (N, H, W) or (N, C, H, W), got shape {x.shape}")
+        if x.ndim == 4 and x.shape[3] in (1, 3, 4) and x.shape[1] == x.shape[2] > 4:
+            # square images with 1, 3 or 4 trailing values: NHWC (numpy, TensorFlow), which a
+            # convolution would read as H channels of H x C pixels
+            raise DataError(f"{name}: x_{split} has shape {x.shape}, images in (N, H, W, C); they must be "
+                            f"(N, C, H, W): np.transpose(x_{split}, (0, 3, 1, 2))")
         if y.ndim != 1 or len(y) != len(x):
             raise DataError(f"{name}: y_{split} must hold one label per row of x_{split}: "
                             f"x_{split} has {len(x)} rows, y_{split} has shape {y.shape}")

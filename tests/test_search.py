@@ -216,7 +216,7 @@ def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, capsys):
 @pytest.mark.parametrize(
     "case",
     ["missing file", "missing keys", "labels out of range", "lengths differ", "pickled arrays",
-     "non-finite features", "unknown model", "unknown data", "negative epochs", "model does not fit data"],
+     "non-finite features", "channels-last images", "unknown model", "unknown data", "negative epochs", "model does not fit data"],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
     data = tmp_path / "data.npz"
@@ -231,6 +231,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
         _write_npz(data, y_train=np.zeros(95, dtype=np.int64))
     elif case == "pickled arrays":
         _write_npz(data, y_train=np.array([object()] * 96, dtype=object))
+    elif case == "channels-last images":
+        _write_npz(data, x_train=np.zeros((96, 8, 8, 3), np.uint8), x_test=np.zeros((40, 8, 8, 3), np.uint8))
     elif case == "non-finite features":  # 1e39 overflows float32
         _write_npz(data, x_test=np.where(np.eye(40, 12) > 0, 1e39, np.ones((40, 12))))
     else:
