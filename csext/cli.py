@@ -23,18 +23,28 @@ PRESETS = {
 }
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its help, unless the help says it or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m csext", description="Continuous Sparsification")
     commands = parser.add_subparsers(dest="command", required=True)
     search = commands.add_parser("search", help="CS ticket search (SPEC section 1), results in DIR/results.json",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=_HelpFormatter)
     _add_run_options(search)
     search.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     search.add_argument("--sweep-mask-init", default=None,
                         help="comma-separated s0 values: one independent search per (s0, lam), spread over the ranks")
     search.add_argument("--sweep-penalty", default=None, help="comma-separated lam values for the sweep")
     compare = commands.add_parser("compare", help="CS against IMP, magnitude, SNIP, L0 and random pruning",
-                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                  formatter_class=_HelpFormatter)
     _add_run_options(compare)
     compare.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
     compare.add_argument("--fractions", default="0.2,0.1,0.05",
@@ -52,11 +62,11 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--data-dir", default=None, help="folder of the cifar10 / mnist files")
     s.add_argument("--download", action="store_true", help="fetch missing cifar10 / mnist files into --data-dir")
     s.add_argument("--model", default=d.model, help=", ".join(nets.NAMES))
-    s.add_argument("--rounds", type=int, default=d.rounds)
+    s.add_argument("--rounds", type=int, default=d.rounds, help="R, search rounds, one ticket each")
     s.add_argument("--epochs", type=int, default=d.epochs, help="T, epochs of each search round")
     s.add_argument("--mask-init", type=float, default=d.mask_init, help="s0; negative values give sparser tickets")
     s.add_argument("--penalty", type=float, default=d.penalty, help="lam, weight of sum(sigmoid(beta * s))")
-    s.add_argument("--beta-final", type=float, default=d.beta_final)
+    s.add_argument("--beta-final", type=float, default=d.beta_final, help="beta_T, the temperature at the end of a round")
     s.add_argument("--beta-per-step", action="store_true", help="anneal beta every step instead of every epoch")
     s.add_argument("--rewind-iter", type=int, default=d.rewind_iter, help="k: the rewind point is after k iterations of round 1")
     s.add_argument("--reset", choices=["paper", "official"], default=d.reset,
@@ -64,18 +74,18 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--rescale", action="store_true", help="multiply the mask by 1 / sigmoid(s0), as the paper's code")
     s.add_argument("--target-remaining", type=float, default=None,
                    help="steer lam (then the mask threshold) so the last ticket keeps this fraction")
-    s.add_argument("--lr", type=float, default=d.lr)
+    s.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
     s.add_argument("--lr-milestones", type=lambda v: [int(x) for x in v.split(",") if x], default=None,
                    help="comma-separated epochs at which lr is divided by 10 (default: 1/2 and 3/4 of each phase)")
-    s.add_argument("--momentum", type=float, default=d.momentum)
+    s.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     s.add_argument("--weight-decay", type=float, default=d.weight_decay, help="not applied to mask logits")
-    s.add_argument("--batch-size", type=int, default=d.batch_size)
+    s.add_argument("--batch-size", type=int, default=d.batch_size, help="training mini-batch size")
     s.add_argument("--dense-epochs", type=int, default=None, help="epochs of the dense baseline (default: --epochs)")
     s.add_argument("--retrain-epochs", type=int, default=None, help="epochs of each ticket's retraining (default: the dense budget)")
     s.add_argument("--exclude", default=None, help="comma-separated layer names or globs left dense (default: the paper's)")
-    s.add_argument("--seed", type=int, default=d.seed)
+    s.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation and every epoch's data order")
     s.add_argument("--out", required=True, help="DIR for the results, checkpoints and plots")
-    s.add_argument("--device", default=d.device, help="cpu or cuda")
+    s.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -59,6 +59,15 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
     if isinstance(exclude, str):
         exclude = (exclude,)
     patterns = tuple(exclude)
+    lazy = [name for name, m in model.named_modules() if isinstance(m, nn.modules.lazy.LazyModuleMixin)
+            and m.has_uninitialized_params() and getattr(m, "cls_to_become", None) in _DENSE_TO_GATED]
+    if lazy:
+        # A lazy layer becomes an nn.Linear / nn.Conv2d only at its first forward: skipping it would
+        # leave it dense with no word said.
+        raise ValueError(
+            f"sparsify: {', '.join(lazy)} are lazy modules whose shapes are not known yet; run one forward "
+            f"pass (for example on a batch of the data) to materialise them, then call sparsify"
+        )
     candidates = [(name, m) for name, m in model.named_modules() if type(m) in _DENSE_TO_GATED]
     unused = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name, _ in candidates)]
     if unused:

@@ -33,9 +33,14 @@ def lenet300(input_shape, num_classes: int) -> nn.Module:
     return mlp(input_shape, num_classes)
 
 
-def _image_channels(name: str, input_shape) -> int:
+def _image_channels(name: str, input_shape, min_side: int = 1) -> int:
+    """The channel count of (C, H, W) images at least min_side pixels high and wide (what the
+    model's poolings leave a pixel of)."""
     if len(input_shape) != 3:
         raise ValueError(f"model {name} needs images (C, H, W), got inputs of shape {tuple(input_shape)}")
+    if min(input_shape[1:]) < min_side:
+        raise ValueError(f"model {name} needs images of at least {min_side} x {min_side}, "
+                         f"got {input_shape[1]} x {input_shape[2]}")
     return input_shape[0]
 
 
@@ -49,9 +54,8 @@ def _kaiming_convolutions(model: nn.Module) -> None:
 class Conv4(nn.Module):
     def __init__(self, input_shape, num_classes: int):
         super().__init__()
-        channels, height, width = _image_channels("conv4", input_shape), input_shape[1], input_shape[2]
-        if height < 4 or width < 4:
-            raise ValueError(f"model conv4 needs images of at least 4 x 4, got {height} x {width}")
+        channels = _image_channels("conv4", input_shape, min_side=4)  # two 2 x 2 poolings
+        height, width = input_shape[1], input_shape[2]
 
         def conv(cin, cout):
             return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU()]
@@ -109,7 +113,7 @@ class VGG16(nn.Module):
 
     def __init__(self, input_shape, num_classes: int):
         super().__init__()
-        cin = _image_channels("vgg16", input_shape)
+        cin = _image_channels("vgg16", input_shape, min_side=2 ** self.PLAN.count("M"))
         layers = []
         for item in self.PLAN:
             if item == "M":

@@ -79,6 +79,16 @@ def test_a_shared_layer_stays_one_layer():
     assert back.a is back.b is back.block[0] and isinstance(back.a, csext.GatedLinear)
 
 
+def test_sparsify_refuses_lazy_modules_until_materialised():
+    """A LazyLinear is an nn.Linear only after its first forward; sparsify before that would leave
+    it dense in silence, so it asks for the forward pass, and gates the layer after it."""
+    with pytest.raises(ValueError, match=r"sparsify: 0, 2 are lazy modules.*forward pass"):
+        csext.sparsify(nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.LazyConv2d(2, 1)))
+    model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 2))
+    model(torch.randn(4, 5))
+    assert [type(m) for m in csext.sparsify(model)] == [csext.GatedLinear, csext.GatedLinear]
+
+
 def test_sparsify_refuses_tied_weights_by_name():
     """A Linear whose weight Parameter another module holds too (a language model's output layer
     tied to its embedding) would have only one of its uses gated: sparsify names it and the way

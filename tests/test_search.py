@@ -1,10 +1,12 @@
 """The ticket search: schedule and reset arithmetic, rewinding, tickets, the command line,
 checkpoints and --resume, and bad input."""
 
+import argparse
 import hashlib
 import io
 import json
 import os
+import re
 import subprocess
 import tarfile
 import sys
@@ -293,6 +295,14 @@ def test_npz_images_and_uint8(tmp_path):
         nets.build("lenet300", (1, 32, 32), 10)
 
 
+@pytest.mark.parametrize("name, min_side", [("conv4", 4), ("vgg16", 16)])
+def test_image_models_name_the_smallest_image_their_poolings_allow(name, min_side):
+    with pytest.raises(ValueError, match=f"model {name} needs images of at least {min_side} x {min_side}, got 12 x {min_side - 1}"):
+        nets.build(name, (3, 12, min_side - 1), 10)
+    model = nets.build(name, (3, min_side, min_side + 3), 10).eval()
+    assert model(torch.rand(2, 3, min_side, min_side + 3)).shape == (2, 10)
+
+
 def test_mnist1d_is_generated_locally_and_leaves_global_rngs_alone():
     state = np.random.get_state()[1].copy()
     data = load("mnist1d")
@@ -355,6 +365,21 @@ def test_presets_and_explicit_options(tmp_path, capsys):
         cli.main(["search", "--preset", "vgg16-cifar10", "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert "--data-dir, which was not given" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["search", "compare"])
+def test_help_explains_every_option_with_its_default(command, capsys):
+    subcommands = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction))
+    options = [a for a in subcommands.choices[command]._actions if a.option_strings != ["-h", "--help"]]
+    assert [a.option_strings[0] for a in options if not a.help] == []
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in text and "(default: False)" not in text
+    for shown in ["--seed SEED seeds the initialisation and every epoch's data order (default: 0)",
+                  "--mask-init MASK_INIT s0; negative values give sparser tickets (default: 0.0)",
+                  "--lr LR SGD learning rate (default: 0.1)"]:
+        assert shown in text
 
 
 def test_rescale_sets_the_papers_mask_scale(tmp_path):
