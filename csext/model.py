@@ -1,6 +1,7 @@
 """Whole-model helpers: turn a model's layers into gated ones and back, and steer them."""
 
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -95,7 +96,15 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
         gated = _DENSE_TO_GATED[type(module)].from_dense(module, mask_init=mask_init)
         gated.penalty = float(penalty)
         _replace(model, name, gated, aliases)
-    return [m for _, m in gated_modules(model)]
+    gated = [m for _, m in gated_modules(model)]
+    if not gated and not patterns:
+        near = sorted({type(m).__name__ for m in model.modules() if isinstance(m, tuple(_DENSE_TO_GATED))})
+        warnings.warn(
+            f"sparsify: {type(model).__name__} has no nn.Linear or nn.Conv2d layer to gate"
+            + (f" (subclasses of them, such as {', '.join(near)}, are left as they are)" if near else ""),
+            stacklevel=2,
+        )
+    return gated
 
 
 def set_beta(model: nn.Module, beta: float) -> None:

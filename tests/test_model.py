@@ -79,6 +79,15 @@ def test_a_shared_layer_stays_one_layer():
     assert back.a is back.b is back.block[0] and isinstance(back.a, csext.GatedLinear)
 
 
+def test_sparsify_warns_when_it_finds_nothing_to_gate():
+    """A model with no exact nn.Linear / nn.Conv2d (attention's out_proj is a subclass, read by
+    its owner through .weight) gets nothing gated: a warning says so instead of an empty list alone."""
+    with pytest.warns(UserWarning, match=r"MultiheadAttention has no nn.Linear .* such as NonDynamicallyQuantizableLinear"):
+        assert csext.sparsify(nn.MultiheadAttention(8, 2)) == []
+    with pytest.warns(UserWarning, match=r"Sequential has no nn.Linear or nn.Conv2d layer to gate$"):
+        csext.sparsify(nn.Sequential(nn.Conv1d(2, 2, 1)))
+
+
 def test_sparsify_refuses_lazy_modules_until_materialised():
     """A LazyLinear is an nn.Linear only after its first forward; sparsify before that would leave
     it dense in silence, so it asks for the forward pass, and gates the layer after it."""
