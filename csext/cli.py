@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
                               "(with cs: the fractions its tickets reached)")
     compare.add_argument("--imp-rounds", type=int, default=10, help="IMP rounds, each removing 20%% of the weights")
     compare.add_argument("--l0-penalty", type=float, default=0.1, help="lam of L0: lam / N * expected L0")
+    compare.add_argument("--resume", action="store_true",
+                         help="continue the comparison in --out: the cs search from its checkpoint, methods "
+                              "that finished kept, the others run")
     return parser
 
 
@@ -139,7 +142,7 @@ def _compare(args, config: SearchConfig) -> int:
         raise ConfigError(f"--fractions must be comma-separated numbers, got {args.fractions!r}") from None
     methods = [m for m in args.methods.split(",") if m]
     summary = compare(config, methods, args.out, fractions=fractions, imp_rounds=args.imp_rounds,
-                      l0_penalty=args.l0_penalty, progress=not args.quiet)
+                      l0_penalty=args.l0_penalty, progress=not args.quiet, resume=args.resume)
     print(f"dense: test accuracy {summary['dense']['test_acc']:.4f}")
     for method, entry in summary["methods"].items():
         best = entry["sparsest_within_1_point"]

@@ -17,7 +17,8 @@ from . import data as datasets
 from ._files import write_atomic
 from ._plots import pyplot, remaining_axis, save_png
 from .baselines import METHODS, MethodRun
-from .search import ConfigError, Search, SearchConfig, build_plain, evaluate, make_optimizer, train_epochs
+from .search import (CHECKPOINT, RESULTS, ConfigError, Search, SearchConfig, build_plain, evaluate, make_optimizer,
+                     train_epochs)
 
 SUMMARY = "summary.json"
 
@@ -32,7 +33,10 @@ def dense_baseline(config: SearchConfig, data) -> dict:
 
 
 def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_rounds: int = 10,
-            l0_penalty: float = 0.1, progress: bool = True) -> dict:
+            l0_penalty: float = 0.1, progress: bool = True, resume: bool = False) -> dict:
+    """Run `methods` on one setup into `out`. With `resume`, continue a comparison that was cut
+    short: the cs search from its checkpoint, the methods that wrote results kept (their settings
+    checked), the others run."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         raise ConfigError(f"--methods must be a comma-separated list from {', '.join(METHODS)}, got {list(methods)}")
@@ -41,26 +45,34 @@ def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_
     if imp_rounds < 1:
         raise ConfigError(f"--imp-rounds must be >= 1, got {imp_rounds}")
     out = Path(out)
-    if (out / SUMMARY).exists():
-        raise ConfigError(f"--out {out} already holds a comparison; use another --out")
+    written = [m for m in METHODS if (out / m / RESULTS).exists() or (out / m / CHECKPOINT).exists()]
+    if not resume and ((out / SUMMARY).exists() or written):
+        raise ConfigError(f"--out {out} already holds a comparison: pass --resume to continue it, or another --out")
     config.check()
     data = datasets.load(config.data, config.data_dir, config.download)
     per_method = {}
     if "cs" in methods:
-        per_method["cs"] = Search(config, out / "cs", progress=progress).run()
+        search = Search(config, out / "cs", resume=resume and (out / "cs" / CHECKPOINT).exists(), progress=progress)
+        per_method["cs"] = search.run()
         fractions = [t["remaining"] for t in per_method["cs"]["tickets"]]
         dense = per_method["cs"]["dense"]
     else:
-        dense = dense_baseline(config, data)
+        dense = None
+    settings = {"fractions": list(fractions), "imp_rounds": imp_rounds, "l0_penalty": l0_penalty}
+    kept = {m: _kept_results(out / m / RESULTS, config, settings) for m in methods if m != "cs" and m in written}
+    if dense is None:  # the baselines' reference: kept with their results, else trained again
+        dense = next(iter(kept.values()))["dense"] if kept else dense_baseline(config, data)
     template = _results_template(config, dense)
     for method in methods:
         if method == "cs":
             continue
-        run = MethodRun(method, config, data, fractions=fractions, imp_rounds=imp_rounds, l0_penalty=l0_penalty)
-        results = {**template, "method": method, "tickets": run.run()["tickets"]}
-        results["config"] = {**template["config"], "fractions": list(fractions), "imp_rounds": imp_rounds,
-                             "l0_penalty": l0_penalty}
-        write_atomic(out / method / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+        if method in kept:
+            results = kept[method]
+        else:
+            run = MethodRun(method, config, data, fractions=fractions, imp_rounds=imp_rounds, l0_penalty=l0_penalty)
+            results = {**template, "method": method, "tickets": run.run()["tickets"]}
+            results["config"] = {**template["config"], **settings}
+            write_atomic(out / method / RESULTS, (json.dumps(results, indent=2) + "\n").encode())
         per_method[method] = results
         if progress:
             print(f"{method}: " + ", ".join(f"{t['remaining']:.2%} -> {t['test_acc']:.3f}" for t in results["tickets"]))
@@ -68,6 +80,22 @@ def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_
     write_atomic(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     plot_comparison(summary, out)
     return summary
+
+
+def _kept_results(path: Path, config: SearchConfig, settings: dict) -> dict:
+    """A baseline's results.json from an earlier, interrupted comparison, if made with these settings."""
+    try:
+        results = json.loads(path.read_text())
+        saved = dict(results["config"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"--resume: {path} is not a readable results file ({type(error).__name__}: {error})") from None
+    now = json.loads(json.dumps({**dataclasses.asdict(config), **settings}))  # as results.json holds it
+    for setting in ("device", "download"):  # where it runs and how files arrived change no result
+        saved.pop(setting, None), now.pop(setting, None)
+    changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
+    if changed:
+        raise ConfigError(f"--resume: {path} was made with other settings ({', '.join(changed)}); use them or another --out")
+    return results
 
 
 def _results_template(config: SearchConfig, dense: dict) -> dict:

@@ -145,3 +145,41 @@ def test_compare_command_end_to_end(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["compare", "--data", str(data), "--out", str(tmp_path / "x"), "--methods", "cs,obd", "--quiet"])
     assert exit_info.value.code == 2 and "--methods must be" in capsys.readouterr().err
+
+
+class Killed(Exception):
+    pass
+
+
+def test_compare_resume_finishes_an_interrupted_comparison(tmp_path, monkeypatch, capsys):
+    """A comparison killed during one baseline continues with --resume: cs from its checkpoint,
+    the baselines that finished kept (not run again), the rest run; the summary is an
+    uninterrupted run's. Without --resume the folder is refused, and other settings too."""
+    data = _tiny_npz(tmp_path / "tiny.npz")
+    argv = ["compare", "--data", str(data), "--epochs", "2", "--rounds", "2", "--batch-size", "32",
+            "--imp-rounds", "2", "--methods", "cs,imp,magnitude,random", "--quiet"]
+    assert cli.main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    ran, real_run = [], baselines.MethodRun.run
+
+    def run(self):
+        ran.append(self.method)
+        if self.method == "magnitude" and len(ran) == 2:  # the first comparison's second baseline
+            raise Killed  # while pruning by magnitude
+        return real_run(self)
+
+    monkeypatch.setattr(baselines.MethodRun, "run", run)
+    out = tmp_path / "cut"
+    with pytest.raises(Killed):
+        cli.main(argv + ["--out", str(out)])
+    assert not (out / "summary.json").exists() and (out / "imp" / "results.json").exists()
+    with pytest.raises(SystemExit):
+        cli.main(argv + ["--out", str(out)])
+    assert "already holds a comparison: pass --resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(argv[:-3] + ["--imp-rounds", "3", "--methods", "cs,imp,magnitude,random", "--quiet", "--out", str(out), "--resume"])
+    assert "imp/results.json was made with other settings (imp_rounds)" in capsys.readouterr().err
+    ran.clear()
+    assert cli.main(argv + ["--out", str(out), "--resume"]) == 0
+    assert ran == ["magnitude", "random"]
+    whole, cut = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "cut"))
+    assert cut == whole
