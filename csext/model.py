@@ -121,7 +121,8 @@ def set_hard(model: nn.Module, hard: bool = True) -> None:
 
 
 def set_penalty(model: nn.Module, penalty: float) -> None:
-    """Set lam, applied in the backward of every gated layer (0 to add mask_penalty yourself)."""
+    """Set lam, applied in the backward of every gated layer (0 to add mask_penalty yourself, as
+    under GradScaler, gradient accumulation or a layer called twice per forward: README "Use")."""
     functional.check_penalty(penalty)
     for _, m in gated_modules(model):
         m.penalty = float(penalty)

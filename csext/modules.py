@@ -5,7 +5,10 @@ keep their parameter names; each adds
     mask_logits  s, one logit per weight: float32 (float64 beside a float64 weight), = mask_init
     beta         temperature of the soft mask sigmoid(beta * s), >= 1
     hard         use the ticket mask 1[s > 0] instead (no gradient reaches s)
-    penalty      lam: the backward adds the gradient of lam * sum(sigmoid(beta * s))
+    penalty      lam: each backward pass through a call of the layer adds the gradient of
+                 lam * sum(sigmoid(beta * s)), as if that term were in the loss, unscaled; where the
+                 loss is scaled (GradScaler, gradient accumulation) or the layer is called more
+                 than once per forward, leave it 0 and add lam * csext.mask_penalty(model) to the loss
     mask_scale   c, the effective weight is c * w * m (default 1; 1 / sigmoid(s0) reproduces the
                  paper's code, SPEC section 1 `rescale=True`)
     backend      "auto", "torch", "cpp", "cuda" or "triton" (csext.backends)

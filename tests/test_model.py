@@ -131,6 +131,46 @@ def test_set_beta_set_hard_and_penalty():
         csext.mask_penalty(Net())
 
 
+def _mask_gradient(model, batches, lam, *, fused, scale=None):
+    """dL/ds of sum over batches of the task loss, with lam * P fused in the layers or in the loss."""
+    (layer,) = {id(m): m for _, m in csext.gated_modules(model)}.values()
+    csext.set_penalty(model, lam if fused else 0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+    layer.mask_logits.grad = None
+    for x in batches:
+        loss = model(x).square().mean() / len(batches)
+        if not fused:
+            loss = loss + lam * csext.mask_penalty(model) / len(batches)
+        (scaler.scale(loss) if scaler else loss).backward()
+    if scaler:
+        scaler.unscale_(torch.optim.SGD(model.parameters(), lr=0.1))
+    return layer.mask_logits.grad
+
+
+@pytest.mark.parametrize("case", ["once", "GradScaler", "accumulation", "called twice"])
+def test_the_fused_penalty_and_where_it_goes_in_the_loss_instead(case):
+    """README "Use": the layers' penalty equals lam * P in the loss when each layer runs once per
+    forward and the loss is unscaled; under GradScaler, gradient accumulation and shared layers
+    lam * mask_penalty(model) in the loss gives those gradients, the fused term does not."""
+    torch.manual_seed(0)
+    model = _SharedLayer() if case == "called twice" else nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    csext.sparsify(model)
+    csext.set_beta(model, 2.0)
+    with torch.no_grad():
+        csext.gated_modules(model)[0][1].mask_logits.normal_()
+    batches = [torch.randn(3, 4) for _ in range(3 if case == "accumulation" else 1)]
+    scale = 2.0 ** 12 if case == "GradScaler" else None
+    lam = 0.05
+    expected = _mask_gradient(model, [torch.cat(batches)], lam, fused=False)  # one pass, unscaled
+    in_loss = _mask_gradient(model, batches, lam, fused=False, scale=scale)
+    fused = _mask_gradient(model, batches, lam, fused=True, scale=scale)
+    torch.testing.assert_close(in_loss, expected, rtol=1e-5, atol=1e-7)
+    if case == "once":
+        torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-7)
+    else:
+        assert not torch.allclose(fused, expected, rtol=1e-3, atol=1e-5)
+
+
 def test_sparsity_report_counts_hard_mask():
     net = Net()
     csext.sparsify(net)
