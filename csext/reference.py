@@ -65,6 +65,30 @@ class _AddPenaltyGradientForTransforms(_AddPenaltyGradient):
         return soft_tangent  # lam acts on the backward only
 
 
+class _AddPenaltyGradientToLogits(torch.autograd.Function):
+    """Identity on the mask logits whose backward adds lam * dP/ds = lam * beta * m * (1 - m),
+    with beta and lam tensors: the fused penalty under torch.compile (functional.py)."""
+
+    @staticmethod
+    def forward(ctx, mask_logits: torch.Tensor, beta: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask_logits, beta, penalty)
+        return mask_logits.view_as(mask_logits)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mask_logits, beta, penalty = ctx.saved_tensors
+        m = soft_mask(mask_logits, beta)
+        return grad + beta * m * (1 - m) * penalty, None, None
+
+
+def add_penalty_gradient(mask_logits: torch.Tensor, beta, penalty) -> torch.Tensor:
+    """mask_logits, through a node whose backward adds the gradient of penalty * sum(sigmoid(beta
+    * s)); beta and penalty enter as tensors made by a multiply, so that torch.compile keeps them
+    graph inputs rather than constants to recompile for."""
+    one = torch.ones((), dtype=mask_logits.dtype, device=mask_logits.device)
+    return _AddPenaltyGradientToLogits.apply(mask_logits, one * beta, one * penalty)
+
+
 def transforms_active() -> bool:
     """torch.func's transforms, or a torch.autograd.forward_ad dual level, are on: autograd
     Functions must then be the forms with a jvp (and a vmap rule)."""

@@ -485,18 +485,29 @@ def test_compile_fullgraph_matches_eager(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_compile_does_not_recompile_for_each_beta(backend):
-    """The beta schedule changes beta every epoch (or step): that must not recompile each time."""
+def test_compile_does_not_recompile_for_each_beta_or_penalty(backend):
+    """The beta schedule changes beta every epoch (or step), and --target-remaining (or a user's
+    warm-up) steers lam: neither may recompile each time (a float argument of the ops did, for
+    lam, until Dynamo's recompile limit failed the fullgraph=True call). Gradients stay eager's."""
     torch._dynamo.reset()
-    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
     for m in csext.sparsify(model):
         m.backend = backend
     compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(5, 6)
+    x = torch.randn(5, 2, 4, 4)
     torch._dynamo.utils.counters.clear()
     betas = [1.0, 1.5, 2.25, 4.0, 9.5, 20.0, 47.0, 99.0, 150.0, 200.0]
-    for beta in betas:
+    penalties = [1e-3, 2e-3, 1.5e-3, 4e-3, 8e-3, 5e-3, 1e-2, 3e-2, 2e-2, 1e-1]
+    for beta, penalty in zip(betas, penalties):
         csext.set_beta(model, beta)
+        csext.set_penalty(model, penalty)
         compiled(x).sum().backward()
-    # dynamo compiles once for the first value, then once more with beta dynamic
+        got = [p.grad for p in model.parameters()]
+        model.zero_grad()
+        model(x).sum().backward()
+        for a, b in zip(got, [p.grad for p in model.parameters()]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        model.zero_grad()
+    # dynamo compiles once for the first values, then once more with beta and lam dynamic
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2

@@ -544,7 +544,7 @@ def test_double_backward_under_autocast_reaches_x(of):
             torch.testing.assert_close(folded, cast_first, rtol=1e-2, atol=1e-2 * scale, msg=lambda m: f"{name}: {m}")
 
 
-def test_compile_fullgraph_without_recompiling_for_beta():
+def test_compile_fullgraph_without_recompiling_for_beta_or_penalty():
     layer = csext.GatedLinear(17, 11, device=DEVICE)
     layer.backend, layer.penalty = "triton", 0.01
     backend = "inductor" if DEVICE == "cuda" else "aot_eager"  # the interpreter has no Inductor codegen
@@ -552,8 +552,8 @@ def test_compile_fullgraph_without_recompiling_for_beta():
     x = torch.randn(5, 17, device=DEVICE)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    for beta in (1.0, 2.0, 3.5, 7.25, 200.0):
-        layer.beta = beta
+    for beta, penalty in ((1.0, 0.01), (2.0, 0.02), (3.5, 0.015), (7.25, 0.1), (200.0, 0.5)):
+        layer.beta, layer.penalty = beta, penalty  # lam steered too
         y = compiled(x)
         y.sum().backward()
         torch.testing.assert_close(y, CF.gated_linear(x, layer.weight, layer.mask_logits, beta, layer.bias,
