@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import reference
-from .model import _plain, _replace, gated_modules, module_aliases
+from .model import _plain, _replace, gated_modules, keep_transformer_slow_paths, module_aliases
 from .modules import GatedConv2d, GatedLinear
 
 
@@ -64,6 +64,7 @@ def from_prune_form(model: nn.Module) -> nn.Module:
         gated.mask_logits.copy_(torch.where(module.weight_mask != 0, 1.0, -1.0).to(gated.mask_logits.dtype))
         gated.hard = True
         model = _replace(model, name, gated, aliases)
+    keep_transformer_slow_paths(model)
     return model
 
 
@@ -123,6 +124,7 @@ def to_sparse(model: nn.Module) -> nn.Module:
         else:
             weight = module.weight
         model = _replace(model, name, SparseLinear(weight, module.bias), aliases)
+    keep_transformer_slow_paths(model)
     return model
 
 

@@ -48,6 +48,26 @@ def _replace(model: nn.Module, name: str, new: nn.Module, aliases: Aliases | Non
     return model
 
 
+def _transformer_fast_path_off(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing: its presence keeps nn.TransformerEncoderLayer off
+    its inference fast path, which reads linear1.weight and linear2.weight itself and would run
+    the ungated weights (torch skips the fast path for a layer with hooks)."""
+
+
+def keep_transformer_slow_paths(model: nn.Module) -> None:
+    """Where a gated (or other replaced) layer sits in place of a TransformerEncoderLayer's
+    linear1 / linear2, turn off the fused inference paths of torch's transformer, which bypass the
+    layer's forward: the encoder layer's (by a hook) and the encoder's nested-tensor one."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and not (
+                type(module.linear1) is nn.Linear and type(module.linear2) is nn.Linear):
+            if _transformer_fast_path_off not in module._forward_pre_hooks.values():
+                module.register_forward_pre_hook(_transformer_fast_path_off)
+        if isinstance(module, nn.TransformerEncoder) and any(
+                _transformer_fast_path_off in layer._forward_pre_hooks.values() for layer in module.layers):
+            module.use_nested_tensor = False
+
+
 def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exclude=()) -> list[nn.Module]:
     """Replace, in place, every nn.Linear and nn.Conv2d of `model` by its gated form, sharing
     the weight and bias Parameters. `exclude` holds qualified module names or glob patterns
@@ -96,6 +116,7 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
         gated = _DENSE_TO_GATED[type(module)].from_dense(module, mask_init=mask_init)
         gated.penalty = float(penalty)
         _replace(model, name, gated, aliases)
+    keep_transformer_slow_paths(model)
     gated = [m for _, m in gated_modules(model)]
     if not gated and not patterns:
         near = sorted({type(m).__name__ for m in model.modules() if isinstance(m, tuple(_DENSE_TO_GATED))})

@@ -79,6 +79,38 @@ def test_a_shared_layer_stays_one_layer():
     assert back.a is back.b is back.block[0] and isinstance(back.a, csext.GatedLinear)
 
 
+def test_gated_transformer_layers_stay_off_torchs_fused_inference_paths():
+    """nn.TransformerEncoderLayer's inference fast path (eval, no grad) reads linear1.weight and
+    linear2.weight itself, and nn.TransformerEncoder's nested-tensor path feeds it: they ran the
+    ungated weights (to_sparse's CSR ones crashed). The layers and their exports must give what
+    the finalized model gives, which takes those paths legitimately."""
+    from csext import export
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+    csext.sparsify(model)
+    csext.sparsify(model)  # again: still one hook per layer
+    assert [len(block._forward_pre_hooks) for block in model.layers] == [1, 1]
+    with torch.no_grad():
+        for _, gated in csext.gated_modules(model):
+            gated.mask_logits.normal_().sub_(1.0)
+    csext.set_hard(model)
+    model.eval()
+    x = torch.randn(3, 5, 16)
+    padding = torch.zeros(3, 5, dtype=torch.bool)
+    padding[0, 3:] = True
+    finalized = csext.finalize(copy.deepcopy(model))
+    for convert in (lambda m: m, export.to_sparse, lambda m: export.from_prune_form(export.to_prune_form(m))):
+        converted = convert(copy.deepcopy(model))
+        for mask in (None, padding):
+            with torch.no_grad():
+                got, expected = converted(x, src_key_padding_mask=mask), finalized(x, src_key_padding_mask=mask)
+            if expected.is_nested:  # the finalized encoder's nested path leaves out padded positions
+                expected = expected.to_padded_tensor(0.0)
+            torch.testing.assert_close(got[~padding], expected[~padding], rtol=1e-5, atol=1e-5)
+
+
 def test_sparsify_warns_when_it_finds_nothing_to_gate():
     """A model with no exact nn.Linear / nn.Conv2d (attention's out_proj is a subclass, read by
     its owner through .weight) gets nothing gated: a warning says so instead of an empty list alone."""
