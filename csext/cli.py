@@ -124,6 +124,9 @@ def main(argv=None) -> int:
         parser.exit(2, f"python -m csext {args.command}: error: {error}\n")
     except DivergedError as error:
         parser.exit(1, f"python -m csext {args.command}: error: {error}\n")
+    except KeyboardInterrupt:  # Ctrl-C: one line saying how to go on, not a traceback
+        parser.exit(130, f"python -m csext {args.command}: interrupted; the same command with --resume continues "
+                         f"from what {args.out} holds (a search from its last finished epoch)\n")
     if not main_rank:  # rank 0 reports
         return 0
     dense = results["dense"]

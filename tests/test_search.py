@@ -266,6 +266,38 @@ def test_a_diverging_run_stops_with_exit_code_1_and_writes_no_results(tmp_path, 
     assert not (out / "results.json").exists()
 
 
+def test_ctrl_c_says_how_to_resume_and_resume_finishes_the_run(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during a search ends with one line (exit code 130) pointing to --resume, not a
+    traceback; the resumed run gives the results of an uninterrupted one."""
+    data = _write_npz(tmp_path / "data.npz")
+    argv = ["search", "--data", str(data), *SMALL]
+    assert cli.main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    calls, real_epoch = [], search.train_epoch
+
+    def train_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(search, "train_epoch", train_epoch)
+    out = tmp_path / "cut"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 130 and err == (
+        f"python -m csext search: interrupted; the same command with --resume continues from what {out} holds "
+        "(a search from its last finished epoch)\n")
+    assert cli.main(argv + ["--out", str(out), "--resume"]) == 0
+    whole, cut = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "cut"))
+    for run in (whole, cut):
+        run["dense"].pop("seconds")
+        for ticket in run["tickets"]:
+            ticket.pop("seconds")
+    assert cut["tickets"] == whole["tickets"] and cut["dense"] == whole["dense"]
+
+
 def test_the_real_command_line_reports_bad_input_without_traceback(tmp_path):
     # from tmp_path, with the csext these tests import first on the path (not the source tree)
     env = {**os.environ, "PYTHONPATH": str(Path(csext.__file__).parents[1])}
