@@ -12,7 +12,8 @@ keep their parameter names; each adds
     mask_scale   c, the effective weight is c * w * m (default 1; 1 / sigmoid(s0) reproduces the
                  paper's code, SPEC section 1 `rescale=True`)
     backend      "auto", "torch", "cpp", "cuda" or "triton" (csext.backends)
-beta, hard, penalty and mask_scale travel in the state_dict (as `_extra_state`).
+beta, hard, penalty, mask_init and mask_scale travel in the state_dict (as `_extra_state`, a
+float64 tensor, so that safetensors can hold it).
 torch.fx.symbolic_trace records each layer's call as one node (gated_linear, gated_conv2d), with
 beta, hard, penalty and backend as they are when traced.
 """
@@ -118,11 +119,20 @@ class _Gated:
         self._parameters["mask_logits"] = holder._parameters["mask_logits"]
         return self
 
-    def get_extra_state(self) -> dict:
-        return {"beta": self.beta, "hard": self.hard, "penalty": self.penalty, "mask_init": self.mask_init,
-                "mask_scale": self.mask_scale}
+    # beta, hard, penalty, mask_init and mask_scale travel in the state_dict as one float64 tensor,
+    # in this order: formats that hold tensors only (safetensors, under Hugging Face's
+    # save_pretrained and Trainer checkpoints) refused the dict this once was, which still loads.
+    _STATE_FIELDS = ("beta", "hard", "penalty", "mask_init", "mask_scale")
 
-    def set_extra_state(self, state: dict) -> None:
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([float(getattr(self, name)) for name in self._STATE_FIELDS], dtype=torch.float64)
+
+    def set_extra_state(self, state) -> None:
+        if isinstance(state, torch.Tensor):
+            if state.shape != (len(self._STATE_FIELDS),):
+                raise ValueError(f"_extra_state of a gated layer must be a tensor of {len(self._STATE_FIELDS)} values "
+                                 f"({', '.join(self._STATE_FIELDS)}), got shape {tuple(state.shape)}")
+            state = dict(zip(self._STATE_FIELDS, state.tolist()))
         functional.check_beta(state["beta"])
         functional.check_penalty(state["penalty"])
         self.beta = float(state["beta"])

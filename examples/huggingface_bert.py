@@ -4,9 +4,11 @@
 
 A small BERT classifier is built from a config (nothing is downloaded), every nn.Linear in it
 is gated with csext.sparsify, it trains a few hundred steps on a synthetic task with beta
-annealed per step, then the ticket is finalized (plain nn.Linear layers holding w * 1[s > 0]),
-saved with save_pretrained, reloaded with plain transformers, and checked to give the same
-outputs as the finalized model.
+annealed per step. Halfway it is saved with save_pretrained, as Trainer saves its checkpoints
+(the gated layers' state is tensors only, which safetensors requires), and training goes on
+from that checkpoint loaded into a fresh gated model. At the end the ticket is finalized (plain
+nn.Linear layers holding w * 1[s > 0]), saved with save_pretrained, reloaded with plain
+transformers, and checked to give the same outputs as the finalized model.
 """
 
 import argparse
@@ -33,17 +35,30 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default=None, help="folder for save_pretrained (default: a temporary one)")
     args = parser.parse_args(argv)
 
+    from safetensors.torch import load_file
+
     torch.manual_seed(0)
     config = BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=128, max_position_embeddings=64, num_labels=3)
-    model = BertForSequenceClassification(config)
-    gated = csext.sparsify(model, penalty=args.penalty)  # lam applied in the backward
-    masks = [m.mask_logits for m in gated]
-    others = [p for n, p in model.named_parameters() if not n.endswith("mask_logits")]
-    optimizer = torch.optim.AdamW([{"params": others, "weight_decay": 0.01}, {"params": masks, "weight_decay": 0.0}], lr=1e-3)
+
+    def gated_bert():
+        model = BertForSequenceClassification(config)
+        gated = csext.sparsify(model, penalty=args.penalty)  # lam applied in the backward
+        masks = [m.mask_logits for m in gated]
+        others = [p for n, p in model.named_parameters() if not n.endswith("mask_logits")]
+        groups = [{"params": others, "weight_decay": 0.01}, {"params": masks, "weight_decay": 0.0}]
+        return model.train(), torch.optim.AdamW(groups, lr=1e-3)
+
+    model, optimizer = gated_bert()
     generator = torch.Generator().manual_seed(0)
-    model.train()
     for step in range(args.steps):
+        if step == args.steps // 2:  # a checkpoint, and training resumed from it in a new model
+            with tempfile.TemporaryDirectory() as checkpoint:
+                model.save_pretrained(checkpoint)
+                torch.save(optimizer.state_dict(), f"{checkpoint}/optimizer.pt")
+                model, optimizer = gated_bert()
+                model.load_state_dict(load_file(f"{checkpoint}/model.safetensors"))  # beta, hard, lam too
+                optimizer.load_state_dict(torch.load(f"{checkpoint}/optimizer.pt"))
         csext.set_beta(model, csext.schedule.beta_at(step, args.steps, args.beta_final))  # per-step schedule
         ids, labels = synthetic_batch(generator, 32, 24, config.vocab_size)
         loss = model(input_ids=ids, labels=labels).loss

@@ -113,6 +113,29 @@ def test_state_dict_round_trip_keeps_beta_hard_penalty():
     assert torch.equal(clone.mask_logits, layer.mask_logits)
 
 
+def test_state_dict_holds_tensors_only_for_safetensors_and_loads_the_older_dict_form(tmp_path):
+    """beta, hard, penalty, mask_init and mask_scale travel as one tensor: safetensors (Hugging
+    Face's save_pretrained, Trainer checkpoints) refused the dict, which older checkpoints hold."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    model = nn.Sequential(csext.GatedLinear(4, 3, mask_init=0.5), nn.ReLU(), csext.GatedConv2d(1, 2, 1))
+    model[0].beta, model[0].hard, model[0].penalty, model[0].mask_scale = 37.5, True, 1e-4, 1.25
+    model[2].beta = 3.0
+    state = model.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    safetensors.save_file(state, tmp_path / "model.safetensors")
+    clone = nn.Sequential(csext.GatedLinear(4, 3), nn.ReLU(), csext.GatedConv2d(1, 2, 1))
+    clone.load_state_dict(safetensors.load_file(tmp_path / "model.safetensors"))
+    settings = [(m.beta, m.hard, m.penalty, m.mask_init, m.mask_scale) for m in (clone[0], clone[2])]
+    assert settings == [(37.5, True, 1e-4, 0.5, 1.25), (3.0, False, 0.0, 0.0, 1.0)]
+    older = {**state, "0._extra_state": {"beta": 9.0, "hard": False, "penalty": 0.5, "mask_init": -1.0}}
+    clone.load_state_dict(older)
+    assert (clone[0].beta, clone[0].hard, clone[0].penalty, clone[0].mask_init, clone[0].mask_scale) == (9.0, False, 0.5, -1.0, 1.0)
+    with pytest.raises(ValueError, match="_extra_state of a gated layer must be a tensor of 5 values"):
+        clone.load_state_dict({**state, "0._extra_state": torch.zeros(3)})
+    with pytest.raises(ValueError, match="beta must be a finite number >= 1, got 0.5"):
+        clone.load_state_dict({**state, "0._extra_state": torch.tensor([0.5, 0.0, 0.0, 0.0, 1.0])})
+
+
 def test_lower_precision_keeps_mask_logits_float32():
     layer = csext.GatedLinear(8, 4).to(torch.bfloat16)
     assert layer.weight.dtype == torch.bfloat16 and layer.mask_logits.dtype == torch.float32
