@@ -57,15 +57,23 @@ def _transformer_fast_path_off(module: nn.Module, args) -> None:
 def keep_transformer_slow_paths(model: nn.Module) -> None:
     """Where a gated (or other replaced) layer sits in place of a TransformerEncoderLayer's
     linear1 / linear2, turn off the fused inference paths of torch's transformer, which bypass the
-    layer's forward: the encoder layer's (by a hook) and the encoder's nested-tensor one."""
+    layer's forward: the encoder layer's (by a hook) and the encoder's nested-tensor one. Where
+    both are plain nn.Linear again (after finalize), turn them back on."""
     for module in model.modules():
-        if isinstance(module, nn.TransformerEncoderLayer) and not (
-                type(module.linear1) is nn.Linear and type(module.linear2) is nn.Linear):
-            if _transformer_fast_path_off not in module._forward_pre_hooks.values():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            hooked = [k for k, hook in module._forward_pre_hooks.items() if hook is _transformer_fast_path_off]
+            replaced = not (type(module.linear1) is nn.Linear and type(module.linear2) is nn.Linear)
+            if replaced and not hooked:
                 module.register_forward_pre_hook(_transformer_fast_path_off)
-        if isinstance(module, nn.TransformerEncoder) and any(
-                _transformer_fast_path_off in layer._forward_pre_hooks.values() for layer in module.layers):
-            module.use_nested_tensor = False
+            for key in hooked if not replaced else ():
+                del module._forward_pre_hooks[key]
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder):
+            off = any(_transformer_fast_path_off in layer._forward_pre_hooks.values() for layer in module.layers)
+            if off and "_csext_use_nested_tensor" not in vars(module):
+                module._csext_use_nested_tensor, module.use_nested_tensor = module.use_nested_tensor, False
+            elif not off and "_csext_use_nested_tensor" in vars(module):
+                module.use_nested_tensor = vars(module).pop("_csext_use_nested_tensor")
 
 
 def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exclude=()) -> list[nn.Module]:
@@ -215,4 +223,5 @@ def finalize(model: nn.Module) -> nn.Module:
     aliases = module_aliases(model)
     for name, module in gated_modules(model):
         model = _replace(model, name, _plain(module), aliases)
+    keep_transformer_slow_paths(model)  # plain layers again: torch's fused paths are right
     return model

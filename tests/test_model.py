@@ -101,6 +101,7 @@ def test_gated_transformer_layers_stay_off_torchs_fused_inference_paths():
     padding = torch.zeros(3, 5, dtype=torch.bool)
     padding[0, 3:] = True
     finalized = csext.finalize(copy.deepcopy(model))
+    assert not finalized.layers[0]._forward_pre_hooks and finalized.use_nested_tensor  # its fast paths back
     for convert in (lambda m: m, export.to_sparse, lambda m: export.from_prune_form(export.to_prune_form(m))):
         converted = convert(copy.deepcopy(model))
         for mask in (None, padding):
