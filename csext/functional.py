@@ -115,16 +115,18 @@ def gate(
     lam * sum(sigmoid(beta * mask_logits)).
     """
     check_gate_args(weight, mask_logits, beta, penalty)
-    mask_logits, penalty = _penalty_for_compile(mask_logits, beta, hard, penalty)
-    return _gate(weight, mask_logits, beta, hard, penalty, dtype, backends.resolve(backend, weight.device.type))
+    name = backends.resolve(backend, weight.device.type)
+    mask_logits, penalty = _penalty_for_compile(mask_logits, beta, hard, penalty, name)
+    return _gate(weight, mask_logits, beta, hard, penalty, dtype, name)
 
 
-def _penalty_for_compile(mask_logits, beta, hard, penalty):
-    """(mask_logits, penalty) for the backends. Under torch.compile lam leaves them, where it is
-    a float argument and each new value recompiled (a schedule of lam soon hit Dynamo's
-    recompile limit, an error under fullgraph=True), for a node on the mask logits that adds
-    its gradient with lam a graph input, as beta is."""
-    if not torch.compiler.is_compiling() or hard or not penalty:
+def _penalty_for_compile(mask_logits, beta, hard, penalty, name: str):
+    """(mask_logits, penalty) for backend `name`. Under torch.compile lam leaves the ops of the
+    fused backends, where it is a float argument and each new value recompiled (a schedule of
+    lam soon hit Dynamo's recompile limit, an error under fullgraph=True), for a node on the mask
+    logits that adds its gradient with lam a graph input, as beta is. The torch backend's
+    autograd Function keeps lam symbolic itself."""
+    if not torch.compiler.is_compiling() or hard or not penalty or name == "torch":
         return mask_logits, penalty
     return reference.add_penalty_gradient(mask_logits, beta, penalty), 0.0
 
@@ -269,7 +271,7 @@ def gated_linear(
             f"x must have shape (..., {weight.shape[1]}) to match in_features, got {tuple(x.shape)}"
         )
     name = backends.resolve(backend, _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale))
-    mask_logits, penalty = _penalty_for_compile(mask_logits, beta, hard, penalty)
+    mask_logits, penalty = _penalty_for_compile(mask_logits, beta, hard, penalty, name)
     x, dtype = _layer_input(x, weight, bias, cast=name != "triton")
     if name == "triton":
         return _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale, dtype)
@@ -333,7 +335,7 @@ def gated_conv2d(
             f"in_channels, got {tuple(x.shape)}"
         )
     name = backends.resolve(backend, _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale))
-    mask_logits, penalty = _penalty_for_compile(mask_logits, beta, hard, penalty)
+    mask_logits, penalty = _penalty_for_compile(mask_logits, beta, hard, penalty, name)
     x, dtype = _layer_input(x, weight, bias)
     if isinstance(padding, str) and name in _LAYER_OPS:
         padding = _explicit_padding(padding, weight.shape[2:], stride, dilation)
