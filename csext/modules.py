@@ -125,7 +125,8 @@ class _Gated:
     _STATE_FIELDS = ("beta", "hard", "penalty", "mask_init", "mask_scale")
 
     def get_extra_state(self) -> torch.Tensor:
-        return torch.tensor([float(getattr(self, name)) for name in self._STATE_FIELDS], dtype=torch.float64)
+        values = [float(getattr(self, name)) for name in self._STATE_FIELDS]
+        return torch.tensor(values, dtype=torch.float64, device="cpu")  # not a default device's (meta)
 
     def set_extra_state(self, state) -> None:
         if isinstance(state, torch.Tensor):
