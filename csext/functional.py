@@ -126,8 +126,10 @@ def _penalty_for_compile(mask_logits, beta, hard, penalty, name: str):
     lam soon hit Dynamo's recompile limit, an error under fullgraph=True), for a node on the mask
     logits that adds its gradient with lam a graph input, as beta is. The torch backend's
     autograd Function keeps lam symbolic itself."""
-    if not torch.compiler.is_compiling() or hard or not penalty or name == "torch":
+    if not torch.compiler.is_compiling() or not penalty or name == "torch":
         return mask_logits, penalty
+    if hard:  # no gradient reaches the mask logits: lam has nothing to act on
+        return mask_logits, 0.0
     return reference.add_penalty_gradient(mask_logits, beta, penalty), 0.0
 
 

@@ -511,3 +511,8 @@ def test_compile_does_not_recompile_for_each_beta_or_penalty(backend):
         model.zero_grad()
     # dynamo compiles once for the first values, then once more with beta and lam dynamic
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    csext.set_hard(model)  # the ticket's retraining: once more, whatever lam is
+    for penalty in penalties:
+        csext.set_penalty(model, penalty)
+        compiled(x).sum().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
