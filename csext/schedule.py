@@ -63,9 +63,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def capture(model: nn.Module) -> dict:
-    """Copies of the weights and buffers (BatchNorm statistics included), mask logits left out."""
+    """Copies of the weights and buffers (BatchNorm statistics included), mask logits and the
+    gated layers' settings (beta, hard, lam: their `_extra_state`) left out."""
     state = model.state_dict()
-    return {k: v.detach().clone() for k, v in state.items() if torch.is_tensor(v) and not k.endswith("mask_logits")}
+    return {k: v.detach().clone() for k, v in state.items()
+            if torch.is_tensor(v) and not k.endswith(("mask_logits", "_extra_state"))}
 
 
 @torch.no_grad()
