@@ -105,7 +105,7 @@ def test_replayed_graph_matches_eager_calls(monkeypatch, backend, kind, shape, f
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_compile_reduce_overhead_trains_as_eager(backend, kind):
-    """Three SGD steps at three betas (the schedule moves beta), compiled with CUDA graphs and
+    """Three SGD steps at three betas and lams (the schedules move them), compiled with CUDA graphs and
     eager, from the same start: the same losses and weights. The cuda backend's ops read beta on
     the host and run between the graphs (tagged cudagraph_unsafe); the triton ones read it from
     device memory, inside them."""
@@ -120,8 +120,8 @@ def test_compile_reduce_overhead_trains_as_eager(backend, kind):
     for name, layer, fn in (("eager", eager_layer, eager_layer), ("graphed", graphed_layer, compiled)):
         optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
         losses[name] = []
-        for beta, x in zip((1.0, 4.0, 16.0), inputs):
-            layer.beta = beta
+        for beta, penalty, x in zip((1.0, 4.0, 16.0), (1e-3, 2e-3, 5e-4), inputs):
+            layer.beta, layer.penalty = beta, penalty  # lam steered too (a graph input under compile)
             torch.compiler.cudagraph_mark_step_begin()
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16):
