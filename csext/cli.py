@@ -69,7 +69,8 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--epochs", type=int, default=d.epochs, help="T, epochs of each search round")
     s.add_argument("--mask-init", type=float, default=d.mask_init, help="s0; negative values give sparser tickets")
     s.add_argument("--penalty", type=float, default=d.penalty, help="lam, weight of sum(sigmoid(beta * s))")
-    s.add_argument("--beta-final", type=float, default=d.beta_final, help="beta_T, the temperature at the end of a round")
+    s.add_argument("--beta-final", type=float, default=d.beta_final,
+                   help="beta_T, the temperature at the end of a round")
     s.add_argument("--beta-per-step", action="store_true", help="anneal beta every step instead of every epoch")
     s.add_argument("--rewind-iter", type=int, default=d.rewind_iter, help="k: the rewind point is after k iterations of round 1")
     s.add_argument("--reset", choices=["paper", "official"], default=d.reset,

@@ -88,13 +88,15 @@ def _kept_results(path: Path, config: SearchConfig, settings: dict) -> dict:
         results = json.loads(path.read_text())
         saved = dict(results["config"])
     except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConfigError(f"--resume: {path} is not a readable results file ({type(error).__name__}: {error})") from None
+        raise ConfigError(f"--resume: {path} is not a readable results file "
+                          f"({type(error).__name__}: {error})") from None
     now = json.loads(json.dumps({**dataclasses.asdict(config), **settings}))  # as results.json holds it
     for setting in ("device", "download"):  # where it runs and how files arrived change no result
         saved.pop(setting, None), now.pop(setting, None)
     changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
     if changed:
-        raise ConfigError(f"--resume: {path} was made with other settings ({', '.join(changed)}); use them or another --out")
+        raise ConfigError(f"--resume: {path} was made with other settings ({', '.join(changed)}); "
+                          f"use them or another --out")
     return results
 
 

@@ -176,7 +176,8 @@ def test_compare_resume_finishes_an_interrupted_comparison(tmp_path, monkeypatch
         cli.main(argv + ["--out", str(out)])
     assert "already holds a comparison: pass --resume" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        cli.main(argv[:-3] + ["--imp-rounds", "3", "--methods", "cs,imp,magnitude,random", "--quiet", "--out", str(out), "--resume"])
+        cli.main(argv[:-3] + ["--imp-rounds", "3", "--methods", "cs,imp,magnitude,random", "--quiet",
+                              "--out", str(out), "--resume"])
     assert "imp/results.json was made with other settings (imp_rounds)" in capsys.readouterr().err
     ran.clear()
     assert cli.main(argv + ["--out", str(out), "--resume"]) == 0

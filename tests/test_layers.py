@@ -129,7 +129,8 @@ def test_state_dict_holds_tensors_only_for_safetensors_and_loads_the_older_dict_
     assert settings == [(37.5, True, 1e-4, 0.5, 1.25), (3.0, False, 0.0, 0.0, 1.0)]
     older = {**state, "0._extra_state": {"beta": 9.0, "hard": False, "penalty": 0.5, "mask_init": -1.0}}
     clone.load_state_dict(older)
-    assert (clone[0].beta, clone[0].hard, clone[0].penalty, clone[0].mask_init, clone[0].mask_scale) == (9.0, False, 0.5, -1.0, 1.0)
+    settings = (clone[0].beta, clone[0].hard, clone[0].penalty, clone[0].mask_init, clone[0].mask_scale)
+    assert settings == (9.0, False, 0.5, -1.0, 1.0)
     with pytest.raises(ValueError, match="_extra_state of a gated layer must be a tensor of 5 values"):
         clone.load_state_dict({**state, "0._extra_state": torch.zeros(3)})
     with pytest.raises(ValueError, match="beta must be a finite number >= 1, got 0.5"):

@@ -303,7 +303,8 @@ def test_npz_images_and_uint8(tmp_path):
 
 @pytest.mark.parametrize("name, min_side", [("conv4", 4), ("vgg16", 16)])
 def test_image_models_name_the_smallest_image_their_poolings_allow(name, min_side):
-    with pytest.raises(ValueError, match=f"model {name} needs images of at least {min_side} x {min_side}, got 12 x {min_side - 1}"):
+    expected = f"model {name} needs images of at least {min_side} x {min_side}, got 12 x {min_side - 1}"
+    with pytest.raises(ValueError, match=expected):
         nets.build(name, (3, 12, min_side - 1), 10)
     model = nets.build(name, (3, min_side, min_side + 3), 10).eval()
     assert model(torch.rand(2, 3, min_side, min_side + 3)).shape == (2, 10)
