@@ -16,6 +16,7 @@ import hashlib
 import io
 import random
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.request import urlopen
@@ -156,6 +157,8 @@ def _mnist1d() -> Dataset:
 def _npz(path: Path) -> Dataset:
     if not path.is_file():
         raise DataError(f"--data {path}: no such file")
+    if not zipfile.is_zipfile(path):  # else numpy's error speaks of pickled data
+        raise DataError(f"--data {path}: not an .npz file (np.savez writes a zip archive of arrays; this is not one)")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f.files]
@@ -186,7 +189,7 @@ def _from_arrays(name: str, x_train, y_train, x_test, y_test, augment: bool = Fa
             raise DataError(f"{name}: x_{split} is empty")
         if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
             raise DataError(f"{name}: y_{split} must hold integer labels, got dtype {y.dtype}")
-        if not (np.issubdtype(x.dtype, np.number) and not np.issubdtype(x.dtype, np.complexfloating)):
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_) or np.issubdtype(x.dtype, np.complexfloating):
             raise DataError(f"{name}: x_{split} must be numeric, got dtype {x.dtype}")
         xs[split] = _to_float(x)
         bad = int((~torch.isfinite(xs[split])).sum())

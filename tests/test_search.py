@@ -223,14 +223,17 @@ def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing file", "missing keys", "labels out of range", "lengths differ", "pickled arrays",
-     "non-finite features", "channels-last images", "unknown model", "unknown data", "negative epochs", "model does not fit data"],
+    ["missing file", "not an npz archive", "missing keys", "labels out of range", "lengths differ", "pickled arrays",
+     "non-finite features", "channels-last images", "unknown model", "unknown data", "negative epochs",
+     "model does not fit data"],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
     data = tmp_path / "data.npz"
     extra = []
     if case == "missing file":
         data = tmp_path / "absent.npz"
+    elif case == "not an npz archive":  # numpy's own error spoke of pickled data
+        data.write_bytes(b"x_train,y_train\n0.5,1\n")
     elif case == "missing keys":
         _write_npz(data, y_test=None)
     elif case == "labels out of range":
@@ -256,6 +259,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert "error:" in err and "Traceback" not in err
     assert len(err.splitlines()) == 1, err
+    if case == "not an npz archive":
+        assert "not an .npz file (np.savez writes a zip archive of arrays" in err
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
 
 
@@ -299,6 +304,9 @@ def test_npz_images_and_uint8(tmp_path):
     assert sum(p.numel() for p in nets.build("lenet300", data.input_shape, 10).parameters()) == 266610  # LeNet-300-100
     with pytest.raises(ValueError, match="28 x 28"):
         nets.build("lenet300", (1, 32, 32), 10)
+    binary = load(str(_write_npz(tmp_path / "bool.npz", x_train=rng.random((96, 12)) > 0.5,
+                                 x_test=rng.random((40, 12)) > 0.5)))  # binary features: 0.0 and 1.0
+    assert binary.x_train.dtype == torch.float32 and set(binary.x_train.unique().tolist()) == {0.0, 1.0}
 
 
 @pytest.mark.parametrize("name, min_side", [("conv4", 4), ("vgg16", 16)])
