@@ -115,9 +115,24 @@ def gate(
     lam * sum(sigmoid(beta * mask_logits)).
     """
     check_gate_args(weight, mask_logits, beta, penalty)
-    name = backends.resolve(backend, weight.device.type)
-    mask_logits, penalty = _penalty_for_compile(mask_logits, beta, hard, penalty, name)
+    name, mask_logits, penalty = _backend_for_call(backend, weight.device.type, mask_logits, beta, hard, penalty)
     return _gate(weight, mask_logits, beta, hard, penalty, dtype, name)
+
+
+def _exporting_to_onnx() -> bool:
+    """torch.onnx.export is tracing the model, with torch.jit (dynamo=False) or torch.export."""
+    # torch.onnx.is_in_onnx_export costs microseconds; the checks before it, a tenth of one
+    return (torch.jit.is_tracing() or torch.compiler.is_exporting()) and torch.onnx.is_in_onnx_export()
+
+
+def _backend_for_call(backend: str, device_type: str, mask_logits, beta, hard, penalty):
+    """(backend name, mask_logits, penalty) for a call with tensors on `device_type`. In an
+    ONNX export every backend runs as the torch reference, whose ops (sigmoid, mul, greater)
+    ONNX has and csext's ops are not, and lam, which acts in the backward alone, is left out."""
+    name = backends.resolve(backend, device_type)  # refuses a bad backend in an export too
+    if _exporting_to_onnx():
+        return "torch", mask_logits, 0.0
+    return (name, *_penalty_for_compile(mask_logits, beta, hard, penalty, name))
 
 
 def _penalty_for_compile(mask_logits, beta, hard, penalty, name: str):
@@ -272,8 +287,8 @@ def gated_linear(
         raise ValueError(
             f"x must have shape (..., {weight.shape[1]}) to match in_features, got {tuple(x.shape)}"
         )
-    name = backends.resolve(backend, _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale))
-    mask_logits, penalty = _penalty_for_compile(mask_logits, beta, hard, penalty, name)
+    device_type = _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale)
+    name, mask_logits, penalty = _backend_for_call(backend, device_type, mask_logits, beta, hard, penalty)
     x, dtype = _layer_input(x, weight, bias, cast=name != "triton")
     if name == "triton":
         return _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale, dtype)
@@ -336,8 +351,8 @@ def gated_conv2d(
             f"x must have shape (N, {in_channels}, H, W) or ({in_channels}, H, W) to match "
             f"in_channels, got {tuple(x.shape)}"
         )
-    name = backends.resolve(backend, _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale))
-    mask_logits, penalty = _penalty_for_compile(mask_logits, beta, hard, penalty, name)
+    device_type = _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale)
+    name, mask_logits, penalty = _backend_for_call(backend, device_type, mask_logits, beta, hard, penalty)
     x, dtype = _layer_input(x, weight, bias)
     if isinstance(padding, str) and name in _LAYER_OPS:
         padding = _explicit_padding(padding, weight.shape[2:], stride, dilation)

@@ -11,8 +11,10 @@
 // The fast path's functions take what csext.functional takes as valid, or less, and never
 // explain: for any other argument they return None, and the Python path runs, which raises the
 // error that names the argument. A tensor subclass or an active __torch_function__ mode also
-// gets None (the Python path hands it to __torch_function__); dispatcher-level machinery
-// (autograd, functorch, __torch_dispatch__ modes) sees the same op call either way.
+// gets None (the Python path hands it to __torch_function__), and so does a call under
+// torch.jit.trace (the Python path checks whether torch.onnx.export traces, which needs the
+// reference's ops); dispatcher-level machinery (autograd, functorch, __torch_dispatch__ modes)
+// sees the same op call either way.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -23,6 +25,7 @@
 #include <torch/csrc/DynamicTypes.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <array>
 #include <cmath>
@@ -110,9 +113,10 @@ std::optional<Layer> take_layer(PyObject* const* args, int64_t weight_dim,
                                 bool (*x_fits)(const at::Tensor& x, const at::Tensor& weight), bool cast_x = true) {
   PyObject *x_obj = args[0], *weight_obj = args[1], *mask_logits_obj = args[2], *bias_obj = args[4];
   // Exactly torch.Tensor or nn.Parameter: a subclass may override __torch_function__.
-  if (at::impl::torch_function_mode_enabled() || !THPVariable_CheckExact(x_obj) ||
-      !THPVariable_CheckExact(weight_obj) || !THPVariable_CheckExact(mask_logits_obj) ||
-      (bias_obj != Py_None && !THPVariable_CheckExact(bias_obj)) || !PyBool_Check(args[5])) {
+  if (at::impl::torch_function_mode_enabled() || torch::jit::tracer::isTracing() ||
+      !THPVariable_CheckExact(x_obj) || !THPVariable_CheckExact(weight_obj) ||
+      !THPVariable_CheckExact(mask_logits_obj) || (bias_obj != Py_None && !THPVariable_CheckExact(bias_obj)) ||
+      !PyBool_Check(args[5])) {
     return std::nullopt;
   }
   Layer layer;
