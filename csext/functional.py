@@ -53,7 +53,7 @@ def check_gate_args(weight: torch.Tensor, mask_logits: torch.Tensor, beta, penal
     wanted = torch.float64 if weight.dtype == torch.float64 else torch.float32
     if mask_logits.dtype != wanted:
         raise TypeError(
-            f"mask_logits must be {wanted} (float32 always, float64 beside a float64 weight), "
+            f"mask_logits must be {wanted} (float32, or float64 beside a float64 weight), "
             f"got {mask_logits.dtype} with a {weight.dtype} weight"
         )
     if weight.device != mask_logits.device:
