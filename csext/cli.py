@@ -8,7 +8,7 @@ from . import distributed
 from . import nets
 from .baselines import METHODS
 from .compare import compare
-from .search import ConfigError, DivergedError, Search, SearchConfig
+from .search import AMP, ConfigError, DivergedError, Search, SearchConfig
 from .sweep import run_sweep
 
 # The paper's setups (SPEC section 1; Savarese et al., section 5). They need the CIFAR-10 files
@@ -90,6 +90,9 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation and every epoch's data order")
     s.add_argument("--out", required=True, help="DIR for the results, checkpoints and plots")
     s.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
+    s.add_argument("--amp", choices=AMP, default=d.amp,
+                   help="bf16: forward and loss under torch.autocast in bfloat16 (weights and mask logits stay "
+                        "float32)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

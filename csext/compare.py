@@ -17,8 +17,8 @@ from . import data as datasets
 from ._files import write_atomic
 from ._plots import pyplot, remaining_axis, save_png
 from .baselines import METHODS, MethodRun
-from .search import (CHECKPOINT, RESULTS, ConfigError, Search, SearchConfig, build_plain, evaluate, make_optimizer,
-                     train_epochs)
+from .search import (CHECKPOINT, RESULTS, SETTING_DEFAULTS, ConfigError, Search, SearchConfig, build_plain, evaluate,
+                     make_optimizer, train_epochs)
 
 SUMMARY = "summary.json"
 
@@ -86,7 +86,7 @@ def _kept_results(path: Path, config: SearchConfig, settings: dict) -> dict:
     """A baseline's results.json from an earlier, interrupted comparison, if made with these settings."""
     try:
         results = json.loads(path.read_text())
-        saved = dict(results["config"])
+        saved = {**SETTING_DEFAULTS, **results["config"]}  # a setting newer than the file: its default
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"--resume: {path} is not a readable results file "
                           f"({type(error).__name__}: {error})") from None

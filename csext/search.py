@@ -29,6 +29,10 @@ from ._plots import pyplot, remaining_axis, save_png
 from .model import gated_modules, set_beta, set_hard, set_penalty, sparsify, sparsity_report
 from .schedule import RESETS, beta_at, capture, param_groups, reset_mask_logits, restore
 
+# Mixed precision of training and evaluation: "bf16" runs forward and loss under torch.autocast
+# in bfloat16 (weights and mask logits stay float32). float16 is not offered: it needs loss scaling,
+# which the layers' fused penalty does not follow (README, "Use").
+AMP = ("off", "bf16")
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
 PLOT = "accuracy_vs_remaining.png"
@@ -73,6 +77,7 @@ class SearchConfig:
     data_dir: str | None = None
     download: bool = False  # fetch missing cifar10 / mnist files into data_dir
     device: str = "cpu"
+    amp: str = "off"  # one of AMP
 
     def check(self) -> None:
         for name in ("rounds", "epochs", "batch_size"):
@@ -102,6 +107,8 @@ class SearchConfig:
             raise ConfigError(f"--model must be one of {', '.join(nets.NAMES)}, got {self.model!r}")
         if self.target_remaining is not None and not 0.0 < self.target_remaining < 1.0:
             raise ConfigError(f"--target-remaining must lie strictly between 0 and 1, got {self.target_remaining}")
+        if self.amp not in AMP:
+            raise ConfigError(f"--amp must be one of {', '.join(AMP)}, got {self.amp!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"--device must be cpu or cuda, got {self.device!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
@@ -123,6 +130,9 @@ class SearchConfig:
         return out
 
 
+SETTING_DEFAULTS = dataclasses.asdict(SearchConfig())  # what a checkpoint made before a setting existed ran with
+
+
 # --- training --------------------------------------------------------------------------------
 
 
@@ -136,6 +146,11 @@ def make_optimizer(model: nn.Module, config: SearchConfig) -> torch.optim.Optimi
     """SGD with Nesterov momentum; mask logits (and biases, norms) free of weight decay."""
     return torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
                            nesterov=config.momentum > 0)
+
+
+def autocast(config: SearchConfig):
+    """The context of every forward of a run: autocast in bfloat16 with --amp bf16, else nothing."""
+    return torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16, enabled=config.amp == "bf16")
 
 
 def epoch_generator(seed: int, phase: int, epoch: int) -> torch.Generator:
@@ -166,8 +181,9 @@ def train_epoch(model, data: datasets.Dataset, optimizer, config: SearchConfig, 
         if data.augment:
             x = datasets.augment_batch(x, generator)
         x, y = x.to(device, non_blocking=True), data.y_train[batch].to(device, non_blocking=True)
-        logits = model(x)
-        loss = nn.functional.cross_entropy(logits, y)
+        with autocast(config):
+            logits = model(x)
+            loss = nn.functional.cross_entropy(logits, y)
         if extra_loss is not None:
             loss = loss + extra_loss()
         for o in optimizers:
@@ -209,7 +225,9 @@ def evaluate(model: nn.Module, data: datasets.Dataset, config: SearchConfig) -> 
     correct = 0
     for start in range(0, len(data.y_test), 1024):
         x = data.x_test[start:start + 1024].to(device)
-        correct += (model(x).argmax(1).cpu() == data.y_test[start:start + 1024]).sum().item()
+        with autocast(config):
+            logits = model(x)
+        correct += (logits.argmax(1).cpu() == data.y_test[start:start + 1024]).sum().item()
     return correct / len(data.y_test)
 
 
@@ -299,7 +317,7 @@ class Search:
             raise ConfigError(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})") from None
         if not isinstance(state, dict) or "config" not in state or "phase" not in state:
             raise ConfigError(f"--resume: {path} is not a csext search checkpoint")
-        saved, now = dict(state["config"]), dataclasses.asdict(self.config)
+        saved, now = {**SETTING_DEFAULTS, **state["config"]}, dataclasses.asdict(self.config)
         for setting in ("device", "download"):  # where it runs and how files arrived change no result
             saved.pop(setting, None), now.pop(setting, None)
         if saved != now:

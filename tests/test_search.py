@@ -443,3 +443,42 @@ def test_beta_per_step_follows_the_schedule_over_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(search, "set_beta", lambda model, beta: (seen.append(beta), real_set_beta(model, beta)))
     search.Search(config, tmp_path / "run", progress=False).run()
     assert seen == pytest.approx([schedule.beta_at(i, 6) for i in range(6)])  # 1 ... 200 over the 6 steps
+
+
+@pytest.mark.parametrize("amp, dtype", [("off", torch.float32), ("bf16", torch.bfloat16)])
+def test_amp_runs_every_forward_in_its_dtype_and_keeps_float32_parameters(tmp_path, amp, dtype):
+    data = _write_npz(tmp_path / "small.npz")
+    config = search.SearchConfig(data=str(data), rounds=1, epochs=2, batch_size=32, amp=amp)
+    seen = set()
+
+    def record(module, args, output):
+        if isinstance(module, (nn.Linear, csext.GatedLinear)):
+            seen.add((type(module).__name__, module.training, output.dtype))
+
+    handle = nn.modules.module.register_module_forward_hook(record)
+    try:
+        results = search.Search(config, tmp_path / "run", progress=False).run()
+    finally:
+        handle.remove()
+    # dense training and evaluation, the search, and the ticket's retraining and evaluation
+    assert seen == {(name, training, dtype) for name in ("Linear", "GatedLinear") for training in (True, False)}
+    assert results["config"]["amp"] == amp and 0.0 <= results["tickets"][0]["test_acc"] <= 1.0
+    state = torch.load(tmp_path / "run" / search.CHECKPOINT, weights_only=True)
+    assert {t.dtype for t in state["search_model"].values() if t.is_floating_point()} <= {torch.float32, torch.float64}
+
+
+def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path, capsys):
+    data = _write_npz(tmp_path / "small.npz")
+    out = tmp_path / "run"
+    args = ["search", "--data", str(data), "--out", str(out), *SMALL]
+    assert cli.main(args) == 0
+    whole = json.loads((out / "results.json").read_text())
+    state = torch.load(out / search.CHECKPOINT, weights_only=True)
+    del state["config"]["amp"]  # made before --amp existed
+    torch.save(state, out / search.CHECKPOINT)
+    (out / "results.json").unlink()
+    assert cli.main([*args, "--resume"]) == 0
+    assert _without_seconds(json.loads((out / "results.json").read_text())) == _without_seconds(whole)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "--resume", "--amp", "bf16"])
+    assert exit_info.value.code == 2 and "other settings (amp)" in capsys.readouterr().err
