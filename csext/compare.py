@@ -17,7 +17,7 @@ from . import data as datasets
 from ._files import write_atomic
 from ._plots import pyplot, remaining_axis, save_png
 from .baselines import METHODS, MethodRun
-from .search import (CHECKPOINT, RESULTS, SETTING_DEFAULTS, ConfigError, Search, SearchConfig, build_plain, evaluate,
+from .search import (CHECKPOINT, RESULTS, ConfigError, Search, SearchConfig, build_plain, changed_settings, evaluate,
                      make_optimizer, train_epochs)
 
 SUMMARY = "summary.json"
@@ -86,14 +86,11 @@ def _kept_results(path: Path, config: SearchConfig, settings: dict) -> dict:
     """A baseline's results.json from an earlier, interrupted comparison, if made with these settings."""
     try:
         results = json.loads(path.read_text())
-        saved = {**SETTING_DEFAULTS, **results["config"]}  # a setting newer than the file: its default
+        now = json.loads(json.dumps({**dataclasses.asdict(config), **settings}))  # as results.json holds it
+        changed = changed_settings(results["config"], now)
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ConfigError(f"--resume: {path} is not a readable results file "
                           f"({type(error).__name__}: {error})") from None
-    now = json.loads(json.dumps({**dataclasses.asdict(config), **settings}))  # as results.json holds it
-    for setting in ("device", "download"):  # where it runs and how files arrived change no result
-        saved.pop(setting, None), now.pop(setting, None)
-    changed = sorted(k for k in now.keys() | saved.keys() if saved.get(k) != now.get(k))
     if changed:
         raise ConfigError(f"--resume: {path} was made with other settings ({', '.join(changed)}); "
                           f"use them or another --out")

@@ -133,6 +133,14 @@ class SearchConfig:
 SETTING_DEFAULTS = dataclasses.asdict(SearchConfig())  # what a checkpoint made before a setting existed ran with
 
 
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """The settings in which a saved run (a checkpoint's, a results.json's) differs from `now`; one
+    the run predates counts as its default, and where it runs and how its files arrived, not at all."""
+    saved = {**SETTING_DEFAULTS, **saved}
+    return sorted(k for k in now.keys() | saved.keys()
+                  if k not in ("device", "download") and saved.get(k) != now.get(k))
+
+
 # --- training --------------------------------------------------------------------------------
 
 
@@ -317,11 +325,8 @@ class Search:
             raise ConfigError(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})") from None
         if not isinstance(state, dict) or "config" not in state or "phase" not in state:
             raise ConfigError(f"--resume: {path} is not a csext search checkpoint")
-        saved, now = {**SETTING_DEFAULTS, **state["config"]}, dataclasses.asdict(self.config)
-        for setting in ("device", "download"):  # where it runs and how files arrived change no result
-            saved.pop(setting, None), now.pop(setting, None)
-        if saved != now:
-            changed = sorted(k for k in now if saved.get(k) != now[k])
+        changed = changed_settings(state["config"], dataclasses.asdict(self.config))
+        if changed:
             raise ConfigError(f"--resume: the checkpoint was made with other settings ({', '.join(changed)}); use them or another --out")
         return state
 
