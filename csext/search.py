@@ -7,12 +7,16 @@ A run is a list of phases, trained in order:
     retrain r      the ticket of round r from the rewind point w_k, hard mask fixed, weights only
 After every epoch the whole state (models, optimizers, rewind point, results so far) is written
 to DIR/checkpoint.pt atomically; `resume` continues from it and, every random draw being seeded
-by (seed, phase, epoch), ends with the results an uninterrupted run gives.
+by (seed, phase, epoch), ends with the results an uninterrupted run gives. Each epoch also adds a
+row to DIR/history.csv (HISTORY_COLUMNS), rewritten whole from the checkpoint's copy, and the end
+draws it (DIR/training.png).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import math
 import os
 import time
@@ -25,7 +29,7 @@ from torch import nn
 from . import data as datasets
 from . import distributed, nets
 from ._files import write_atomic
-from ._plots import pyplot, remaining_axis, save_png
+from ._plots import log_percent_scale, pyplot, remaining_axis, save_png
 from .model import gated_modules, set_beta, set_hard, set_penalty, sparsify, sparsity_report
 from .schedule import RESETS, beta_at, capture, param_groups, reset_mask_logits, restore
 
@@ -36,6 +40,13 @@ AMP = ("off", "bf16")
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
 PLOT = "accuracy_vs_remaining.png"
+HISTORY = "history.csv"
+TRAINING_PLOT = "training.png"
+# One row per epoch of every phase. lr, loss, train_acc: of the epoch's training; test_acc and
+# remaining (fraction of gated weights with s > 0; 1 for the dense network): after it; beta and
+# penalty (lam): at its end, search rounds only; seconds: its training, evaluation not counted.
+HISTORY_COLUMNS = ("phase", "round", "epoch", "lr", "beta", "penalty", "loss", "train_acc", "test_acc",
+                   "remaining", "seconds")
 
 
 class ConfigError(ValueError):
@@ -308,6 +319,7 @@ class Search:
             "results": {"dense": None, "tickets": []},
             "seconds": 0.0,  # spent in the phase in progress
             "epochs_spent": 0,
+            "history": [],  # a dict of HISTORY_COLUMNS per epoch run
         }
 
     # checkpoints
@@ -315,6 +327,7 @@ class Search:
     def _save_checkpoint(self) -> None:
         if distributed.is_main():
             write_atomic(self.out / CHECKPOINT, lambda f: torch.save(self.state, f))
+            write_atomic(self.out / HISTORY, history_csv(self.state["history"]).encode())
 
     def _load_checkpoint(self, path: Path) -> dict:
         if not path.is_file():
@@ -328,6 +341,7 @@ class Search:
         changed = changed_settings(state["config"], dataclasses.asdict(self.config))
         if changed:
             raise ConfigError(f"--resume: the checkpoint was made with other settings ({', '.join(changed)}); use them or another --out")
+        state.setdefault("history", [])  # a checkpoint older than the history: rows from here on
         return state
 
     # phases
@@ -348,6 +362,8 @@ class Search:
         if distributed.is_main():
             write_atomic(self.out / RESULTS, _json(results).encode())
             plot_results(results, self.out / PLOT)
+            plot_history(self.state["history"], self.out / TRAINING_PLOT, f"{results['model']} on {results['data']}, "
+                         f"seed {results['seed']}")
         distributed.barrier()  # the files exist before any rank returns
         return results
 
@@ -361,11 +377,18 @@ class Search:
         bar = tqdm(epochs_left, desc=desc, unit="epoch", initial=self.state["epoch"], total=epochs, leave=True)
         return bar, bar
 
-    def _finish_epoch(self, started: float, spent_by_method: bool = True) -> None:
+    def _finish_epoch(self, started: float, model: nn.Module, row: dict, spent_by_method: bool = True) -> float | None:
+        """Count the epoch, add its history row (`row` and the test accuracy of `model`), checkpoint;
+        returns that test accuracy (None on ranks other than the first)."""
+        seconds = time.perf_counter() - started
         self.state["epoch"] += 1
         self.state["epochs_spent"] += int(spent_by_method)
-        self.state["seconds"] += time.perf_counter() - started
+        self.state["seconds"] += seconds
+        if distributed.is_main():  # the other ranks write nothing, so need no history
+            row = {**row, "test_acc": evaluate(model, self.data, self.config), "seconds": round(seconds, 3)}
+            self.state["history"].append({column: row.get(column) for column in HISTORY_COLUMNS})
         self._save_checkpoint()
+        return row.get("test_acc")
 
     def _run_dense(self, epochs: int) -> None:
         model = self._plain()
@@ -375,12 +398,14 @@ class Search:
         epochs_left, bar = self._epochs(epochs, "dense")
         for epoch in epochs_left:
             started = time.perf_counter()
-            _set_lr(optimizer, learning_rate(self.config, epoch, epochs))
+            lr = learning_rate(self.config, epoch, epochs)
+            _set_lr(optimizer, lr)
             stats = train_epoch(trainer, self.data, optimizer, self.config, self._generator(epoch))
             self._keep_trainee(model, optimizer)
-            self._finish_epoch(started, spent_by_method=False)  # the baseline is not the method's budget
+            row = {"phase": "dense", "round": 0, "epoch": epoch + 1, "lr": lr, **stats, "remaining": 1.0}
+            test_acc = self._finish_epoch(started, model, row, spent_by_method=False)  # not the method's budget
             if bar is not None:
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}")
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}", test=f"{test_acc:.3f}")
         self.state["results"]["dense"] = {"test_acc": evaluate(model, self.data, self.config), "epochs": epochs,
                                           "seconds": round(self.state["seconds"], 3)}
 
@@ -397,8 +422,9 @@ class Search:
         epochs_left, bar = self._epochs(epochs, f"search round {round_}")
         for epoch in epochs_left:
             started = time.perf_counter()
-            _set_lr(optimizer, learning_rate(config, epoch, epochs))
-            set_penalty(model, self.state["penalty"])
+            lr, penalty = learning_rate(config, epoch, epochs), self.state["penalty"]
+            _set_lr(optimizer, lr)
+            set_penalty(model, penalty)
 
             def on_step(step, epoch=epoch):
                 global_step = epoch * steps_per_epoch + step
@@ -415,10 +441,13 @@ class Search:
             if config.target_remaining is not None:
                 self._steer_penalty(remaining, self._round_target(round_), epoch, epochs)
             self.state["search_model"], self.state["search_optimizer"] = model.state_dict(), optimizer.state_dict()
-            self._finish_epoch(started)
+            beta = gated_modules(model)[0][1].beta
+            row = {"phase": "search", "round": round_, "epoch": epoch + 1, "lr": lr, "beta": beta, "penalty": penalty,
+                   **stats, "remaining": remaining}
+            test_acc = self._finish_epoch(started, model, row)
             if bar is not None:
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}",
-                                beta=f"{gated_modules(model)[0][1].beta:.3g}", remaining=f"{remaining:.4f}")
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}", test=f"{test_acc:.3f}",
+                                beta=f"{beta:.3g}", remaining=f"{remaining:.4f}")
         if self.state["rewind"] is None:  # k beyond round 1's iterations: rewind to its end
             self.state["rewind"] = capture(model)
         if config.target_remaining is not None:
@@ -442,12 +471,15 @@ class Search:
         epochs_left, bar = self._epochs(epochs, f"retrain ticket {round_}")
         for epoch in epochs_left:
             started = time.perf_counter()
-            _set_lr(optimizer, learning_rate(self.config, epoch, epochs))
+            lr = learning_rate(self.config, epoch, epochs)
+            _set_lr(optimizer, lr)
             stats = train_epoch(trainer, self.data, optimizer, self.config, self._generator(epoch))
             self._keep_trainee(model, optimizer)
-            self._finish_epoch(started)
+            row = {"phase": "retrain", "round": round_, "epoch": epoch + 1, "lr": lr, **stats,
+                   "remaining": ticket["remaining"]}
+            test_acc = self._finish_epoch(started, model, row)
             if bar is not None:
-                bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}",
+                bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}", test=f"{test_acc:.3f}",
                                 remaining=f"{ticket['remaining']:.4f}")
         self.state["results"]["tickets"].append({
             "round": round_,
@@ -566,3 +598,62 @@ def plot_results(results: dict, path: Path) -> bool:
     ax.legend()
     save_png(plt, fig, path)
     return True
+
+
+def history_csv(history: list[dict]) -> str:
+    """The rows of a run's history as CSV with a header: floats to 6 significant digits, an empty
+    cell where a column does not apply."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: f"{v:.6g}" if isinstance(v, float) else v for k, v in row.items()} for row in history)
+    return buffer.getvalue()
+
+
+def read_history(path: str | os.PathLike) -> list[dict]:
+    """A history.csv back as rows: numbers as int or float, empty cells as None."""
+    def value(column, text):
+        if text == "":
+            return None
+        return text if column == "phase" else int(text) if column in ("round", "epoch") else float(text)
+
+    with open(path, newline="") as f:
+        return [{column: value(column, row[column]) for column in HISTORY_COLUMNS} for row in csv.DictReader(f)]
+
+
+def plot_history(history: list[dict], path: Path, title: str = "") -> bool:
+    """Accuracy (test, and train dotted) and the remaining fraction against the epochs of the whole
+    run, one colour per phase, the phases named along the top."""
+    plt = pyplot()
+    if plt is None or not history:
+        return False
+    fig, (acc_ax, rem_ax) = plt.subplots(2, 1, figsize=(7.5, 5.5), sharex=True, height_ratios=(3, 2))
+    colours = {"dense": "tab:gray", "search": "tab:blue", "retrain": "tab:green"}
+    start = 0
+    for (phase, round_), rows in _runs_of(history):
+        x = list(range(start + 1, start + len(rows) + 1))
+        colour = colours[phase]
+        acc_ax.plot(x, [r["test_acc"] for r in rows], color=colour)
+        acc_ax.plot(x, [r["train_acc"] for r in rows], color=colour, linestyle=":", linewidth=1)
+        rem_ax.plot(x, [r["remaining"] for r in rows], color=colour)
+        acc_ax.annotate(phase if phase == "dense" else f"{phase} {round_}", (x[0], 1.0), xycoords=("data", "axes fraction"),
+                        xytext=(2, -10), textcoords="offset points", fontsize=7, color=colour)
+        if start:
+            for ax in (acc_ax, rem_ax):
+                ax.axvline(start + 0.5, color="lightgray", linewidth=0.8)
+        start += len(rows)
+    acc_ax.set_ylabel("accuracy (test; train dotted)")
+    log_percent_scale(rem_ax.yaxis)
+    rem_ax.set_ylabel("weights remaining (s > 0)")
+    rem_ax.set_xlabel("epoch of the run")
+    if title:
+        acc_ax.set_title(title, fontsize=10)
+    save_png(plt, fig, path)
+    return True
+
+
+def _runs_of(history: list[dict]):
+    """The history split into its phases, in order: ((phase, round), rows)."""
+    import itertools
+
+    return [(key, list(rows)) for key, rows in itertools.groupby(history, key=lambda r: (r["phase"], r["round"]))]

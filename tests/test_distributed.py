@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import csext
+from csext import search
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 
@@ -38,7 +39,12 @@ def test_two_process_search_matches_one_process(tmp_path):
     done = _run(args + ["--out", str(tmp_path / "ddp")], tmp_path, ranks=2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("results:") == 1  # rank 0 reports, once
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["accuracy_vs_remaining.png", "checkpoint.pt", "results.json"]
+    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
+        "accuracy_vs_remaining.png", "checkpoint.pt", "history.csv", "results.json", "training.png"]
+    history = search.read_history(tmp_path / "ddp" / search.HISTORY)  # rank 0's epochs, once each
+    assert [(row["phase"], row["round"], row["epoch"]) for row in history] == [
+        (kind, r, e) for kind, r in [("dense", 0), ("search", 1), ("retrain", 1), ("search", 2), ("retrain", 2)]
+        for e in (1, 2, 3)]
     results = json.loads((tmp_path / "ddp" / "results.json").read_text())
     checkpoint = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)
     for ticket, saved in zip(results["tickets"], checkpoint["tickets"]):

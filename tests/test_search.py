@@ -50,6 +50,10 @@ def _without_seconds(results: dict) -> dict:
     return results
 
 
+def _history_without_seconds(out: Path) -> list[dict]:
+    return [{**row, "seconds": None} for row in search.read_history(out / search.HISTORY)]
+
+
 # --- arithmetic -------------------------------------------------------------------------------
 
 
@@ -188,6 +192,35 @@ def test_resume_after_a_kill_gives_the_same_results(tmp_path, monkeypatch, capsy
     assert cli.main([*args, "--out", str(tmp_path / "killed"), "--resume"]) == 0
     resumed = json.loads((tmp_path / "killed" / "results.json").read_text())
     assert _without_seconds(resumed) == _without_seconds(whole)
+    assert _history_without_seconds(tmp_path / "killed") == _history_without_seconds(tmp_path / "whole")
+
+
+def test_history_has_a_row_per_epoch_that_agrees_with_the_results(tmp_path):
+    data = _write_npz(tmp_path / "small.npz")
+    out = tmp_path / "run"
+    assert cli.main(["search", "--data", str(data), "--out", str(out), *SMALL]) == 0
+    results = json.loads((out / "results.json").read_text())
+    history = search.read_history(out / search.HISTORY)
+    assert (out / search.HISTORY).read_text().splitlines()[0] == ",".join(search.HISTORY_COLUMNS)
+    phases = [("dense", 0)] + [(kind, r) for r in (1, 2) for kind in ("search", "retrain")]
+    assert [(row["phase"], row["round"], row["epoch"]) for row in history] == [
+        (kind, r, e) for kind, r in phases for e in (1, 2, 3)]
+    for row in history:
+        assert 0 <= row["train_acc"] <= 1 and 0 <= row["test_acc"] <= 1 and row["loss"] > 0 and row["seconds"] >= 0
+        assert row["lr"] == pytest.approx(search.learning_rate(search.SearchConfig(), row["epoch"] - 1, 3))
+        if row["phase"] == "search":  # beta of the epoch's schedule, lam as set
+            assert row["beta"] == pytest.approx(schedule.beta_at(row["epoch"] - 1, 3, 200.0), rel=1e-5)
+            assert row["penalty"] == pytest.approx(1e-3)
+        else:
+            assert row["beta"] is None and row["penalty"] is None
+    by_phase = {(row["phase"], row["round"]): row for row in history}  # each phase's last epoch
+    assert by_phase["dense", 0]["test_acc"] == results["dense"]["test_acc"]
+    assert by_phase["dense", 0]["remaining"] == 1.0
+    for ticket in results["tickets"]:
+        for kind in ("search", "retrain"):  # the search ends at the ticket; the retraining keeps it
+            assert by_phase[kind, ticket["round"]]["remaining"] == pytest.approx(ticket["remaining"], rel=1e-5)
+        assert by_phase["retrain", ticket["round"]]["test_acc"] == ticket["test_acc"]
+    assert (out / search.TRAINING_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, capsys):
@@ -475,6 +508,7 @@ def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path, ca
     whole = json.loads((out / "results.json").read_text())
     state = torch.load(out / search.CHECKPOINT, weights_only=True)
     del state["config"]["amp"]  # made before --amp existed
+    del state["history"]  # and before history.csv
     torch.save(state, out / search.CHECKPOINT)
     (out / "results.json").unlink()
     assert cli.main([*args, "--resume"]) == 0
