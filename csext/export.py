@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import reference
-from .model import _plain, _replace, gated_modules, keep_transformer_slow_paths, module_aliases
+from .model import (GATHER_FIRST, _plain, _replace, gated_modules, keep_transformer_slow_paths, module_aliases,
+                    refuse_sharded)
 from .modules import GatedConv2d, GatedLinear
 
 
@@ -33,6 +34,7 @@ def _plain_like(module: nn.Module) -> nn.Module:
 def to_prune_form(model: nn.Module) -> nn.Module:
     """Every gated layer becomes a plain nn.Linear / nn.Conv2d pruned with
     prune.custom_from_mask: weight_orig holds mask_scale * w, weight_mask the hard mask."""
+    refuse_sharded(model, "to_prune_form", GATHER_FIRST)
     aliases = module_aliases(model)
     for name, module in gated_modules(model):
         plain = _plain_like(module)
@@ -51,6 +53,7 @@ def from_prune_form(model: nn.Module) -> nn.Module:
     """Every nn.Linear / nn.Conv2d pruned by torch.nn.utils.prune (weight_orig and weight_mask)
     becomes a gated layer in hard mode: weight = weight_orig, mask logits +1 where the mask is
     nonzero and -1 elsewhere."""
+    refuse_sharded(model, "from_prune_form", GATHER_FIRST)
     found = [(n, m) for n, m in model.named_modules()
              if type(m) in (nn.Linear, nn.Conv2d) and hasattr(m, "weight_orig") and hasattr(m, "weight_mask")]
     aliases = module_aliases(model)
@@ -112,6 +115,7 @@ def to_sparse(model: nn.Module) -> nn.Module:
     """Every gated nn.Linear (its weight c * w * 1[s > 0]) and every plain nn.Linear whose weight
     is mostly zero (more than half, as finalize leaves it) becomes a SparseLinear; gated
     convolutions become finalized nn.Conv2d."""
+    refuse_sharded(model, "to_sparse", GATHER_FIRST)
     targets = [(n, m) for n, m in model.named_modules()
                if isinstance(m, GatedLinear) or (type(m) is nn.Linear and (m.weight == 0).float().mean() > 0.5)]
     aliases = module_aliases(model)
@@ -145,6 +149,7 @@ def shrink(model: nn.Sequential) -> nn.Sequential:
     Works in place on the Sequential (and nested ones) and returns it."""
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"shrink takes an nn.Sequential, got {type(model).__name__}")
+    refuse_sharded(model, "shrink", GATHER_FIRST)
     for child in model:
         if isinstance(child, nn.Sequential):
             shrink(child)

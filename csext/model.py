@@ -1,6 +1,7 @@
 """Whole-model helpers: turn a model's layers into gated ones and back, and steer them."""
 
 import fnmatch
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -18,6 +19,36 @@ _DENSE_TO_GATED = {nn.Linear: GatedLinear, nn.Conv2d: GatedConv2d}
 def gated_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every gated layer, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, GATED_TYPES)]
+
+
+# --- models sharded across ranks (FSDP2's fully_shard, tensor parallelism) ---------------------
+
+GATHER_FIRST = ("gather the full state dict first (torch.distributed.checkpoint.state_dict.get_model_state_dict"
+                "(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))), load it into an "
+                "unsharded copy of the gated model, and call this on that copy")
+
+
+def _is_dtensor(t) -> bool:
+    """Whether `t` is a DTensor, of which each rank holds a part. Looked up without importing
+    torch.distributed.tensor: a DTensor cannot exist before that module is imported."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(t, dtensor.DTensor)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or for a DTensor its value over all ranks, as a plain tensor (a collective: every rank
+    must call; differentiable)."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def refuse_sharded(model: nn.Module, caller: str, hint: str) -> None:
+    """Raise if `model` holds DTensor parameters: `caller` rebuilds layers, which would fall out
+    of the sharding's bookkeeping."""
+    sharded = [name for name, p in model.named_parameters() if _is_dtensor(p)]
+    if sharded:
+        more = f" (and {len(sharded) - 1} more)" if len(sharded) > 1 else ""
+        raise ValueError(f"{caller}: parameter {sharded[0]}{more} is sharded across ranks (a DTensor, as FSDP2's "
+                         f"fully_shard or tensor parallelism leave it); {hint}")
 
 
 Aliases = dict[int, tuple[nn.Module, list[str]]]
@@ -85,6 +116,8 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
     GatedLinear.from_dense / GatedConv2d.from_dense for that.
     """
     functional.check_penalty(penalty)
+    refuse_sharded(model, "sparsify", "call csext.sparsify before fully_shard, so that the mask logits are "
+                                      "sharded with the weights")
     if isinstance(exclude, str):
         exclude = (exclude,)
     patterns = tuple(exclude)
@@ -159,8 +192,9 @@ def set_penalty(model: nn.Module, penalty: float) -> None:
 
 def mask_penalty(model: nn.Module) -> torch.Tensor:
     """P = sum over gated layers of sum(sigmoid(beta * s)), differentiable, as a float32 scalar
-    (float64 if mask logits are). For logging, or to add lam * P to the loss yourself."""
-    terms = [reference.penalty_term(m.mask_logits, m.beta) for _, m in gated_modules(model)]
+    (float64 if mask logits are). For logging, or to add lam * P to the loss yourself. On a model
+    sharded by FSDP2's fully_shard it sums over all ranks' shards, so every rank must call it."""
+    terms = [_whole(reference.penalty_term(m.mask_logits, m.beta)) for _, m in gated_modules(model)]
     if not terms:
         raise ValueError("mask_penalty: the model has no gated layers (call csext.sparsify first)")
     return torch.stack(terms).sum()
@@ -191,10 +225,11 @@ class SparsityReport:
 
 @torch.no_grad()
 def sparsity_report(model: nn.Module) -> SparsityReport:
-    """Per-layer and total fraction of gated weights remaining under the hard mask."""
+    """Per-layer and total fraction of gated weights remaining under the hard mask. On a model
+    sharded by FSDP2's fully_shard it counts all ranks' shards, so every rank must call it."""
     report = SparsityReport()
     for name, m in gated_modules(model):
-        kept = int((m.mask_logits > 0).sum())
+        kept = int(_whole((m.mask_logits > 0).sum()))
         report.per_layer[name or type(m).__name__] = kept / m.mask_logits.numel()
         report.kept += kept
         report.total += m.mask_logits.numel()
@@ -220,6 +255,7 @@ def _plain(module: nn.Module) -> nn.Module:
 def finalize(model: nn.Module) -> nn.Module:
     """Replace, in place, every gated layer by a plain nn.Linear / nn.Conv2d holding w * 1[s > 0].
     Returns the model (or the new layer, when `model` is itself a gated layer)."""
+    refuse_sharded(model, "finalize", GATHER_FIRST)
     aliases = module_aliases(model)
     for name, module in gated_modules(model):
         model = _replace(model, name, _plain(module), aliases)

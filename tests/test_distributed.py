@@ -100,6 +100,96 @@ def test_rank_check_catches_a_difference():
     assert all("mask logits differ between ranks" in outcomes[r] for r in (0, 1)), outcomes
 
 
+def _fsdp_worker(rank, port, results):
+    """A gated model sharded by FSDP2's fully_shard against the same model whole, in one process."""
+    import copy
+    import traceback
+
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 5 * 5, 9),
+                              nn.ReLU(), nn.Linear(9, 3))
+        gated = csext.sparsify(model, penalty=1e-3)
+        csext.set_beta(model, 3.0)
+        with torch.no_grad():
+            for m in gated:
+                m.mask_logits.normal_()
+        whole = copy.deepcopy(model)
+        for m in gated:
+            fully_shard(m)
+        fully_shard(model)
+        outcome = {"sharded": type(model[0].mask_logits).__name__}
+        outcome["report"] = (csext.sparsity_report(model).as_dict(), csext.sparsity_report(whole).as_dict())
+        penalty = csext.mask_penalty(model)
+        outcome["penalty"] = (type(penalty).__name__, penalty.item(), csext.mask_penalty(whole).item())
+        x, y = torch.randn(8, 2, 5, 5, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 3
+        errors = []
+        for lam_in_the_loss in (False, True):  # lam fused in the backward, then as mask_penalty in the loss
+            csext.set_penalty(model, 0.0 if lam_in_the_loss else 1e-3)
+            csext.set_penalty(whole, 0.0 if lam_in_the_loss else 1e-3)
+            for net in (model, whole):
+                net.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x.chunk(2)[rank]), y.chunk(2)[rank])  # this rank's half
+            whole_loss = nn.functional.cross_entropy(whole(x), y)
+            if lam_in_the_loss:
+                loss, whole_loss = loss + 1e-3 * csext.mask_penalty(model), whole_loss + 1e-3 * csext.mask_penalty(whole)
+            loss.backward()
+            whole_loss.backward()
+            for (name, p), q in zip(model.named_parameters(), whole.parameters()):
+                errors.append((lam_in_the_loss, name, (p.grad.full_tensor() - q.grad).abs().max().item()))
+        outcome["grad errors"] = errors
+        for name, call in [("finalize", csext.finalize), ("sparsify", csext.sparsify),
+                           ("to_sparse", csext.export.to_sparse)]:
+            try:
+                call(model)
+                outcome[name] = "not refused"
+            except ValueError as error:
+                outcome[name] = str(error)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:  # the gathered state dict, finalized in an unsharded copy
+            copied = copy.deepcopy(whole)
+            copied.load_state_dict(full)
+            outcome["finalized"] = torch.equal(csext.finalize(copied)(x), csext.finalize(whole)(x))
+        results.put((rank, outcome))
+    except Exception:
+        results.put((rank, traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch without torch.distributed")
+def test_fsdp2_fully_shard_trains_reports_and_refuses_to_rebuild_shards():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.get_context("spawn").Queue()
+    mp.start_processes(_fsdp_worker, args=(port, results), nprocs=2, start_method="spawn")
+    outcomes = dict(results.get(timeout=120) for _ in range(2))
+    for rank, outcome in outcomes.items():
+        assert isinstance(outcome, dict), outcome  # else the worker's traceback
+        assert outcome["sharded"] == "DTensor"
+        mine, whole = outcome["report"]
+        assert mine == whole  # every rank counts all shards, not its own
+        kind, value, expected = outcome["penalty"]
+        assert kind == "Tensor" and value == pytest.approx(expected, rel=1e-6)
+        for lam_in_the_loss, name, error in outcome["grad errors"]:
+            assert error < 1e-6, (lam_in_the_loss, name, error)
+        for name in ("finalize", "sparsify", "to_sparse"):
+            assert outcome[name].startswith(f"{name}: parameter ") and "sharded across ranks" in outcome[name]
+        assert "get_model_state_dict" in outcome["finalize"] and "before fully_shard" in outcome["sparsify"]
+    assert outcomes[0]["finalized"] is True
+
+
 def test_sweep_spreads_runs_over_ranks_and_merges(tmp_path):
     _tiny_npz(tmp_path / "tiny.npz", 160, 40, seed=1)
     args = ["--data", str(tmp_path / "tiny.npz"), "--epochs", "2", "--rounds", "2", "--quiet",
