@@ -3,6 +3,9 @@
 import argparse
 import sys
 
+import torch
+
+from . import __version__, backends
 from . import data as datasets
 from . import distributed
 from . import nets
@@ -35,6 +38,8 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m csext", description="Continuous Sparsification")
+    parser.add_argument("--version", action="version", help="csext's version, torch's and the backends built",
+                        version=f"csext {__version__} (torch {torch.__version__}; backends: {', '.join(backends.available())})")
     commands = parser.add_subparsers(dest="command", required=True)
     search = commands.add_parser("search", help="CS ticket search (SPEC section 1), results in DIR/results.json",
                                  formatter_class=_HelpFormatter)

@@ -430,6 +430,14 @@ def test_help_explains_every_option_with_its_default(command, capsys):
         assert shown in text
 
 
+def test_version_names_csext_torch_and_the_backends(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == (f"csext {csext.__version__} (torch {torch.__version__}; "
+                                       f"backends: {', '.join(csext.backends.available())})\n")
+
+
 def test_rescale_sets_the_papers_mask_scale(tmp_path):
     data = _write_npz(tmp_path / "small.npz")
     run = search.Search(search.SearchConfig(data=str(data), rescale=True, mask_init=-0.1), tmp_path / "run", progress=False)
