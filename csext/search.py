@@ -9,11 +9,13 @@ After every epoch the whole state (models, optimizers, rewind point, results so 
 to DIR/checkpoint.pt atomically; `resume` continues from it and, every random draw being seeded
 by (seed, phase, epoch), ends with the results an uninterrupted run gives. Each epoch also adds a
 row to DIR/history.csv (HISTORY_COLUMNS), rewritten whole from the checkpoint's copy, and the end
-draws it (DIR/training.png).
+draws it (DIR/training.png). The trained dense network and each retrained ticket are saved as
+plain networks, DIR/dense.pt and DIR/ticket-R.pt, which `load_network` rebuilds.
 """
 
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
@@ -30,7 +32,7 @@ from . import data as datasets
 from . import distributed, nets
 from ._files import write_atomic
 from ._plots import log_percent_scale, pyplot, remaining_axis, save_png
-from .model import gated_modules, set_beta, set_hard, set_penalty, sparsify, sparsity_report
+from .model import finalize, gated_modules, set_beta, set_hard, set_penalty, sparsify, sparsity_report
 from .schedule import RESETS, beta_at, capture, param_groups, reset_mask_logits, restore
 
 # Mixed precision of training and evaluation: "bf16" runs forward and loss under torch.autocast
@@ -41,6 +43,8 @@ CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
 PLOT = "accuracy_vs_remaining.png"
 HISTORY = "history.csv"
+DENSE_NETWORK = "dense.pt"
+TICKET_NETWORK = "ticket-{round}.pt"
 TRAINING_PLOT = "training.png"
 # One row per epoch of every phase. lr, loss, train_acc: of the epoch's training; test_acc and
 # remaining (fraction of gated weights with s > 0; 1 for the dense network): after it; beta and
@@ -408,6 +412,7 @@ class Search:
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}", test=f"{test_acc:.3f}")
         self.state["results"]["dense"] = {"test_acc": evaluate(model, self.data, self.config), "epochs": epochs,
                                           "seconds": round(self.state["seconds"], 3)}
+        self._save_network(model, DENSE_NETWORK, 0, 1.0, self.state["results"]["dense"]["test_acc"])
 
     def _run_search(self, round_: int, epochs: int) -> None:
         config = self.config
@@ -489,6 +494,8 @@ class Search:
             "seconds": round(ticket["seconds"] + self.state["seconds"], 3),
             "per_layer": ticket["per_layer"],
         })
+        self._save_network(model, TICKET_NETWORK.format(round=round_), round_, ticket["remaining"],
+                           self.state["results"]["tickets"][-1]["test_acc"])
 
     # --target-remaining
 
@@ -514,6 +521,17 @@ class Search:
             model.load_state_dict(self.state["trainee"])
             optimizer.load_state_dict(self.state["trainee_optimizer"])
 
+    def _save_network(self, model: nn.Module, name: str, round_: int, remaining: float, test_acc: float) -> None:
+        """DIR/`name`: `model` as the plain network of the run's model (a ticket finalized: pruned
+        weights zero, mask_scale folded in), on the CPU, with what load_network needs to rebuild it."""
+        if not distributed.is_main():
+            return
+        plain = finalize(copy.deepcopy(model))
+        saved = {"model": self.config.model, "input_shape": list(self.data.input_shape),
+                 "num_classes": self.data.num_classes, "round": round_, "remaining": remaining, "test_acc": test_acc,
+                 "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()}}
+        write_atomic(self.out / name, lambda f: torch.save(saved, f))
+
     def _keep_trainee(self, model, optimizer) -> None:
         self.state["trainee"], self.state["trainee_optimizer"] = model.state_dict(), optimizer.state_dict()
 
@@ -534,6 +552,20 @@ class Search:
                             "backend": backends.resolve("auto", torch.device(self.config.device).type),
                             "device": self.config.device},
         }
+
+
+def load_network(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """A network a search saved (DIR/dense.pt, DIR/ticket-R.pt) as the plain network of its model
+    (csext.nets), its weights loaded (a ticket's pruned weights are zero), in eval mode. The
+    file's other entries: round (0 for dense), remaining, test_acc, input_shape, num_classes."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = nets.build(saved["model"], saved["input_shape"], saved["num_classes"])
+        model.load_state_dict(saved["state_dict"])
+    except Exception as error:  # missing, truncated, another kind of file, or weights of another shape
+        raise ValueError(f"load_network: {path} is not a network saved by csext's search "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else error!r})") from None
+    return model.to(device).eval()
 
 
 @torch.no_grad()

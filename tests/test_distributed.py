@@ -40,7 +40,8 @@ def test_two_process_search_matches_one_process(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("results:") == 1  # rank 0 reports, once
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == [
-        "accuracy_vs_remaining.png", "checkpoint.pt", "history.csv", "results.json", "training.png"]
+        "accuracy_vs_remaining.png", "checkpoint.pt", "dense.pt", "history.csv", "results.json", "ticket-1.pt",
+        "ticket-2.pt", "training.png"]
     history = search.read_history(tmp_path / "ddp" / search.HISTORY)  # rank 0's epochs, once each
     assert [(row["phase"], row["round"], row["epoch"]) for row in history] == [
         (kind, r, e) for kind, r in [("dense", 0), ("search", 1), ("retrain", 1), ("search", 2), ("retrain", 2)]

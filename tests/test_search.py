@@ -223,6 +223,51 @@ def test_history_has_a_row_per_epoch_that_agrees_with_the_results(tmp_path):
     assert (out / search.TRAINING_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_dense_network_and_each_retrained_ticket_are_saved_as_plain_networks(tmp_path):
+    data = _write_npz(tmp_path / "small.npz")
+    out = tmp_path / "run"
+    assert cli.main(["search", "--data", str(data), "--out", str(out), "--rescale", *SMALL]) == 0  # mask_scale != 1
+    results = json.loads((out / "results.json").read_text())
+    config, dataset = search.SearchConfig(data=str(data)), load(str(data))
+    dense = search.load_network(out / search.DENSE_NETWORK)
+    assert not dense.training and search.evaluate(dense, dataset, config) == results["dense"]["test_acc"]
+    for ticket in results["tickets"]:
+        path = out / search.TICKET_NETWORK.format(round=ticket["round"])
+        network = search.load_network(path)
+        assert not csext.model.gated_modules(network)  # plain nn.Linear layers
+        assert search.evaluate(network, dataset, config) == ticket["test_acc"]
+        layers = dict(network.named_modules())
+        for name, fraction in ticket["per_layer"].items():  # pruned weights exactly zero, kept ones not
+            assert (layers[name].weight != 0).float().mean().item() == pytest.approx(fraction)
+        saved = torch.load(path, weights_only=True)
+        assert (saved["round"], saved["remaining"], saved["test_acc"]) == (ticket["round"], ticket["remaining"],
+                                                                           ticket["test_acc"])
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"load_network: .*bad.pt is not a network saved by csext's search"):
+        search.load_network(tmp_path / "bad.pt")
+
+
+def test_files_are_written_whole_with_the_permissions_open_gives(tmp_path):
+    from csext._files import write_atomic
+
+    target = tmp_path / "results.json"
+    write_atomic(target, b"old")
+    old_umask = os.umask(0o022)
+    try:
+        write_atomic(target, b"new")
+        assert target.stat().st_mode & 0o777 == 0o644  # readable by others, as open() makes it under this umask
+    finally:
+        os.umask(old_umask)
+
+    def fails_midway(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, fails_midway)
+    assert target.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["results.json"]
+
+
 def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, capsys):
     data = _write_npz(tmp_path / "small.npz")
     out = tmp_path / "run"
