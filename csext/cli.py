@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+import warnings
 
 import torch
 
@@ -11,7 +12,7 @@ from . import distributed
 from . import nets
 from .baselines import METHODS
 from .compare import compare
-from .search import AMP, ConfigError, DivergedError, Search, SearchConfig
+from .search import AMP, ConfigError, DivergedError, Search, SearchConfig, SearchWarning
 from .sweep import run_sweep
 
 # The paper's setups (SPEC section 1; Savarese et al., section 5). They need the CIFAR-10 files
@@ -118,6 +119,20 @@ def parse(argv) -> tuple[argparse.Namespace, SearchConfig]:
 def main(argv=None) -> int:
     parser = _parser()
     args, config = parse(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def one_line(message, category, *where, **kw):  # csext's own warnings as the command's lines
+            if issubclass(category, SearchWarning):
+                print(f"python -m csext {args.command}: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, *where, **kw)
+
+        warnings.showwarning = one_line
+        return _main(parser, args, config)
+
+
+def _main(parser, args, config: SearchConfig) -> int:
     try:
         if args.command == "compare":
             return _compare(args, config)

@@ -22,6 +22,7 @@ import io
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +56,10 @@ HISTORY_COLUMNS = ("phase", "round", "epoch", "lr", "beta", "penalty", "loss", "
 
 class ConfigError(ValueError):
     """A setting or a file the run cannot use; the message names it."""
+
+
+class SearchWarning(UserWarning):
+    """Something in a run's results that is worth a look before using them."""
 
 
 class DivergedError(RuntimeError):
@@ -458,6 +463,14 @@ class Search:
         if config.target_remaining is not None:
             _threshold_to(model, self._round_target(round_))
         report = sparsity_report(model)
+        closed = [name for name, fraction in report.per_layer.items() if fraction == 0]
+        if closed and distributed.is_main():
+            warnings.warn(SearchWarning(
+                f"search round {round_}: {', '.join(closed)} keep no weight, which cuts the input off in a network "
+                f"without skip connections. Without normalization layers the soft mask shrinks every layer's "
+                f"output (by sigmoid(s0), 0.5 at --mask-init 0), and lam can close the gates before the task "
+                f"gradient moves them: --rescale (as the paper's code) divides the mask by sigmoid(s0); a higher "
+                f"--mask-init or a lower --penalty also help"), stacklevel=2)
         mask = {name: (m.mask_logits > 0).cpu() for name, m in gated_modules(model)}
         self.state["tickets"].append({"round": round_, "mask": mask, "remaining": report.remaining,
                                       "per_layer": dict(report.per_layer), "seconds": self.state["seconds"],

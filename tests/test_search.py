@@ -247,6 +247,30 @@ def test_the_dense_network_and_each_retrained_ticket_are_saved_as_plain_networks
         search.load_network(tmp_path / "bad.pt")
 
 
+def test_a_ticket_that_closes_a_layer_is_named_in_a_warning(tmp_path, capsys):
+    """conv4 has no normalization layers: at s0 = 0 its seven halved layers pass almost no signal,
+    and lam closes every gate in the first epoch. The command says so, and names --rescale."""
+    rng = np.random.default_rng(0)
+    centers, y_train, y_test = rng.normal(size=(3, 3, 8, 8)), rng.integers(0, 3, 96), rng.integers(0, 3, 40)
+    images = lambda y: (centers[y] + rng.normal(size=(len(y), 3, 8, 8))).astype(np.float32)
+    data = _write_npz(tmp_path / "images.npz", x_train=images(y_train), y_train=y_train, x_test=images(y_test),
+                      y_test=y_test)
+    args = ["search", "--data", str(data), "--model", "conv4", "--rounds", "1", "--epochs", "2", "--quiet"]
+    assert cli.main([*args, "--out", str(tmp_path / "closed")]) == 0
+    err = capsys.readouterr().err
+    results = json.loads((tmp_path / "closed" / "results.json").read_text())  # the run still finishes
+    closed = [name for name, fraction in results["tickets"][0]["per_layer"].items() if fraction == 0]
+    assert closed and err == (f"python -m csext search: warning: search round 1: {', '.join(closed)} keep no weight, "
+                              f"which cuts the input off in a network without skip connections. Without "
+                              f"normalization layers the soft mask shrinks every layer's output (by sigmoid(s0), "
+                              f"0.5 at --mask-init 0), and lam can close the gates before the task gradient moves "
+                              f"them: --rescale (as the paper's code) divides the mask by sigmoid(s0); a higher "
+                              f"--mask-init or a lower --penalty also help\n")
+    with pytest.warns(search.SearchWarning, match=f"{closed[-1]} keep no weight"):  # in Python, a warning
+        search.Search(cli.parse([*args, "--out", str(tmp_path / "python")])[1], tmp_path / "python",
+                      progress=False).run()
+
+
 def test_files_are_written_whole_with_the_permissions_open_gives(tmp_path):
     from csext._files import write_atomic
 
