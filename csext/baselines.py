@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from .model import gated_modules
 from .schedule import capture
-from .search import (SearchConfig, build_gated, build_plain, default_exclude, epoch_generator, evaluate,
+from .search import (SearchConfig, build_gated, build_plain, default_exclude, epoch_bar, epoch_generator, evaluate,
                      make_optimizer, prepare_ticket, train_epochs)
 
 METHODS = ("cs", "imp", "magnitude", "snip", "l0", "random")
@@ -150,28 +150,31 @@ def add_l0_gates(model: nn.Module, names, generator: torch.Generator | None = No
 
 
 class MethodRun:
-    """One baseline on the search's setup; `run()` returns its results (SPEC section 3)."""
+    """One baseline on the search's setup; `run()` returns its results (SPEC section 3). With
+    `progress`, a tqdm bar per training phase."""
 
     def __init__(self, method: str, config: SearchConfig, data, fractions=(0.2, 0.1, 0.05), imp_rounds: int = 10,
-                 l0_penalty: float = 0.1):
+                 l0_penalty: float = 0.1, progress: bool = False):
         if method not in METHODS or method == "cs":
             raise ValueError(f"method must be one of {METHODS[1:]}, got {method!r}")
-        self.method, self.config, self.data = method, config, data
+        self.method, self.config, self.data, self.progress = method, config, data, progress
         self.fractions, self.imp_rounds, self.l0_penalty = list(fractions), imp_rounds, l0_penalty
+        self.tickets = {"imp": imp_rounds, "l0": 1}.get(method, len(self.fractions))  # for the bars' names
         self.exclude = default_exclude(config)
         self.phase = 1000  # generator streams apart from the search's phases
         self.epochs_spent = 0
 
-    def _train(self, model, epochs: int, rewind: dict | None = None, optimizer=None, **hooks) -> None:
-        """Train `model` for `epochs`; with `rewind`, keep the rewind point (after k iterations,
-        or the end if training is shorter) in rewind["state"]."""
+    def _train(self, model, epochs: int, desc: str, rewind: dict | None = None, optimizer=None, **hooks) -> None:
+        """Train `model` for `epochs` (`desc` names the phase on its progress bar); with `rewind`,
+        keep the rewind point (after k iterations, or the end if training is shorter) in rewind["state"]."""
         def on_step(step):
             if rewind is not None and "state" not in rewind and step == self.config.rewind_iter:
                 rewind["state"] = capture(model)
 
         self.phase += 1
         train_epochs(model, self.data, optimizer or make_optimizer(model, self.config), self.config, epochs,
-                     self.phase, on_step=on_step, **hooks)
+                     self.phase, on_step=on_step, bar=epoch_bar(f"{self.method}: {desc}", epochs, self.progress),
+                     **hooks)
         self.epochs_spent += epochs
         if rewind is not None:
             rewind.setdefault("state", capture(model))
@@ -189,7 +192,7 @@ class MethodRun:
         """Train the ticket `mask` from the weights `rewind`; its results entry and the model."""
         model = build_gated(self.config, self.data, self.exclude)
         prepare_ticket(model, mask, rewind)
-        self._train(model, self.config.retrain_budget)
+        self._train(model, self.config.retrain_budget, f"ticket {round_} of {self.tickets}")
         kept = sum(int(v.sum()) for v in mask.values())
         total = sum(v.numel() for v in mask.values())
         entry = {"round": round_, "remaining": kept / total, "test_acc": evaluate(model, self.data, self.config),
@@ -205,7 +208,7 @@ class MethodRun:
     def _run_imp(self, started) -> list[dict]:
         rewind = {}
         model = self._open_gated()
-        self._train(model, self.config.dense_budget, rewind)
+        self._train(model, self.config.dense_budget, "dense", rewind)
         output_layer = gated_modules(model)[-1][0]
         mask = {n: torch.ones_like(m.weight, dtype=torch.bool).cpu() for n, m in gated_modules(model)}
         tickets = []
@@ -218,7 +221,7 @@ class MethodRun:
 
     def _run_magnitude(self, started) -> list[dict]:
         dense = self._open_gated()
-        self._train(dense, self.config.dense_budget)
+        self._train(dense, self.config.dense_budget, "dense")
         trained = capture(dense)
         tickets = []
         for i, fraction in enumerate(self.fractions, start=1):
@@ -263,7 +266,7 @@ class MethodRun:
                 g.clamp_()
 
         # the schedule sets the weights' learning rate; Adam keeps its own
-        self._train(plain, self.config.epochs, optimizer=[weights, gate_optimizer], extra_loss=l0_loss,
+        self._train(plain, self.config.epochs, "gates", optimizer=[weights, gate_optimizer], extra_loss=l0_loss,
                     after_step=after_step)
         plain.eval()
         with torch.no_grad():

@@ -39,8 +39,9 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m csext", description="Continuous Sparsification")
+    built = ", ".join(backends.available())
     parser.add_argument("--version", action="version", help="csext's version, torch's and the backends built",
-                        version=f"csext {__version__} (torch {torch.__version__}; backends: {', '.join(backends.available())})")
+                        version=f"csext {__version__} (torch {torch.__version__}; backends: {built})")
     commands = parser.add_subparsers(dest="command", required=True)
     search = commands.add_parser("search", help="CS ticket search (SPEC section 1), results in DIR/results.json",
                                  formatter_class=_HelpFormatter)

@@ -17,17 +17,18 @@ from . import data as datasets
 from ._files import write_atomic
 from ._plots import pyplot, remaining_axis, save_png
 from .baselines import METHODS, MethodRun
-from .search import (CHECKPOINT, RESULTS, ConfigError, Search, SearchConfig, build_plain, changed_settings, evaluate,
-                     make_optimizer, train_epochs)
+from .search import (CHECKPOINT, RESULTS, ConfigError, Search, SearchConfig, build_plain, changed_settings, epoch_bar,
+                     evaluate, make_optimizer, train_epochs)
 
 SUMMARY = "summary.json"
 
 
-def dense_baseline(config: SearchConfig, data) -> dict:
+def dense_baseline(config: SearchConfig, data, progress: bool = False) -> dict:
     """The plain network trained for the dense budget: {"test_acc", "epochs", "seconds"}."""
     started = time.perf_counter()
     model = build_plain(config, data)
-    train_epochs(model, data, make_optimizer(model, config), config, config.dense_budget, phase=0)
+    train_epochs(model, data, make_optimizer(model, config), config, config.dense_budget, phase=0,
+                 bar=epoch_bar("dense", config.dense_budget, progress))
     return {"test_acc": evaluate(model, data, config), "epochs": config.dense_budget,
             "seconds": round(time.perf_counter() - started, 3)}
 
@@ -61,7 +62,7 @@ def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_
     settings = {"fractions": list(fractions), "imp_rounds": imp_rounds, "l0_penalty": l0_penalty}
     kept = {m: _kept_results(out / m / RESULTS, config, settings) for m in methods if m != "cs" and m in written}
     if dense is None:  # the baselines' reference: kept with their results, else trained again
-        dense = next(iter(kept.values()))["dense"] if kept else dense_baseline(config, data)
+        dense = next(iter(kept.values()))["dense"] if kept else dense_baseline(config, data, progress)
     template = _results_template(config, dense)
     for method in methods:
         if method == "cs":
@@ -69,7 +70,8 @@ def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_
         if method in kept:
             results = kept[method]
         else:
-            run = MethodRun(method, config, data, fractions=fractions, imp_rounds=imp_rounds, l0_penalty=l0_penalty)
+            run = MethodRun(method, config, data, fractions=fractions, imp_rounds=imp_rounds, l0_penalty=l0_penalty,
+                            progress=progress)
             results = {**template, "method": method, "tickets": run.run()["tickets"]}
             results["config"] = {**template["config"], **settings}
             write_atomic(out / method / RESULTS, (json.dumps(results, indent=2) + "\n").encode())

@@ -234,16 +234,33 @@ def train_epoch(model, data: datasets.Dataset, optimizer, config: SearchConfig, 
 
 
 def train_epochs(model, data: datasets.Dataset, optimizer, config: SearchConfig, epochs: int, phase: int,
-                 on_step=None, **hooks) -> None:
+                 on_step=None, bar=None, **hooks) -> None:
     """`epochs` of train_epoch under the lr schedule (set on the first optimizer), epoch e drawn
-    from (seed, phase, e); on_step gets the number of steps since the first epoch."""
+    from (seed, phase, e); on_step gets the number of steps since the first epoch; `bar` (an
+    epoch_bar) advances an epoch at a time."""
     first = optimizer[0] if isinstance(optimizer, (list, tuple)) else optimizer
     steps_per_epoch = math.ceil(len(data.y_train) / config.batch_size)
     for epoch in range(epochs):
         for group in first.param_groups:
             group["lr"] = learning_rate(config, epoch, epochs)
         step_hook = None if on_step is None else (lambda step, epoch=epoch: on_step(epoch * steps_per_epoch + step))
-        train_epoch(model, data, optimizer, config, epoch_generator(config.seed, phase, epoch), step_hook, **hooks)
+        stats = train_epoch(model, data, optimizer, config, epoch_generator(config.seed, phase, epoch), step_hook,
+                            **hooks)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}")
+    if bar is not None:
+        bar.close()
+
+
+def epoch_bar(desc: str, epochs: int, enabled: bool = True, iterable=None, done: int = 0):
+    """A tqdm progress bar over `epochs` epochs (of which `done` are done, `iterable` the ones
+    left), on the first rank and when `enabled`; otherwise None."""
+    if not enabled or not distributed.is_main():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, unit="epoch", initial=done, total=epochs, leave=True)
 
 
 @torch.no_grad()
@@ -379,12 +396,8 @@ class Search:
     def _epochs(self, epochs: int, desc: str):
         """Epoch indices still to run in this phase (all of them unless resumed mid-phase)."""
         epochs_left = range(self.state["epoch"], epochs)
-        if not self.progress or not distributed.is_main():
-            return epochs_left, None
-        from tqdm import tqdm
-
-        bar = tqdm(epochs_left, desc=desc, unit="epoch", initial=self.state["epoch"], total=epochs, leave=True)
-        return bar, bar
+        bar = epoch_bar(desc, epochs, self.progress, epochs_left, done=self.state["epoch"])
+        return (epochs_left, None) if bar is None else (bar, bar)
 
     def _finish_epoch(self, started: float, model: nn.Module, row: dict, spent_by_method: bool = True) -> float | None:
         """Count the epoch, add its history row (`row` and the test accuracy of `model`), checkpoint;

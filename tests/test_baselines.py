@@ -147,6 +147,18 @@ def test_compare_command_end_to_end(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--methods must be" in capsys.readouterr().err
 
 
+def test_compare_shows_a_progress_bar_per_training_phase(tmp_path, capsys):
+    data = _tiny_npz(tmp_path / "tiny.npz")
+    assert cli.main(["compare", "--data", str(data), "--out", str(tmp_path / "cmp"), "--epochs", "2",
+                     "--batch-size", "32", "--imp-rounds", "2", "--methods", "imp,l0"]) == 0
+    bars = capsys.readouterr().err
+    # without cs the dense baseline is trained first; then each method's phases, ticket by ticket
+    for name in ("dense: 100%", "imp: dense: 100%", "imp: ticket 1 of 2: 100%", "imp: ticket 2 of 2: 100%",
+                 "l0: gates: 100%", "l0: ticket 1 of 1: 100%"):
+        assert f"{name}|" in bars, name
+    assert bars.index("imp: ticket 2 of 2") < bars.index("l0: gates")
+
+
 class Killed(Exception):
     pass
 
