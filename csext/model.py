@@ -127,7 +127,8 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
         # A lazy layer becomes an nn.Linear / nn.Conv2d only at its first forward: skipping it would
         # leave it dense with no word said.
         raise ValueError(
-            f"sparsify: {', '.join(lazy)} are lazy modules whose shapes are not known yet; run one forward "
+            f"sparsify: {', '.join(lazy)} {'is a lazy module' if len(lazy) == 1 else 'are lazy modules'} whose "
+            f"shapes are not known yet; run one forward "
             f"pass (for example on a batch of the data) to materialise them, then call sparsify"
         )
     candidates = [(name, m) for name, m in model.named_modules() if type(m) in _DENSE_TO_GATED]

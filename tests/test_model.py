@@ -126,6 +126,8 @@ def test_sparsify_refuses_lazy_modules_until_materialised():
     it dense in silence, so it asks for the forward pass, and gates the layer after it."""
     with pytest.raises(ValueError, match=r"sparsify: 0, 2 are lazy modules.*forward pass"):
         csext.sparsify(nn.Sequential(nn.LazyLinear(3), nn.ReLU(), nn.LazyConv2d(2, 1)))
+    with pytest.raises(ValueError, match=r"sparsify: 1 is a lazy module whose shapes"):
+        csext.sparsify(nn.Sequential(nn.Linear(3, 3), nn.LazyLinear(3)))
     model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 2))
     model(torch.randn(4, 5))
     assert [type(m) for m in csext.sparsify(model)] == [csext.GatedLinear, csext.GatedLinear]
