@@ -43,6 +43,8 @@ def beta_tensor(beta: float, device=None, dtype: torch.dtype = torch.float64) ->
     eager mode the few values in use are cached, so a call costs no ATen call (or launch)."""
     if torch.compiler.is_compiling():
         return torch.ones((), dtype=dtype, device=device) * beta
+    if torch.jit.is_tracing():  # a cached tensor would be traced as a constant the first trace lacks
+        return torch.full((), float(beta), dtype=dtype, device=device)
     key = (float(beta), device, dtype)
     tensor = _beta_tensors.get(key)
     if tensor is None:

@@ -426,9 +426,15 @@ if _C is not None:
 # --- entry points ---------------------------------------------------------------------------------
 
 
+def _traced() -> bool:
+    """Whether a graph is being built of the call: by Dynamo, or by torch.jit.trace (which records
+    ops, not the eager route's raw launches). Either gets the custom ops."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 def gate(weight, mask_logits, beta, hard: bool, penalty: float, dtype: torch.dtype):
     """w * m in `dtype` (beta a device tensor), differentiable."""
-    if torch.compiler.is_compiling():
+    if _traced():
         return triton_gate(weight, mask_logits, beta, hard, penalty, dtype)
     if reference.transforms_active():  # the C++ nodes define no forward-mode AD
         return _GateFunctionForTransforms.apply(weight, mask_logits, beta, hard, penalty, dtype)
@@ -443,7 +449,7 @@ def gate(weight, mask_logits, beta, hard: bool, penalty: float, dtype: torch.dty
 def gated_linear(x, weight, mask_logits, beta, bias, hard: bool, penalty: float, dtype: torch.dtype):
     """x (M, K) @ (w * m)^T + bias in the compute dtype `dtype` (beta a device tensor),
     differentiable; x in that dtype or, under autocast, in one autocast would cast to it."""
-    if torch.compiler.is_compiling():
+    if _traced():
         return triton_gated_linear(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
     if reference.transforms_active():  # the C++ nodes define no forward-mode AD
         return _LinearFunctionForTransforms.apply(x, weight, mask_logits, beta, bias, hard, penalty, dtype)

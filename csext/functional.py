@@ -40,10 +40,16 @@ def check_mask_scale(mask_scale) -> None:
         raise ValueError(f"mask_scale must be a finite number > 0, got {mask_scale!r}")
 
 
+def _sizes_differ(a, b) -> bool:
+    """a != b, for sizes; False under torch.jit.trace, where sizes are traced values and each
+    comparison would print a TracerWarning (a mismatch then fails in the op itself)."""
+    return not torch.jit.is_tracing() and a != b
+
+
 def check_gate_args(weight: torch.Tensor, mask_logits: torch.Tensor, beta, penalty) -> None:
     if not isinstance(weight, torch.Tensor) or not isinstance(mask_logits, torch.Tensor):
         raise TypeError("weight and mask_logits must be tensors")
-    if weight.shape != mask_logits.shape:
+    if _sizes_differ(weight.shape, mask_logits.shape):
         raise ValueError(
             f"weight and mask_logits must have the same shape, got weight {tuple(weight.shape)} "
             f"and mask_logits {tuple(mask_logits.shape)}"
@@ -230,7 +236,7 @@ def _autocast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     makes the cast's node, whose backward widens dL/dx back to x's dtype with csext::cast, on
     CUDA a vectorized kernel where ATen's cast is not (csrc/input_cast.cpp); the values are the
     same."""
-    if x.dtype == dtype or _EAGER is None or torch.compiler.is_compiling():
+    if x.dtype == dtype or _EAGER is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return x.to(dtype)
     return _EAGER.autocast_input(x, dtype)
 
@@ -242,7 +248,8 @@ def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale
     # Batched x as rows (not (-1, K): K may be 0); a 2-D x as it is, without a view's autograd node
     rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     fused_bias = bias if mask_scale == 1.0 else None  # added in the GEMM's epilogue
-    if rows.shape[0] > TRITON_FUSED_MAX_ROWS:
+    # torch.jit.trace takes the path that suits every batch size: there the row count is a traced value
+    if torch.jit.is_tracing() or rows.shape[0] > TRITON_FUSED_MAX_ROWS:
         w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, "triton")
         y = F.linear(_autocast_input(rows, dtype), w_eff, fused_bias)
     else:
@@ -283,7 +290,7 @@ def gated_linear(
             return _triton_linear(x_in, weight, mask_logits, beta, bias, hard, penalty, 1.0, dtype)
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+    if x.dim() < 1 or _sizes_differ(x.shape[-1], weight.shape[1]):
         raise ValueError(
             f"x must have shape (..., {weight.shape[1]}) to match in_features, got {tuple(x.shape)}"
         )
@@ -346,7 +353,7 @@ def gated_conv2d(
             f"weight must be 4-D (out_channels, in_channels/groups, kH, kW), got shape {tuple(weight.shape)}"
         )
     in_channels = weight.shape[1] * groups
-    if x.dim() not in (3, 4) or x.shape[-3] != in_channels:
+    if x.dim() not in (3, 4) or _sizes_differ(x.shape[-3], in_channels):
         raise ValueError(
             f"x must have shape (N, {in_channels}, H, W) or ({in_channels}, H, W) to match "
             f"in_channels, got {tuple(x.shape)}"

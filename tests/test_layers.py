@@ -233,6 +233,39 @@ def test_layers_run_on_the_meta_device():
     assert model[0].mask_logits.grad.shape == model[0].weight.shape
 
 
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS, "triton"])
+def test_jit_trace_passes_its_checks_and_computes_the_models_outputs_and_gradients(backend):
+    """torch.jit.trace with its default check (a second trace must give the same graph), quietly:
+    beta's tensor is traced as built, not taken from the eager cache, the shape checks do not
+    compare traced sizes, and the triton backend is traced as its custom ops (its eager launches
+    are invisible to the tracer). Soft, hard and rescaled gates and lam; another batch size."""
+    import warnings
+
+    if backend not in csext.backends.available() + ["auto"]:
+        pytest.skip(f"backend {backend!r} is not available here")
+    model = _small_net()
+    csext.sparsify(model, penalty=0.01)
+    for _, m in csext.gated_modules(model):
+        m.backend = backend
+        with torch.no_grad():
+            m.mask_logits.copy_(mask_logits_like(m.weight))
+    csext.set_beta(model, 3.7)
+    model[2].hard, model[4].mask_scale = True, 1.5
+    twin = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(twin, torch.randn(2, 3, 8, 8))
+    assert [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)] == []
+    x = torch.randn(5, 3, 8, 8, requires_grad=True)
+    torch.testing.assert_close(traced(x), model(x))
+    grads = torch.autograd.grad(traced(x).square().sum(), [x, *twin.parameters()], allow_unused=True)
+    expected = torch.autograd.grad(model(x).square().sum(), [x, *model.parameters()], allow_unused=True)
+    assert [g is None for g in grads] == [g is None for g in expected] == [False] * 6 + [True] + [False] * 6
+    for got, want in zip(grads, expected):
+        if want is not None:  # the hard layer's mask logits get none
+            torch.testing.assert_close(got, want)
+
+
 def test_fx_symbolic_trace_records_each_layer_as_one_call():
     """torch.fx.symbolic_trace of a sparsified model: each gated layer one call_function node
     (its checks branch on shapes, which FX cannot trace), outputs and gradients as the model's."""
