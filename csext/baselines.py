@@ -159,7 +159,7 @@ class MethodRun:
             raise ValueError(f"method must be one of {METHODS[1:]}, got {method!r}")
         self.method, self.config, self.data, self.progress = method, config, data, progress
         self.fractions, self.imp_rounds, self.l0_penalty = list(fractions), imp_rounds, l0_penalty
-        self.tickets = {"imp": imp_rounds, "l0": 1}.get(method, len(self.fractions))  # for the bars' names
+        self.ticket_count = {"imp": imp_rounds, "l0": 1}.get(method, len(self.fractions))  # for the bars
         self.exclude = default_exclude(config)
         self.phase = 1000  # generator streams apart from the search's phases
         self.epochs_spent = 0
@@ -192,7 +192,7 @@ class MethodRun:
         """Train the ticket `mask` from the weights `rewind`; its results entry and the model."""
         model = build_gated(self.config, self.data, self.exclude)
         prepare_ticket(model, mask, rewind)
-        self._train(model, self.config.retrain_budget, f"ticket {round_} of {self.tickets}")
+        self._train(model, self.config.retrain_budget, f"ticket {round_} of {self.ticket_count}")
         kept = sum(int(v.sum()) for v in mask.values())
         total = sum(v.numel() for v in mask.values())
         entry = {"round": round_, "remaining": kept / total, "test_acc": evaluate(model, self.data, self.config),
