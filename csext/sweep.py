@@ -65,15 +65,21 @@ def _plot(summary: dict, path: Path) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    # one colour per s0, one marker and line style per lam: a grid of settings stays readable
+    mask_inits = sorted({run["mask_init"] for run in summary["runs"]}, reverse=True)
+    penalties = sorted({run["penalty"] for run in summary["runs"]})
+    colours, markers, styles = plt.get_cmap("tab10"), "os^DvP*X", ("-", "--", ":", "-.")
     for run in summary["runs"]:
         tickets = run["tickets"]
-        ax.plot([t["remaining"] for t in tickets], [t["test_acc"] for t in tickets], "o-", markersize=4,
+        i, j = mask_inits.index(run["mask_init"]), penalties.index(run["penalty"])
+        ax.plot([t["remaining"] for t in tickets], [t["test_acc"] for t in tickets], color=colours(i % 10),
+                marker=markers[j % len(markers)], linestyle=styles[j % len(styles)], markersize=4,
                 label=f"s0={run['mask_init']:g}, lam={run['penalty']:g}")
     ax.axhline(summary["runs"][0]["dense"]["test_acc"], color="gray", linestyle="--", label="dense")
     remaining_axis(ax, [], log=True)
     ax.set_ylabel("test accuracy")
     ax.set_title(f"CS sweep: {summary['model']} on {summary['data']}, seed {summary['seed']}", fontsize=10)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_png(plt, fig, path)
     return True
