@@ -248,9 +248,11 @@ def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale
     # Batched x as rows (not (-1, K): K may be 0); a 2-D x as it is, without a view's autograd node
     rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     fused_bias = bias if mask_scale == 1.0 else None  # added in the GEMM's epilogue
-    # torch.jit.trace and torch.export take the path that suits every batch size: a branch on the
-    # row count would bake it in (jit) or bound a dynamic batch to TRITON_FUSED_MAX_ROWS (export)
-    if torch.jit.is_tracing() or torch.compiler.is_exporting() or rows.shape[0] > TRITON_FUSED_MAX_ROWS:
+    # A traced (torch.jit.trace) or symbolic (dynamic shapes of torch.compile and torch.export) row
+    # count takes the path that suits every size: a branch on it would bake it in, or add a guard
+    # that bounds a dynamic batch to TRITON_FUSED_MAX_ROWS (an error in torch.export)
+    if (torch.jit.is_tracing() or isinstance(rows.shape[0], torch.SymInt)
+            or rows.shape[0] > TRITON_FUSED_MAX_ROWS):
         w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, "triton")
         y = F.linear(_autocast_input(rows, dtype), w_eff, fused_bias)
     else:
