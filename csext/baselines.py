@@ -26,7 +26,7 @@ from torch.nn.utils import parametrize
 
 from .model import gated_modules
 from .schedule import capture
-from .search import (SearchConfig, build_gated, build_plain, default_exclude, epoch_bar, epoch_generator, evaluate,
+from .search import (SearchConfig, accuracies, build_gated, build_plain, default_exclude, epoch_bar, epoch_generator,
                      make_optimizer, prepare_ticket, train_epochs)
 
 METHODS = ("cs", "imp", "magnitude", "snip", "l0", "random")
@@ -195,7 +195,7 @@ class MethodRun:
         self._train(model, self.config.retrain_budget, f"ticket {round_} of {self.ticket_count}")
         kept = sum(int(v.sum()) for v in mask.values())
         total = sum(v.numel() for v in mask.values())
-        entry = {"round": round_, "remaining": kept / total, "test_acc": evaluate(model, self.data, self.config),
+        entry = {"round": round_, "remaining": kept / total, **accuracies(model, self.data, self.config),
                  "epochs_spent": self.epochs_spent, "seconds": round(time.perf_counter() - started, 3),
                  "per_layer": {n: int(v.sum()) / v.numel() for n, v in mask.items()}}
         return entry, model

@@ -100,6 +100,9 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--amp", choices=AMP, default=d.amp,
                    help="bf16: forward and loss under torch.autocast in bfloat16 (weights and mask logits stay "
                         "float32)")
+    s.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="hold out this fraction of the training set (the same draw for every run) and report "
+                        "validation accuracy beside test accuracy, to choose settings without the test set")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -155,12 +158,17 @@ def _main(parser, args, config: SearchConfig) -> int:
     if not main_rank:  # rank 0 reports
         return 0
     dense = results["dense"]
-    print(f"dense: test accuracy {dense['test_acc']:.4f} ({dense['epochs']} epochs, {dense['seconds']:.1f} s)")
+    print(f"dense: test accuracy {dense['test_acc']:.4f}{_validation(dense)} ({dense['epochs']} epochs, "
+          f"{dense['seconds']:.1f} s)")
     for t in results["tickets"]:
-        print(f"round {t['round']}: {t['remaining']:.2%} of the weights remain, test accuracy {t['test_acc']:.4f}, "
-              f"{t['epochs_spent']} epochs spent, {t['seconds']:.1f} s")
+        print(f"round {t['round']}: {t['remaining']:.2%} of the weights remain, test accuracy {t['test_acc']:.4f}"
+              f"{_validation(t)}, {t['epochs_spent']} epochs spent, {t['seconds']:.1f} s")
     print(f"results: {args.out}/results.json")
     return 0
+
+
+def _validation(entry: dict) -> str:
+    return f" (validation {entry['val_acc']:.4f})" if "val_acc" in entry else ""
 
 
 def _compare(args, config: SearchConfig) -> int:
@@ -197,6 +205,6 @@ def _sweep(args, config: SearchConfig) -> int:
     for run in summary["runs"]:
         last = run["tickets"][-1]
         print(f"mask_init {run['mask_init']:g}, lam {run['penalty']:g}: round {last['round']} keeps "
-              f"{last['remaining']:.2%} at test accuracy {last['test_acc']:.4f}")
+              f"{last['remaining']:.2%} at test accuracy {last['test_acc']:.4f}{_validation(last)}")
     print(f"summary: {args.out}/summary.json")
     return 0

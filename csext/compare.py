@@ -13,12 +13,11 @@ import json
 import time
 from pathlib import Path
 
-from . import data as datasets
 from ._files import write_atomic
 from ._plots import pyplot, remaining_axis, save_png
 from .baselines import METHODS, MethodRun
-from .search import (CHECKPOINT, RESULTS, ConfigError, Search, SearchConfig, build_plain, changed_settings, epoch_bar,
-                     evaluate, make_optimizer, train_epochs)
+from .search import (CHECKPOINT, RESULTS, ConfigError, Search, SearchConfig, accuracies, build_plain, changed_settings,
+                     epoch_bar, load_data, make_optimizer, train_epochs)
 
 SUMMARY = "summary.json"
 
@@ -29,7 +28,7 @@ def dense_baseline(config: SearchConfig, data, progress: bool = False) -> dict:
     model = build_plain(config, data)
     train_epochs(model, data, make_optimizer(model, config), config, config.dense_budget, phase=0,
                  bar=epoch_bar("dense", config.dense_budget, progress))
-    return {"test_acc": evaluate(model, data, config), "epochs": config.dense_budget,
+    return {**accuracies(model, data, config), "epochs": config.dense_budget,
             "seconds": round(time.perf_counter() - started, 3)}
 
 
@@ -50,7 +49,7 @@ def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_
     if not resume and ((out / SUMMARY).exists() or written):
         raise ConfigError(f"--out {out} already holds a comparison: pass --resume to continue it, or another --out")
     config.check()
-    data = datasets.load(config.data, config.data_dir, config.download)
+    data = load_data(config)
     per_method = {}
     if "cs" in methods:
         search = Search(config, out / "cs", resume=resume and (out / "cs" / CHECKPOINT).exists(), progress=progress)
@@ -114,7 +113,8 @@ def summarise(per_method: dict, dense: dict, config: SearchConfig) -> dict:
     """Per method its tickets, and the sparsest ticket within 1 point of dense accuracy."""
     summary = {"data": config.data, "model": config.model, "seed": config.seed, "dense": dense, "methods": {}}
     for method, results in per_method.items():
-        tickets = [{k: t[k] for k in ("round", "remaining", "test_acc", "epochs_spent")} for t in results["tickets"]]
+        tickets = [{k: t[k] for k in ("round", "remaining", "test_acc", "val_acc", "epochs_spent") if k in t}
+                   for t in results["tickets"]]
         close = [t for t in tickets if t["test_acc"] >= dense["test_acc"] - 0.01]
         summary["methods"][method] = {"tickets": tickets,
                                       "sparsest_within_1_point": min(close, key=lambda t: t["remaining"]) if close else None}

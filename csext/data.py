@@ -17,6 +17,7 @@ import io
 import random
 import tarfile
 import zipfile
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.request import urlopen
@@ -56,10 +57,27 @@ class Dataset:
     y_test: torch.Tensor
     num_classes: int
     augment: bool = False  # random crop (padding 4) and horizontal flip, as the paper's CIFAR runs
+    x_val: torch.Tensor | None = None  # held out of the training set by with_validation
+    y_val: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple:
         return tuple(self.x_train.shape[1:])
+
+
+def with_validation(data: Dataset, fraction: float) -> Dataset:
+    """`data` with `fraction` of its training samples moved to a validation set, for choosing
+    settings (s0, lam) without the test set. The draw is fixed (a generator seeded 0), so every
+    run on the same data, whatever its seed, holds out the same samples."""
+    n = len(data.y_train)
+    count = round(fraction * n)
+    if not 0 < count < n:
+        raise DataError(f"--val-fraction {fraction:g} of {data.name}'s {n} training samples leaves "
+                        f"{count} for validation and {n - count} for training: both need at least one")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    train, val = order[count:].sort().values, order[:count].sort().values  # in their first order
+    return dataclasses.replace(data, x_train=data.x_train[train], y_train=data.y_train[train],
+                               x_val=data.x_train[val], y_val=data.y_train[val])
 
 
 def load(data: str, data_dir: str | None = None, download: bool = False) -> Dataset:

@@ -47,11 +47,12 @@ HISTORY = "history.csv"
 DENSE_NETWORK = "dense.pt"
 TICKET_NETWORK = "ticket-{round}.pt"
 TRAINING_PLOT = "training.png"
-# One row per epoch of every phase. lr, loss, train_acc: of the epoch's training; test_acc and
-# remaining (fraction of gated weights with s > 0; 1 for the dense network): after it; beta and
-# penalty (lam): at its end, search rounds only; seconds: its training, evaluation not counted.
+# One row per epoch of every phase. lr, loss, train_acc: of the epoch's training; test_acc,
+# val_acc (with --val-fraction) and remaining (fraction of gated weights with s > 0; 1 for the
+# dense network): after it; beta and penalty (lam): at its end, search rounds only; seconds: its
+# training, evaluation not counted.
 HISTORY_COLUMNS = ("phase", "round", "epoch", "lr", "beta", "penalty", "loss", "train_acc", "test_acc",
-                   "remaining", "seconds")
+                   "val_acc", "remaining", "seconds")
 
 
 class ConfigError(ValueError):
@@ -98,6 +99,7 @@ class SearchConfig:
     download: bool = False  # fetch missing cifar10 / mnist files into data_dir
     device: str = "cpu"
     amp: str = "off"  # one of AMP
+    val_fraction: float = 0.0  # of the training set, held out to report val_acc (data.with_validation)
 
     def check(self) -> None:
         for name in ("rounds", "epochs", "batch_size"):
@@ -127,6 +129,8 @@ class SearchConfig:
             raise ConfigError(f"--model must be one of {', '.join(nets.NAMES)}, got {self.model!r}")
         if self.target_remaining is not None and not 0.0 < self.target_remaining < 1.0:
             raise ConfigError(f"--target-remaining must lie strictly between 0 and 1, got {self.target_remaining}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction must lie in [0, 1), got {self.val_fraction}")
         if self.amp not in AMP:
             raise ConfigError(f"--amp must be one of {', '.join(AMP)}, got {self.amp!r}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -264,16 +268,32 @@ def epoch_bar(desc: str, epochs: int, enabled: bool = True, iterable=None, done:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: datasets.Dataset, config: SearchConfig) -> float:
+def evaluate(model: nn.Module, data: datasets.Dataset, config: SearchConfig, split: str = "test") -> float:
+    """Accuracy of `model` on the test set, or (split="val") on the held-out validation set."""
+    x_all, y_all = (data.x_val, data.y_val) if split == "val" else (data.x_test, data.y_test)
     device = torch.device(config.device)
     model.eval()
     correct = 0
-    for start in range(0, len(data.y_test), 1024):
-        x = data.x_test[start:start + 1024].to(device)
+    for start in range(0, len(y_all), 1024):
+        x = x_all[start:start + 1024].to(device)
         with autocast(config):
             logits = model(x)
-        correct += (logits.argmax(1).cpu() == data.y_test[start:start + 1024]).sum().item()
-    return correct / len(data.y_test)
+        correct += (logits.argmax(1).cpu() == y_all[start:start + 1024]).sum().item()
+    return correct / len(y_all)
+
+
+def accuracies(model: nn.Module, data: datasets.Dataset, config: SearchConfig) -> dict:
+    """{"test_acc"} of `model`, and "val_acc" where the data holds a validation set."""
+    found = {"test_acc": evaluate(model, data, config)}
+    if data.y_val is not None:
+        found["val_acc"] = evaluate(model, data, config, "val")
+    return found
+
+
+def load_data(config: SearchConfig) -> datasets.Dataset:
+    """The data of `config`, with its validation split where --val-fraction asks for one."""
+    data = datasets.load(config.data, config.data_dir, config.download)
+    return datasets.with_validation(data, config.val_fraction) if config.val_fraction else data
 
 
 def build_plain(config: SearchConfig, data: datasets.Dataset) -> nn.Module:
@@ -311,7 +331,7 @@ class Search:
     def __init__(self, config: SearchConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True):
         config.check()
         self.config, self.out, self.progress = config, Path(out), progress
-        self.data = datasets.load(config.data, config.data_dir, config.download)
+        self.data = load_data(config)
         self.exclude = default_exclude(config)
         self._gated()  # a model that does not fit the data fails here, before anything is written
         checkpoint = self.out / CHECKPOINT
@@ -407,7 +427,7 @@ class Search:
         self.state["epochs_spent"] += int(spent_by_method)
         self.state["seconds"] += seconds
         if distributed.is_main():  # the other ranks write nothing, so need no history
-            row = {**row, "test_acc": evaluate(model, self.data, self.config), "seconds": round(seconds, 3)}
+            row = {**row, **accuracies(model, self.data, self.config), "seconds": round(seconds, 3)}
             self.state["history"].append({column: row.get(column) for column in HISTORY_COLUMNS})
         self._save_checkpoint()
         return row.get("test_acc")
@@ -428,9 +448,9 @@ class Search:
             test_acc = self._finish_epoch(started, model, row, spent_by_method=False)  # not the method's budget
             if bar is not None:
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}", test=f"{test_acc:.3f}")
-        self.state["results"]["dense"] = {"test_acc": evaluate(model, self.data, self.config), "epochs": epochs,
-                                          "seconds": round(self.state["seconds"], 3)}
-        self._save_network(model, DENSE_NETWORK, 0, 1.0, self.state["results"]["dense"]["test_acc"])
+        scores = accuracies(model, self.data, self.config)
+        self.state["results"]["dense"] = {**scores, "epochs": epochs, "seconds": round(self.state["seconds"], 3)}
+        self._save_network(model, DENSE_NETWORK, 0, 1.0, scores)
 
     def _run_search(self, round_: int, epochs: int) -> None:
         config = self.config
@@ -512,16 +532,16 @@ class Search:
             if bar is not None:
                 bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}", test=f"{test_acc:.3f}",
                                 remaining=f"{ticket['remaining']:.4f}")
+        scores = accuracies(model, self.data, self.config)
         self.state["results"]["tickets"].append({
             "round": round_,
             "remaining": ticket["remaining"],
-            "test_acc": evaluate(model, self.data, self.config),
+            **scores,
             "epochs_spent": self.state["epochs_spent"],
             "seconds": round(ticket["seconds"] + self.state["seconds"], 3),
             "per_layer": ticket["per_layer"],
         })
-        self._save_network(model, TICKET_NETWORK.format(round=round_), round_, ticket["remaining"],
-                           self.state["results"]["tickets"][-1]["test_acc"])
+        self._save_network(model, TICKET_NETWORK.format(round=round_), round_, ticket["remaining"], scores)
 
     # --target-remaining
 
@@ -547,14 +567,14 @@ class Search:
             model.load_state_dict(self.state["trainee"])
             optimizer.load_state_dict(self.state["trainee_optimizer"])
 
-    def _save_network(self, model: nn.Module, name: str, round_: int, remaining: float, test_acc: float) -> None:
+    def _save_network(self, model: nn.Module, name: str, round_: int, remaining: float, scores: dict) -> None:
         """DIR/`name`: `model` as the plain network of the run's model (a ticket finalized: pruned
         weights zero, mask_scale folded in), on the CPU, with what load_network needs to rebuild it."""
         if not distributed.is_main():
             return
         plain = finalize(copy.deepcopy(model))
         saved = {"model": self.config.model, "input_shape": list(self.data.input_shape),
-                 "num_classes": self.data.num_classes, "round": round_, "remaining": remaining, "test_acc": test_acc,
+                 "num_classes": self.data.num_classes, "round": round_, "remaining": remaining, **scores,
                  "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()}}
         write_atomic(self.out / name, lambda f: torch.save(saved, f))
 
@@ -583,7 +603,8 @@ class Search:
 def load_network(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """A network a search saved (DIR/dense.pt, DIR/ticket-R.pt) as the plain network of its model
     (csext.nets), its weights loaded (a ticket's pruned weights are zero), in eval mode. The
-    file's other entries: round (0 for dense), remaining, test_acc, input_shape, num_classes."""
+    file's other entries: round (0 for dense), remaining, test_acc (and val_acc with
+    --val-fraction), input_shape, num_classes."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model = nets.build(saved["model"], saved["input_shape"], saved["num_classes"])
@@ -669,14 +690,16 @@ def history_csv(history: list[dict]) -> str:
 
 
 def read_history(path: str | os.PathLike) -> list[dict]:
-    """A history.csv back as rows: numbers as int or float, empty cells as None."""
+    """A history.csv back as rows: numbers as int or float, empty cells (and the columns of a file
+    older than one) as None."""
     def value(column, text):
         if text == "":
             return None
         return text if column == "phase" else int(text) if column in ("round", "epoch") else float(text)
 
     with open(path, newline="") as f:
-        return [{column: value(column, row[column]) for column in HISTORY_COLUMNS} for row in csv.DictReader(f)]
+        return [{column: value(column, row.get(column, "")) for column in HISTORY_COLUMNS}
+                for row in csv.DictReader(f)]
 
 
 def plot_history(history: list[dict], path: Path, title: str = "") -> bool:
@@ -694,8 +717,9 @@ def plot_history(history: list[dict], path: Path, title: str = "") -> bool:
         acc_ax.plot(x, [r["test_acc"] for r in rows], color=colour)
         acc_ax.plot(x, [r["train_acc"] for r in rows], color=colour, linestyle=":", linewidth=1)
         rem_ax.plot(x, [r["remaining"] for r in rows], color=colour)
-        acc_ax.annotate(phase if phase == "dense" else f"{phase} {round_}", (x[0], 1.0), xycoords=("data", "axes fraction"),
-                        xytext=(2, -10), textcoords="offset points", fontsize=7, color=colour)
+        acc_ax.annotate(phase if phase == "dense" else f"{phase} {round_}", (x[0], 1.0),
+                        xycoords=("data", "axes fraction"), xytext=(2, -10), textcoords="offset points", fontsize=7,
+                        color=colour)
         if start:
             for ax in (acc_ax, rem_ax):
                 ax.axvline(start + 0.5, color="lightgray", linewidth=0.8)

@@ -106,16 +106,16 @@ def test_every_method_keeps_pruned_weights_exactly_zero(tmp_path, monkeypatch, m
     data = load(str(_tiny_npz(tmp_path / "tiny.npz")))
     config = SearchConfig(data=str(tmp_path / "tiny.npz"), epochs=2, batch_size=32, weight_decay=1e-2)
     evaluated = []
-    real_evaluate = baselines.evaluate
+    real_accuracies = baselines.accuracies
 
-    def checking_evaluate(model, data, config):
+    def checking_accuracies(model, data, config):
         for name, m in csext.gated_modules(model):
             pruned = m.mask_logits <= 0
             assert m.hard and torch.all(m.weight[pruned] == 0), name
         evaluated.append(model)
-        return real_evaluate(model, data, config)
+        return real_accuracies(model, data, config)
 
-    monkeypatch.setattr(baselines, "evaluate", checking_evaluate)
+    monkeypatch.setattr(baselines, "accuracies", checking_accuracies)
     run = baselines.MethodRun(method, config, data, fractions=[0.3, 0.1], imp_rounds=2, l0_penalty=5.0)
     tickets = run.run()["tickets"]
     assert len(evaluated) == len(tickets) == (1 if method == "l0" else 2)
@@ -157,6 +157,21 @@ def test_compare_shows_a_progress_bar_per_training_phase(tmp_path, capsys):
                  "l0: gates: 100%", "l0: ticket 1 of 1: 100%"):
         assert f"{name}|" in bars, name
     assert bars.index("imp: ticket 2 of 2") < bars.index("l0: gates")
+
+
+def test_compare_reports_validation_accuracy_for_every_method(tmp_path):
+    data = _tiny_npz(tmp_path / "tiny.npz")
+    out = tmp_path / "cmp"
+    assert cli.main(["compare", "--data", str(data), "--out", str(out), "--epochs", "2", "--rounds", "1",
+                     "--batch-size", "32", "--methods", "cs,magnitude,l0", "--val-fraction", "0.25", "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 <= summary["dense"]["val_acc"] <= 1
+    for method in ("cs", "magnitude", "l0"):
+        results = json.loads((out / method / "results.json").read_text())
+        assert results["config"]["val_fraction"] == 0.25
+        assert all(0 <= t["val_acc"] <= 1 for t in results["tickets"])
+        assert [t["val_acc"] for t in summary["methods"][method]["tickets"]] == [
+            t["val_acc"] for t in results["tickets"]]
 
 
 class Killed(Exception):

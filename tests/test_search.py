@@ -221,6 +221,12 @@ def test_history_has_a_row_per_epoch_that_agrees_with_the_results(tmp_path):
             assert by_phase[kind, ticket["round"]]["remaining"] == pytest.approx(ticket["remaining"], rel=1e-5)
         assert by_phase["retrain", ticket["round"]]["test_acc"] == ticket["test_acc"]
     assert (out / search.TRAINING_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    older = tmp_path / "older.csv"  # written before the val_acc column
+    older.write_text("phase,round,epoch,lr,beta,penalty,loss,train_acc,test_acc,remaining,seconds\n"
+                     "search,1,2,0.1,14.1,2e-05,1.5,0.4,0.45,0.2,0.1\n")
+    assert search.read_history(older) == [{"phase": "search", "round": 1, "epoch": 2, "lr": 0.1, "beta": 14.1,
+                                           "penalty": 2e-05, "loss": 1.5, "train_acc": 0.4, "test_acc": 0.45,
+                                           "val_acc": None, "remaining": 0.2, "seconds": 0.1}]
 
 
 def test_the_dense_network_and_each_retrained_ticket_are_saved_as_plain_networks(tmp_path):
@@ -269,6 +275,32 @@ def test_a_ticket_that_closes_a_layer_is_named_in_a_warning(tmp_path, capsys):
     with pytest.warns(search.SearchWarning, match=f"{closed[-1]} keep no weight"):  # in Python, a warning
         search.Search(cli.parse([*args, "--out", str(tmp_path / "python")])[1], tmp_path / "python",
                       progress=False).run()
+
+
+def test_validation_split_is_held_out_of_training_and_reported_beside_test_accuracy(tmp_path, capsys):
+    data = _write_npz(tmp_path / "small.npz", n_train=100)
+    whole = load(str(data))
+    split = csext.data.with_validation(whole, 0.2)
+    assert (len(split.y_train), len(split.y_val)) == (80, 20)
+    rows = torch.cat([split.x_train, split.x_val])  # every training sample once, in one part or the other
+    assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, whole.x_train.tolist()))
+    assert torch.equal(csext.data.with_validation(whole, 0.2).x_val, split.x_val)  # the same draw each time
+    assert torch.equal(split.x_test, whole.x_test)
+
+    out = tmp_path / "run"
+    assert cli.main(["search", "--data", str(data), "--out", str(out), "--val-fraction", "0.2", *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "test accuracy" in printed and "(validation " in printed
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["val_fraction"] == 0.2 and 0 <= results["dense"]["val_acc"] <= 1
+    config = search.SearchConfig(data=str(data), val_fraction=0.2)
+    for ticket in results["tickets"]:
+        network = search.load_network(out / search.TICKET_NETWORK.format(round=ticket["round"]))
+        assert search.accuracies(network, split, config) == {"test_acc": ticket["test_acc"],
+                                                             "val_acc": ticket["val_acc"]}
+    history = search.read_history(out / search.HISTORY)
+    assert all(0 <= row["val_acc"] <= 1 for row in history)
+    assert history[-1]["val_acc"] == results["tickets"][-1]["val_acc"]
 
 
 def test_files_are_written_whole_with_the_permissions_open_gives(tmp_path):
@@ -327,7 +359,7 @@ def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, capsys):
     "case",
     ["missing file", "not an npz archive", "missing keys", "labels out of range", "lengths differ", "pickled arrays",
      "non-finite features", "channels-last images", "unknown model", "unknown data", "negative epochs",
-     "model does not fit data"],
+     "model does not fit data", "validation fraction of 1", "validation set too small"],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
     data = tmp_path / "data.npz"
@@ -351,7 +383,9 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
     else:
         _write_npz(data)
         extra = {"unknown model": ["--model", "transformer"], "unknown data": [],
-                 "negative epochs": ["--epochs", "-3"], "model does not fit data": ["--model", "conv4"]}[case]
+                 "negative epochs": ["--epochs", "-3"], "model does not fit data": ["--model", "conv4"],
+                 "validation fraction of 1": ["--val-fraction", "1"],
+                 "validation set too small": ["--val-fraction", "0.001"]}[case]
         if case == "unknown data":
             data = "imagenet"
     out = tmp_path / "out"
@@ -363,6 +397,8 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, case):
     assert len(err.splitlines()) == 1, err
     if case == "not an npz archive":
         assert "not an .npz file (np.savez writes a zip archive of arrays" in err
+    if case.startswith("validation"):
+        assert "--val-fraction" in err
     assert not out.exists() or not any(out.iterdir())  # nothing half-written
 
 
