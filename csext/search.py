@@ -420,8 +420,8 @@ class Search:
         return (epochs_left, None) if bar is None else (bar, bar)
 
     def _finish_epoch(self, started: float, model: nn.Module, row: dict, spent_by_method: bool = True) -> float | None:
-        """Count the epoch, add its history row (`row` and the test accuracy of `model`), checkpoint;
-        returns that test accuracy (None on ranks other than the first)."""
+        """Count the epoch, add its history row (`row` and the accuracies of `model`), checkpoint;
+        returns the test accuracy (None on ranks other than the first)."""
         seconds = time.perf_counter() - started
         self.state["epoch"] += 1
         self.state["epochs_spent"] += int(spent_by_method)
@@ -703,8 +703,8 @@ def read_history(path: str | os.PathLike) -> list[dict]:
 
 
 def plot_history(history: list[dict], path: Path, title: str = "") -> bool:
-    """Accuracy (test, and train dotted) and the remaining fraction against the epochs of the whole
-    run, one colour per phase, the phases named along the top."""
+    """Accuracy (test; train dotted; validation dashed, where held out) and the remaining fraction
+    against the epochs of the whole run, one colour per phase, the phases named along the top."""
     plt = pyplot()
     if plt is None or not history:
         return False
@@ -716,6 +716,8 @@ def plot_history(history: list[dict], path: Path, title: str = "") -> bool:
         colour = colours[phase]
         acc_ax.plot(x, [r["test_acc"] for r in rows], color=colour)
         acc_ax.plot(x, [r["train_acc"] for r in rows], color=colour, linestyle=":", linewidth=1)
+        if rows[0]["val_acc"] is not None:
+            acc_ax.plot(x, [r["val_acc"] for r in rows], color=colour, linestyle="--", linewidth=1)
         rem_ax.plot(x, [r["remaining"] for r in rows], color=colour)
         acc_ax.annotate(phase if phase == "dense" else f"{phase} {round_}", (x[0], 1.0),
                         xycoords=("data", "axes fraction"), xytext=(2, -10), textcoords="offset points", fontsize=7,
@@ -724,7 +726,12 @@ def plot_history(history: list[dict], path: Path, title: str = "") -> bool:
             for ax in (acc_ax, rem_ax):
                 ax.axvline(start + 0.5, color="lightgray", linewidth=0.8)
         start += len(rows)
-    acc_ax.set_ylabel("accuracy (test; train dotted)")
+    from matplotlib.lines import Line2D
+
+    styles = [("test", "-"), ("train", ":")] + ([("validation", "--")] if history[0]["val_acc"] is not None else [])
+    acc_ax.legend([Line2D([], [], color="black", linestyle=style, linewidth=1) for _, style in styles],
+                  [name for name, _ in styles], loc="lower right", fontsize=7)
+    acc_ax.set_ylabel("accuracy")
     log_percent_scale(rem_ax.yaxis)
     rem_ax.set_ylabel("weights remaining (s > 0)")
     rem_ax.set_xlabel("epoch of the run")
