@@ -11,13 +11,13 @@ unless asked (`download=True`, `--download`): files are then fetched from the da
 checked against their published MD5, and renamed into place only once whole.
 """
 
+import dataclasses
 import gzip
 import hashlib
 import io
 import random
 import tarfile
 import zipfile
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.request import urlopen
