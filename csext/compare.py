@@ -17,7 +17,7 @@ from ._files import write_atomic
 from ._plots import pyplot, remaining_axis, save_png
 from .baselines import METHODS, MethodRun
 from .search import (CHECKPOINT, RESULTS, ConfigError, Search, SearchConfig, accuracies, build_plain, changed_settings,
-                     epoch_bar, load_data, make_optimizer, train_epochs)
+                     epoch_bar, load_data, make_optimizer, ticket_summary, train_epochs)
 
 SUMMARY = "summary.json"
 
@@ -113,8 +113,7 @@ def summarise(per_method: dict, dense: dict, config: SearchConfig) -> dict:
     """Per method its tickets, and the sparsest ticket within 1 point of dense accuracy."""
     summary = {"data": config.data, "model": config.model, "seed": config.seed, "dense": dense, "methods": {}}
     for method, results in per_method.items():
-        tickets = [{k: t[k] for k in ("round", "remaining", "test_acc", "val_acc", "epochs_spent") if k in t}
-                   for t in results["tickets"]]
+        tickets = [ticket_summary(t) for t in results["tickets"]]
         close = [t for t in tickets if t["test_acc"] >= dense["test_acc"] - 0.01]
         summary["methods"][method] = {"tickets": tickets,
                                       "sparsest_within_1_point": min(close, key=lambda t: t["remaining"]) if close else None}

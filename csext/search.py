@@ -290,6 +290,11 @@ def accuracies(model: nn.Module, data: datasets.Dataset, config: SearchConfig) -
     return found
 
 
+def ticket_summary(ticket: dict) -> dict:
+    """A results.json ticket as the compare and sweep summaries keep it (per_layer and seconds left out)."""
+    return {k: ticket[k] for k in ("round", "remaining", "test_acc", "val_acc", "epochs_spent") if k in ticket}
+
+
 def load_data(config: SearchConfig) -> datasets.Dataset:
     """The data of `config`, with its validation split where --val-fraction asks for one."""
     data = datasets.load(config.data, config.data_dir, config.download)

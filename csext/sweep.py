@@ -15,7 +15,7 @@ from pathlib import Path
 from . import distributed
 from ._files import write_atomic
 from ._plots import pyplot, remaining_axis, save_png
-from .search import RESULTS, Search, SearchConfig
+from .search import RESULTS, Search, SearchConfig, ticket_summary
 
 SUMMARY = "summary.json"
 PLOT = "sweep.png"
@@ -53,15 +53,11 @@ def run_sweep(config: SearchConfig, mask_inits, penalties, out, resume: bool = F
     for run_config in grid:
         results = json.loads((run_folder(out, run_config) / RESULTS).read_text())
         runs.append({"mask_init": run_config.mask_init, "penalty": run_config.penalty, "dense": results["dense"],
-                     "tickets": [_ticket_summary(t) for t in results["tickets"]]})
+                     "tickets": [ticket_summary(t) for t in results["tickets"]]})
     summary = {"data": config.data, "model": config.model, "seed": config.seed, "runs": runs}
     write_atomic(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     _plot(summary, out / PLOT)
     return summary
-
-
-def _ticket_summary(ticket: dict) -> dict:
-    return {k: ticket[k] for k in ("round", "remaining", "test_acc", "val_acc", "epochs_spent") if k in ticket}
 
 
 def _plot(summary: dict, path: Path) -> bool:
