@@ -179,12 +179,16 @@ def _compare(args, config: SearchConfig) -> int:
     methods = [m for m in args.methods.split(",") if m]
     summary = compare(config, methods, args.out, fractions=fractions, imp_rounds=args.imp_rounds,
                       l0_penalty=args.l0_penalty, progress=not args.quiet, resume=args.resume)
-    print(f"dense: test accuracy {summary['dense']['test_acc']:.4f}")
+    print(f"dense: test accuracy {summary['dense']['test_acc']:.4f}{_validation(summary['dense'])}")
     for method, entry in summary["methods"].items():
-        best = entry["sparsest_within_1_point"]
-        found = (f"{best['remaining']:.2%} of the weights at {best['test_acc']:.4f}, {best['epochs_spent']} epochs spent"
-                 if best else "no ticket within 1 point of dense")
-        print(f"{method}: sparsest ticket within 1 point of dense: {found}")
+        for key, within in (("sparsest_within_1_point", "within 1 point of dense"),
+                            ("sparsest_within_1_point_on_validation", "within 1 point of dense on validation")):
+            if key not in entry:
+                continue
+            best = entry[key]
+            found = (f"{best['remaining']:.2%} of the weights at {best['test_acc']:.4f}{_validation(best)}, "
+                     f"{best['epochs_spent']} epochs spent" if best else f"no ticket {within}")
+            print(f"{method}: sparsest ticket {within}: {found}")
     print(f"summary: {args.out}/summary.json")
     return 0
 

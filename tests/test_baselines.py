@@ -137,6 +137,7 @@ def test_compare_command_end_to_end(tmp_path, capsys):
     for method in baselines.METHODS:
         results = json.loads((out / method / "results.json").read_text())
         assert results["method"] == method and results["dense"] == summary["dense"]
+        assert "sparsest_within_1_point_on_validation" not in summary["methods"][method]  # no --val-fraction
         assert set(results) == {"method", "data", "model", "seed", "config", "dense", "tickets", "environment"}
         if method in ("magnitude", "snip", "random"):  # matched to CS's tickets
             assert [t["remaining"] for t in results["tickets"]] == pytest.approx(cs_fractions, abs=1e-3)
@@ -172,6 +173,9 @@ def test_compare_reports_validation_accuracy_for_every_method(tmp_path):
         assert all(0 <= t["val_acc"] <= 1 for t in results["tickets"])
         assert [t["val_acc"] for t in summary["methods"][method]["tickets"]] == [
             t["val_acc"] for t in results["tickets"]]
+        close = [t for t in summary["methods"][method]["tickets"] if t["val_acc"] >= summary["dense"]["val_acc"] - 0.01]
+        chosen = summary["methods"][method]["sparsest_within_1_point_on_validation"]
+        assert chosen == (min(close, key=lambda t: t["remaining"]) if close else None)
 
 
 class Killed(Exception):
