@@ -167,6 +167,20 @@ def _main(parser, args, config: SearchConfig) -> int:
     return 0
 
 
+def _print_sparsest(prefix: str, entry: dict) -> None:
+    """The lines for a summary's sparsest tickets within 1 point of dense (on test; on validation)."""
+    for key, within in (("sparsest_within_1_point", "within 1 point of dense"),
+                        ("sparsest_within_1_point_on_validation", "within 1 point of dense on validation")):
+        if key not in entry:
+            continue
+        best = entry[key]
+        setting = f"mask_init {best['mask_init']:g}, lam {best['penalty']:g}, round {best['round']}: " if (
+            best and "mask_init" in best) else ""
+        found = (f"{setting}{best['remaining']:.2%} of the weights at {best['test_acc']:.4f}{_validation(best)}, "
+                 f"{best['epochs_spent']} epochs spent" if best else f"no ticket {within}")
+        print(f"{prefix}sparsest ticket {within}: {found}")
+
+
 def _validation(entry: dict) -> str:
     return f" (validation {entry['val_acc']:.4f})" if "val_acc" in entry else ""
 
@@ -181,14 +195,7 @@ def _compare(args, config: SearchConfig) -> int:
                       l0_penalty=args.l0_penalty, progress=not args.quiet, resume=args.resume)
     print(f"dense: test accuracy {summary['dense']['test_acc']:.4f}{_validation(summary['dense'])}")
     for method, entry in summary["methods"].items():
-        for key, within in (("sparsest_within_1_point", "within 1 point of dense"),
-                            ("sparsest_within_1_point_on_validation", "within 1 point of dense on validation")):
-            if key not in entry:
-                continue
-            best = entry[key]
-            found = (f"{best['remaining']:.2%} of the weights at {best['test_acc']:.4f}{_validation(best)}, "
-                     f"{best['epochs_spent']} epochs spent" if best else f"no ticket {within}")
-            print(f"{method}: sparsest ticket {within}: {found}")
+        _print_sparsest(f"{method}: ", entry)
     print(f"summary: {args.out}/summary.json")
     return 0
 
@@ -210,5 +217,6 @@ def _sweep(args, config: SearchConfig) -> int:
         last = run["tickets"][-1]
         print(f"mask_init {run['mask_init']:g}, lam {run['penalty']:g}: round {last['round']} keeps "
               f"{last['remaining']:.2%} at test accuracy {last['test_acc']:.4f}{_validation(last)}")
+    _print_sparsest("all runs: ", summary)
     print(f"summary: {args.out}/summary.json")
     return 0

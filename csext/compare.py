@@ -17,7 +17,7 @@ from ._files import write_atomic
 from ._plots import pyplot, remaining_axis, save_png
 from .baselines import METHODS, MethodRun
 from .search import (CHECKPOINT, RESULTS, ConfigError, Search, SearchConfig, accuracies, build_plain, changed_settings,
-                     epoch_bar, load_data, make_optimizer, ticket_summary, train_epochs)
+                     epoch_bar, load_data, make_optimizer, sparsest_within_a_point, ticket_summary, train_epochs)
 
 SUMMARY = "summary.json"
 
@@ -117,15 +117,10 @@ def summarise(per_method: dict, dense: dict, config: SearchConfig) -> dict:
     for method, results in per_method.items():
         tickets = [ticket_summary(t) for t in results["tickets"]]
         entry = summary["methods"][method] = {"tickets": tickets,
-                                              "sparsest_within_1_point": _sparsest_close(tickets, dense, "test_acc")}
+                                              "sparsest_within_1_point": sparsest_within_a_point(tickets, dense)}
         if "val_acc" in dense:
-            entry["sparsest_within_1_point_on_validation"] = _sparsest_close(tickets, dense, "val_acc")
+            entry["sparsest_within_1_point_on_validation"] = sparsest_within_a_point(tickets, dense, "val_acc")
     return summary
-
-
-def _sparsest_close(tickets: list[dict], dense: dict, accuracy: str) -> dict | None:
-    close = [t for t in tickets if t[accuracy] >= dense[accuracy] - 0.01]
-    return min(close, key=lambda t: t["remaining"]) if close else None
 
 
 def plot_comparison(summary: dict, out: Path) -> bool:

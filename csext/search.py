@@ -295,6 +295,13 @@ def ticket_summary(ticket: dict) -> dict:
     return {k: ticket[k] for k in ("round", "remaining", "test_acc", "val_acc", "epochs_spent") if k in ticket}
 
 
+def sparsest_within_a_point(tickets: list[dict], dense: dict, accuracy: str = "test_acc") -> dict | None:
+    """The ticket with the fewest weights among those within 1 point of `dense` in `accuracy`
+    ("test_acc", or "val_acc" for a choice that leaves the test set out), or None."""
+    close = [t for t in tickets if t[accuracy] >= dense[accuracy] - 0.01]
+    return min(close, key=lambda t: t["remaining"]) if close else None
+
+
 def load_data(config: SearchConfig) -> datasets.Dataset:
     """The data of `config`, with its validation split where --val-fraction asks for one."""
     data = datasets.load(config.data, config.data_dir, config.download)

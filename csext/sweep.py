@@ -15,7 +15,7 @@ from pathlib import Path
 from . import distributed
 from ._files import write_atomic
 from ._plots import pyplot, remaining_axis, save_png
-from .search import RESULTS, Search, SearchConfig, ticket_summary
+from .search import RESULTS, Search, SearchConfig, sparsest_within_a_point, ticket_summary
 
 SUMMARY = "summary.json"
 PLOT = "sweep.png"
@@ -55,6 +55,12 @@ def run_sweep(config: SearchConfig, mask_inits, penalties, out, resume: bool = F
         runs.append({"mask_init": run_config.mask_init, "penalty": run_config.penalty, "dense": results["dense"],
                      "tickets": [ticket_summary(t) for t in results["tickets"]]})
     summary = {"data": config.data, "model": config.model, "seed": config.seed, "runs": runs}
+    # over the whole grid, as the paper's "all runs" reports it: each ticket with its setting
+    dense = runs[0]["dense"]  # the same for every setting: s0 and lam act after it
+    tickets = [{"mask_init": run["mask_init"], "penalty": run["penalty"], **t} for run in runs for t in run["tickets"]]
+    summary["sparsest_within_1_point"] = sparsest_within_a_point(tickets, dense)
+    if "val_acc" in dense:
+        summary["sparsest_within_1_point_on_validation"] = sparsest_within_a_point(tickets, dense, "val_acc")
     write_atomic(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     _plot(summary, out / PLOT)
     return summary

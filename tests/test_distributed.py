@@ -204,5 +204,11 @@ def test_sweep_spreads_runs_over_ranks_and_merges(tmp_path):
     single = json.loads((tmp_path / "alone" / "summary.json").read_text())
     assert [(r["mask_init"], r["penalty"]) for r in merged["runs"]] == [(0.0, 1e-4), (0.0, 1e-3), (-0.05, 1e-4), (-0.05, 1e-3)]
     assert [r["tickets"] for r in merged["runs"]] == [r["tickets"] for r in single["runs"]]  # independent runs
+    # over the grid, each ticket with its setting: the fewest weights within a point of dense
+    every = [{"mask_init": r["mask_init"], "penalty": r["penalty"], **t} for r in merged["runs"] for t in r["tickets"]]
+    close = [t for t in every if t["test_acc"] >= merged["runs"][0]["dense"]["test_acc"] - 0.01]
+    assert merged["sparsest_within_1_point"] == (min(close, key=lambda t: t["remaining"]) if close else None)
+    assert "sparsest_within_1_point_on_validation" not in merged  # no --val-fraction
+    assert "all runs: sparsest ticket within 1 point of dense: " in done.stdout
     assert (tmp_path / "ranks" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sum(1 for p in (tmp_path / "ranks").iterdir() if p.is_dir()) == 4
