@@ -139,7 +139,8 @@ def _fsdp_worker(rank, port, results):
             loss = nn.functional.cross_entropy(model(x.chunk(2)[rank]), y.chunk(2)[rank])  # this rank's half
             whole_loss = nn.functional.cross_entropy(whole(x), y)
             if lam_in_the_loss:
-                loss, whole_loss = loss + 1e-3 * csext.mask_penalty(model), whole_loss + 1e-3 * csext.mask_penalty(whole)
+                loss = loss + 1e-3 * csext.mask_penalty(model)
+                whole_loss = whole_loss + 1e-3 * csext.mask_penalty(whole)
             loss.backward()
             whole_loss.backward()
             for (name, p), q in zip(model.named_parameters(), whole.parameters()):
