@@ -511,11 +511,11 @@ class Search:
         closed = [name for name, fraction in report.per_layer.items() if fraction == 0]
         if closed and distributed.is_main():
             warnings.warn(SearchWarning(
-                f"search round {round_}: {', '.join(closed)} keep no weight, which cuts the input off in a network "
-                f"without skip connections. Without normalization layers the soft mask shrinks every layer's "
-                f"output (by sigmoid(s0), 0.5 at --mask-init 0), and lam can close the gates before the task "
-                f"gradient moves them: --rescale (as the paper's code) divides the mask by sigmoid(s0); a higher "
-                f"--mask-init or a lower --penalty also help"), stacklevel=2)
+                f"search round {round_}: {', '.join(closed)} keep no weight, so in a network without skip "
+                f"connections the ticket's output no longer depends on its input. Without normalization layers "
+                f"the soft mask scales every layer's output by sigmoid(s0) (0.5 at --mask-init 0), which shrinks "
+                f"the signal and the gradients that would keep gates open; try --rescale (the paper's code divides "
+                f"the mask by sigmoid(s0)), a higher --mask-init, a lower --penalty or more --epochs"), stacklevel=2)
         mask = {name: (m.mask_logits > 0).cpu() for name, m in gated_modules(model)}
         self.state["tickets"].append({"round": round_, "mask": mask, "remaining": report.remaining,
                                       "per_layer": dict(report.per_layer), "seconds": self.state["seconds"],

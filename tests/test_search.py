@@ -255,7 +255,7 @@ def test_the_dense_network_and_each_retrained_ticket_are_saved_as_plain_networks
 
 def test_a_ticket_that_closes_a_layer_is_named_in_a_warning(tmp_path, capsys):
     """conv4 has no normalization layers: at s0 = 0 its seven halved layers pass almost no signal,
-    and lam closes every gate in the first epoch. The command says so, and names --rescale."""
+    and its gates close in the first epochs. The command says so, and names what to try."""
     rng = np.random.default_rng(0)
     centers, y_train, y_test = rng.normal(size=(3, 3, 8, 8)), rng.integers(0, 3, 96), rng.integers(0, 3, 40)
     images = lambda y: (centers[y] + rng.normal(size=(len(y), 3, 8, 8))).astype(np.float32)
@@ -267,11 +267,11 @@ def test_a_ticket_that_closes_a_layer_is_named_in_a_warning(tmp_path, capsys):
     results = json.loads((tmp_path / "closed" / "results.json").read_text())  # the run still finishes
     closed = [name for name, fraction in results["tickets"][0]["per_layer"].items() if fraction == 0]
     assert closed and err == (f"python -m csext search: warning: search round 1: {', '.join(closed)} keep no weight, "
-                              f"which cuts the input off in a network without skip connections. Without "
-                              f"normalization layers the soft mask shrinks every layer's output (by sigmoid(s0), "
-                              f"0.5 at --mask-init 0), and lam can close the gates before the task gradient moves "
-                              f"them: --rescale (as the paper's code) divides the mask by sigmoid(s0); a higher "
-                              f"--mask-init or a lower --penalty also help\n")
+                              f"so in a network without skip connections the ticket's output no longer depends on "
+                              f"its input. Without normalization layers the soft mask scales every layer's output "
+                              f"by sigmoid(s0) (0.5 at --mask-init 0), which shrinks the signal and the gradients "
+                              f"that would keep gates open; try --rescale (the paper's code divides the mask by "
+                              f"sigmoid(s0)), a higher --mask-init, a lower --penalty or more --epochs\n")
     with pytest.warns(search.SearchWarning, match=f"{closed[-1]} keep no weight"):  # in Python, a warning
         search.Search(cli.parse([*args, "--out", str(tmp_path / "python")])[1], tmp_path / "python",
                       progress=False).run()
