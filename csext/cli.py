@@ -174,11 +174,13 @@ def _print_sparsest(prefix: str, entry: dict) -> None:
         if key not in entry:
             continue
         best = entry[key]
-        setting = f"mask_init {best['mask_init']:g}, lam {best['penalty']:g}, round {best['round']}: " if (
-            best and "mask_init" in best) else ""
-        found = (f"{setting}{best['remaining']:.2%} of the weights at {best['test_acc']:.4f}{_validation(best)}, "
-                 f"{best['epochs_spent']} epochs spent" if best else f"no ticket {within}")
-        print(f"{prefix}sparsest ticket {within}: {found}")
+        if best is None:
+            print(f"{prefix}no ticket {within}")
+            continue
+        setting = (f"mask_init {best['mask_init']:g}, lam {best['penalty']:g}, round {best['round']}: "
+                   if "mask_init" in best else "")
+        print(f"{prefix}sparsest ticket {within}: {setting}{best['remaining']:.2%} of the weights at "
+              f"{best['test_acc']:.4f}{_validation(best)}, {best['epochs_spent']} epochs spent")
 
 
 def _validation(entry: dict) -> str:

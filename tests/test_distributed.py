@@ -210,6 +210,7 @@ def test_sweep_spreads_runs_over_ranks_and_merges(tmp_path):
     close = [t for t in every if t["test_acc"] >= merged["runs"][0]["dense"]["test_acc"] - 0.01]
     assert merged["sparsest_within_1_point"] == (min(close, key=lambda t: t["remaining"]) if close else None)
     assert "sparsest_within_1_point_on_validation" not in merged  # no --val-fraction
-    assert "all runs: sparsest ticket within 1 point of dense: " in done.stdout
+    assert ("all runs: sparsest ticket within 1 point of dense: " in done.stdout) == bool(close)
+    assert ("all runs: no ticket within 1 point of dense\n" in done.stdout) == (not close)
     assert (tmp_path / "ranks" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sum(1 for p in (tmp_path / "ranks").iterdir() if p.is_dir()) == 4
