@@ -62,7 +62,6 @@ def main(argv=None) -> int:
             f"{statistics.mean(t['remaining'] for t in hits):.2%}, {statistics.mean(t['test_acc'] for t in hits):.3f}, "
             f"{statistics.mean(t['epochs_spent'] for t in hits):.0f} ep ({len(hits)} of {len(found)})")
         print(f"| {method} | " + " | ".join(cells) + f" | {mean} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out, (json.dumps({"machine": info, "summaries": summaries}, indent=1) + "\n").encode())
     print(f"written: {args.out}")
     return 0

@@ -63,7 +63,6 @@ def main(argv=None) -> int:
         if target is not None:
             landed = r["tickets"][-1]["remaining"]
             print(f"--target-remaining {target}: landed at {landed:.4f} ({(landed / target - 1) * 100:+.1f}% relative)")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(args.out, (json.dumps({"machine": info, "runs": runs}, indent=1) + "\n").encode())
     print(f"written: {args.out}")
     return 0
