@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from .model import gated_modules
 from .schedule import capture
 from .search import (SearchConfig, accuracies, build_gated, build_plain, default_exclude, epoch_bar, epoch_generator,
-                     make_optimizer, prepare_ticket, train_epochs)
+                     make_optimizer, prepare_ticket, train_epochs, training_module)
 
 METHODS = ("cs", "imp", "magnitude", "snip", "l0", "random")
 
@@ -172,9 +172,9 @@ class MethodRun:
                 rewind["state"] = capture(model)
 
         self.phase += 1
-        train_epochs(model, self.data, optimizer or make_optimizer(model, self.config), self.config, epochs,
-                     self.phase, on_step=on_step, bar=epoch_bar(f"{self.method}: {desc}", epochs, self.progress),
-                     **hooks)
+        train_epochs(training_module(model, self.config), self.data, optimizer or make_optimizer(model, self.config),
+                     self.config, epochs, self.phase, on_step=on_step,
+                     bar=epoch_bar(f"{self.method}: {desc}", epochs, self.progress), **hooks)
         self.epochs_spent += epochs
         if rewind is not None:
             rewind.setdefault("state", capture(model))

@@ -103,6 +103,9 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="hold out this fraction of the training set (the same draw for every run) and report "
                         "validation accuracy beside test accuracy, to choose settings without the test set")
+    s.add_argument("--compile", action="store_true",
+                   help="train under torch.compile: each phase's first steps compile (seconds to minutes), the "
+                        "later ones may run faster; evaluation stays eager. A run may resume with or without it")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

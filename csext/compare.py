@@ -17,7 +17,8 @@ from ._files import write_atomic
 from ._plots import pyplot, remaining_axis, save_png
 from .baselines import METHODS, MethodRun
 from .search import (CHECKPOINT, RESULTS, ConfigError, Search, SearchConfig, accuracies, build_plain, changed_settings,
-                     epoch_bar, load_data, make_optimizer, sparsest_within_a_point, ticket_summary, train_epochs)
+                     epoch_bar, load_data, make_optimizer, sparsest_within_a_point, ticket_summary, train_epochs,
+                     training_module)
 
 SUMMARY = "summary.json"
 
@@ -26,8 +27,8 @@ def dense_baseline(config: SearchConfig, data, progress: bool = False) -> dict:
     """The plain network trained for the dense budget: {"test_acc" (and "val_acc"), "epochs", "seconds"}."""
     started = time.perf_counter()
     model = build_plain(config, data)
-    train_epochs(model, data, make_optimizer(model, config), config, config.dense_budget, phase=0,
-                 bar=epoch_bar("dense", config.dense_budget, progress))
+    train_epochs(training_module(model, config), data, make_optimizer(model, config), config, config.dense_budget,
+                 phase=0, bar=epoch_bar("dense", config.dense_budget, progress))
     return {**accuracies(model, data, config), "epochs": config.dense_budget,
             "seconds": round(time.perf_counter() - started, 3)}
 

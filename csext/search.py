@@ -100,6 +100,7 @@ class SearchConfig:
     device: str = "cpu"
     amp: str = "off"  # one of AMP
     val_fraction: float = 0.0  # of the training set, held out to report val_acc (data.with_validation)
+    compile: bool = False  # train under torch.compile (training_module); evaluation stays eager
 
     def check(self) -> None:
         for name in ("rounds", "epochs", "batch_size"):
@@ -162,7 +163,7 @@ def changed_settings(saved: dict, now: dict) -> list[str]:
     the run predates counts as its default, and where it runs and how its files arrived, not at all."""
     saved = {**SETTING_DEFAULTS, **saved}
     return sorted(k for k in now.keys() | saved.keys()
-                  if k not in ("device", "download") and saved.get(k) != now.get(k))
+                  if k not in ("device", "download", "compile") and saved.get(k) != now.get(k))
 
 
 # --- training --------------------------------------------------------------------------------
@@ -183,6 +184,15 @@ def make_optimizer(model: nn.Module, config: SearchConfig) -> torch.optim.Optimi
 def autocast(config: SearchConfig):
     """The context of every forward of a run: autocast in bfloat16 with --amp bf16, else nothing."""
     return torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16, enabled=config.amp == "bf16")
+
+
+def training_module(model: nn.Module, config: SearchConfig) -> nn.Module:
+    """What train_epoch calls to train `model`: it in DistributedDataParallel under torchrun, and
+    under torch.compile with --compile. It shares the parameters, so checkpoints, masks and
+    evaluation use `model` itself."""
+    # compiled inside DDP: torch.compile(DDP(m)) leaves DDP's forward to compile m's submodules one
+    # frame each (an nn.Sequential's forward is not compiled), and soon hits the recompile limit
+    return distributed.wrap(torch.compile(model) if config.compile else model)
 
 
 def epoch_generator(seed: int, phase: int, epoch: int) -> torch.Generator:
@@ -448,7 +458,7 @@ class Search:
         model = self._plain()
         optimizer = make_optimizer(model, self.config)
         self._load_trainee(model, optimizer)
-        trainer = distributed.wrap(model)
+        trainer = training_module(model, self.config)
         epochs_left, bar = self._epochs(epochs, "dense")
         for epoch in epochs_left:
             started = time.perf_counter()
@@ -473,7 +483,7 @@ class Search:
         if self.state["search_optimizer"] is not None:  # None at the start of a round: fresh momentum
             optimizer.load_state_dict(self.state["search_optimizer"])
         steps_per_epoch = math.ceil(len(self.data.y_train) / config.batch_size)
-        trainer = distributed.wrap(model)
+        trainer = training_module(model, self.config)
         epochs_left, bar = self._epochs(epochs, f"search round {round_}")
         for epoch in epochs_left:
             started = time.perf_counter()
@@ -530,7 +540,7 @@ class Search:
         prepare_ticket(model, ticket["mask"], self.state["rewind"])
         optimizer = make_optimizer(model, self.config)
         self._load_trainee(model, optimizer)
-        trainer = distributed.wrap(model)
+        trainer = training_module(model, self.config)
         epochs_left, bar = self._epochs(epochs, f"retrain ticket {round_}")
         for epoch in epochs_left:
             started = time.perf_counter()

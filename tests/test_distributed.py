@@ -25,10 +25,10 @@ def _tiny_npz(path, n_train, n_test, seed):
              x_test=(centers[y_test] + rng.normal(size=(n_test, 12))).astype(np.float32), y_test=y_test)
 
 
-def _run(args, cwd, ranks=None):
+def _run(args, cwd, ranks=None, **env):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"] if ranks else [sys.executable]
     env = {**os.environ, "PYTHONPATH": str(Path(csext.__file__).parents[1]), "OMP_NUM_THREADS": "1",
-           "CSEXT_CHECK_RANKS": "1"}  # every step: the ranks' mask logits must agree, else the run fails
+           "CSEXT_CHECK_RANKS": "1", **env}  # every step: the ranks' mask logits must agree, else the run fails
     return subprocess.run(command + ["-m", "csext", "search", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 
@@ -62,6 +62,25 @@ def test_two_process_search_matches_one_process(tmp_path):
     again = _run(args + ["--out", str(tmp_path / "ddp"), "--resume"], tmp_path, ranks=2)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "ddp" / "results.json").read_text())["tickets"] == results["tickets"]
+
+
+def test_two_process_compiled_search_compiles_whole_networks(tmp_path):
+    """--compile under torchrun: each network compiles as one graph inside DDP, with no graph
+    break and under the recompile limit (torch.compile(DDP(m)) compiled an nn.Sequential's layers
+    one frame each, up to the limit), and trains as the eager two-process run."""
+    _tiny_npz(tmp_path / "tiny.npz", 200, 60, seed=0)
+    args = ["--data", str(tmp_path / "tiny.npz"), "--epochs", "2", "--rounds", "1", "--quiet"]
+    eager = _run(args + ["--out", str(tmp_path / "eager")], tmp_path, ranks=2)
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    compiled = _run(args + ["--out", str(tmp_path / "compiled"), "--compile"], tmp_path, ranks=2,
+                    TORCH_LOGS="graph_breaks,recompiles")
+    assert compiled.returncode == 0, compiled.stderr[-3000:]
+    assert "Graph break" not in compiled.stderr and "recompile_limit" not in compiled.stderr, compiled.stderr[-3000:]
+    assert compiled.stderr.count("Recompiling function") <= 2 * 4  # per rank: plain, soft (beta dynamic), hard
+    rows = [search.read_history(tmp_path / run / search.HISTORY) for run in ("eager", "compiled")]
+    for row, expected in zip(*rows):
+        assert {k: v for k, v in row.items() if k != "seconds"} == pytest.approx(
+            {k: v for k, v in expected.items() if k != "seconds"}, rel=1e-3, abs=1e-3)
 
 
 def _check_worker(rank, port, results):

@@ -195,6 +195,44 @@ def test_resume_after_a_kill_gives_the_same_results(tmp_path, monkeypatch, capsy
     assert _history_without_seconds(tmp_path / "killed") == _history_without_seconds(tmp_path / "whole")
 
 
+def test_compile_trains_as_eager_and_resumes_either_way(tmp_path, monkeypatch):
+    """--compile: the dense, search and retraining phases under torch.compile, with no graph break,
+    train as eager does (every history row within float tolerance), and a run started with it
+    resumes without it (how a run is executed is not one of its settings)."""
+    data = _write_npz(tmp_path / "small.npz")
+    args = ["search", "--data", str(data), *SMALL]
+    assert cli.main([*args, "--out", str(tmp_path / "eager")]) == 0
+
+    real_train_epoch, calls = search.train_epoch, {"n": 0}
+
+    def compiled_then_killed_on_the_eighth_epoch(model, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:  # inside round 2's search: dense, search 1 and retrain 1 ran compiled
+            raise KeyboardInterrupt
+        assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+        return real_train_epoch(model, *a, **k)
+
+    monkeypatch.setattr(search, "train_epoch", compiled_then_killed_on_the_eighth_epoch)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        with pytest.raises(SystemExit):
+            cli.main([*args, "--out", str(tmp_path / "mixed"), "--compile"])
+        assert not torch._dynamo.utils.counters["graph_break"]
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 3  # plain, soft mask, hard mask
+    finally:
+        torch._dynamo.reset()
+    monkeypatch.setattr(search, "train_epoch", real_train_epoch)
+    assert cli.main([*args, "--out", str(tmp_path / "mixed"), "--resume"]) == 0
+    eager, mixed = (search.read_history(tmp_path / run / search.HISTORY) for run in ("eager", "mixed"))
+    assert len(mixed) == len(eager) == 3 + 2 * (3 + 3)
+    for row, expected in zip(mixed, eager):
+        assert {k: v for k, v in row.items() if k != "seconds"} == pytest.approx(
+            {k: v for k, v in expected.items() if k != "seconds"}, rel=1e-3, abs=1e-3)
+    results = json.loads((tmp_path / "mixed" / "results.json").read_text())
+    assert results["config"]["compile"] is False  # the settings of the command that finished it
+
+
 def test_history_has_a_row_per_epoch_that_agrees_with_the_results(tmp_path):
     data = _write_npz(tmp_path / "small.npz")
     out = tmp_path / "run"
