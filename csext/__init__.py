@@ -16,13 +16,14 @@ from .model import (
     sparsify,
     sparsity_report,
 )
-from .modules import GatedConv2d, GatedLinear
+from .modules import GatedConv1D, GatedConv2d, GatedLinear
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GatedLinear",
     "GatedConv2d",
+    "GatedConv1D",
     "functional",
     "reference",
     "backends",

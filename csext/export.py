@@ -4,7 +4,7 @@
                               (weight_orig = c * w, weight_mask = 1[s > 0])
     from_prune_form(model)    back: layers carrying weight_orig / weight_mask -> gated layers
                               in hard mode with that mask
-    to_sparse(model)          gated (or finalized) nn.Linear layers -> SparseLinear, which holds
+    to_sparse(model)          gated (or finalized) nn.Linear and gated Conv1D layers -> SparseLinear, which holds
                               its weight in torch's CSR layout and multiplies with torch.sparse;
                               gated convolutions are finalized (dense, pruned weights zero)
     shrink(sequential)        physically smaller dense layers where whole output neurons or
@@ -18,26 +18,19 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import reference
-from .model import (GATHER_FIRST, _plain, _replace, gated_modules, keep_transformer_slow_paths, module_aliases,
-                    refuse_sharded)
-from .modules import GatedConv2d, GatedLinear
-
-
-def _plain_like(module: nn.Module) -> nn.Module:
-    if isinstance(module, nn.Linear):
-        return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-    return nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                     module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta")
+from .model import (GATHER_FIRST, _gated_type, _plain, _replace, empty_plain, gated_modules,
+                    keep_transformer_slow_paths, module_aliases, refuse_sharded)
+from .modules import GatedConv1D, GatedConv2d, GatedLinear
 
 
 @torch.no_grad()
 def to_prune_form(model: nn.Module) -> nn.Module:
-    """Every gated layer becomes a plain nn.Linear / nn.Conv2d pruned with
+    """Every gated layer becomes a plain nn.Linear / nn.Conv2d / transformers Conv1D pruned with
     prune.custom_from_mask: weight_orig holds mask_scale * w, weight_mask the hard mask."""
     refuse_sharded(model, "to_prune_form", GATHER_FIRST)
     aliases = module_aliases(model)
     for name, module in gated_modules(model):
-        plain = _plain_like(module)
+        plain = empty_plain(module)
         plain.weight = nn.Parameter((module.weight * module.mask_scale).detach().clone(),
                                     requires_grad=module.weight.requires_grad)
         plain.bias = module.bias
@@ -50,20 +43,19 @@ def to_prune_form(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def from_prune_form(model: nn.Module) -> nn.Module:
-    """Every nn.Linear / nn.Conv2d pruned by torch.nn.utils.prune (weight_orig and weight_mask)
-    becomes a gated layer in hard mode: weight = weight_orig, mask logits +1 where the mask is
-    nonzero and -1 elsewhere."""
+    """Every nn.Linear / nn.Conv2d / transformers Conv1D pruned by torch.nn.utils.prune
+    (weight_orig and weight_mask) becomes a gated layer in hard mode: weight = weight_orig, mask
+    logits +1 where the mask is nonzero and -1 elsewhere."""
     refuse_sharded(model, "from_prune_form", GATHER_FIRST)
     found = [(n, m) for n, m in model.named_modules()
-             if type(m) in (nn.Linear, nn.Conv2d) and hasattr(m, "weight_orig") and hasattr(m, "weight_mask")]
+             if _gated_type(m) is not None and hasattr(m, "weight_orig") and hasattr(m, "weight_mask")]
     aliases = module_aliases(model)
     for name, module in found:
-        plain = _plain_like(module)
+        plain = empty_plain(module)
         plain.weight = module.weight_orig
         plain.bias = module.bias
         plain.train(module.training)
-        gated_type = GatedLinear if isinstance(module, nn.Linear) else GatedConv2d
-        gated = gated_type.from_dense(plain)
+        gated = _gated_type(module).from_dense(plain)
         gated.mask_logits.copy_(torch.where(module.weight_mask != 0, 1.0, -1.0).to(gated.mask_logits.dtype))
         gated.hard = True
         model = _replace(model, name, gated, aliases)
@@ -112,19 +104,22 @@ class SparseLinear(nn.Module):
 
 @torch.no_grad()
 def to_sparse(model: nn.Module) -> nn.Module:
-    """Every gated nn.Linear (its weight c * w * 1[s > 0]) and every plain nn.Linear whose weight
-    is mostly zero (more than half, as finalize leaves it) becomes a SparseLinear; gated
-    convolutions become finalized nn.Conv2d."""
+    """Every gated nn.Linear and transformers Conv1D (its weight c * w * 1[s > 0]) and every plain
+    nn.Linear whose weight is mostly zero (more than half, as finalize leaves it) becomes a
+    SparseLinear; gated convolutions become finalized nn.Conv2d."""
     refuse_sharded(model, "to_sparse", GATHER_FIRST)
     targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, GatedLinear) or (type(m) is nn.Linear and (m.weight == 0).float().mean() > 0.5)]
+               if isinstance(m, (GatedLinear, GatedConv1D))
+               or (type(m) is nn.Linear and (m.weight == 0).float().mean() > 0.5)]
     aliases = module_aliases(model)
     for name, module in gated_modules(model):
         if isinstance(module, GatedConv2d):
             model = _replace(model, name, _plain(module), aliases)
     for name, module in targets:
-        if isinstance(module, GatedLinear):
+        if isinstance(module, (GatedLinear, GatedConv1D)):
             weight = reference.gate(module.weight, module.mask_logits, module.beta, hard=True) * module.mask_scale
+            if isinstance(module, GatedConv1D):  # stored (in, out)
+                weight = weight.t()
         else:
             weight = module.weight
         model = _replace(model, name, SparseLinear(weight, module.bias), aliases)

@@ -9,11 +9,17 @@ import torch
 from torch import nn
 
 from . import functional, reference
-from .modules import GATED_TYPES, GatedConv2d, GatedLinear
+from .modules import GATED_TYPES, GatedConv1D, GatedConv2d, GatedLinear, is_hf_conv1d
 
 # Exact types only: subclasses such as MultiheadAttention's out_proj are read by their owners
 # through .weight directly, so gating them would silently do nothing.
 _DENSE_TO_GATED = {nn.Linear: GatedLinear, nn.Conv2d: GatedConv2d}
+GATEABLE = "nn.Linear, nn.Conv2d or transformers Conv1D"
+
+
+def _gated_type(module: nn.Module):
+    """The gated class that replaces `module` in sparsify, or None."""
+    return GatedConv1D if is_hf_conv1d(module) else _DENSE_TO_GATED.get(type(module))
 
 
 def gated_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -108,12 +114,13 @@ def keep_transformer_slow_paths(model: nn.Module) -> None:
 
 
 def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exclude=()) -> list[nn.Module]:
-    """Replace, in place, every nn.Linear and nn.Conv2d of `model` by its gated form, sharing
-    the weight and bias Parameters. `exclude` holds qualified module names or glob patterns
-    ("fc", "layer1.*") to leave dense. Returns the gated modules, old and new, in module order.
+    """Replace, in place, every nn.Linear and nn.Conv2d of `model` (and transformers' Conv1D,
+    GPT-2's linear layers) by its gated form, sharing the weight and bias Parameters. `exclude`
+    holds qualified module names or glob patterns ("fc", "layer1.*") to leave dense. Returns the
+    gated modules, old and new, in module order.
 
-    If `model` is itself a Linear or Conv2d it cannot be replaced in place: use
-    GatedLinear.from_dense / GatedConv2d.from_dense for that.
+    If `model` is itself such a layer it cannot be replaced in place: use the gated class's
+    from_dense (GatedLinear.from_dense, GatedConv2d.from_dense, GatedConv1D.from_dense) for that.
     """
     functional.check_penalty(penalty)
     refuse_sharded(model, "sparsify", "call csext.sparsify before fully_shard, so that the mask logits are "
@@ -131,14 +138,14 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
             f"shapes are not known yet; run one forward "
             f"pass (for example on a batch of the data) to materialise them, then call sparsify"
         )
-    candidates = [(name, m) for name, m in model.named_modules() if type(m) in _DENSE_TO_GATED]
+    candidates = [(name, m) for name, m in model.named_modules() if _gated_type(m) is not None]
     unused = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name, _ in candidates)]
     if unused:
-        raise ValueError(f"exclude: {unused} match no nn.Linear or nn.Conv2d module of the model")
-    if type(model) in _DENSE_TO_GATED and not any(fnmatch.fnmatchcase("", p) for p in patterns):
+        raise ValueError(f"exclude: {unused} match no {GATEABLE} module of the model")
+    if _gated_type(model) is not None and not any(fnmatch.fnmatchcase("", p) for p in patterns):
         raise TypeError(
             f"sparsify replaces submodules in place; model is itself an {type(model).__name__}: "
-            f"use {_DENSE_TO_GATED[type(model)].__name__}.from_dense(model)"
+            f"use {_gated_type(model).__name__}.from_dense(model)"
         )
     chosen = [(name, m) for name, m in candidates if not any(fnmatch.fnmatchcase(name, p) for p in patterns)]
     holders: dict[int, list[tuple[nn.Module, str]]] = {}  # id(Parameter) -> the modules holding it
@@ -155,7 +162,7 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
             )
     aliases = module_aliases(model)
     for name, module in chosen:
-        gated = _DENSE_TO_GATED[type(module)].from_dense(module, mask_init=mask_init)
+        gated = _gated_type(module).from_dense(module, mask_init=mask_init)
         gated.penalty = float(penalty)
         _replace(model, name, gated, aliases)
     keep_transformer_slow_paths(model)
@@ -163,7 +170,7 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
     if not gated and not patterns:
         near = sorted({type(m).__name__ for m in model.modules() if isinstance(m, tuple(_DENSE_TO_GATED))})
         warnings.warn(
-            f"sparsify: {type(model).__name__} has no nn.Linear or nn.Conv2d layer to gate"
+            f"sparsify: {type(model).__name__} has no {GATEABLE} layer to gate"
             + (f" (subclasses of them, such as {', '.join(near)}, are left as they are)" if near else ""),
             stacklevel=2,
         )
@@ -237,24 +244,35 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     return report
 
 
+def empty_plain(module: nn.Module) -> nn.Module:
+    """The plain layer (nn.Linear, nn.Conv2d, transformers Conv1D) of a gated layer's (or plain
+    one's) shape, on the meta device: its weight and bias are to be set."""
+    if isinstance(module, nn.Linear):
+        return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+    if isinstance(module, GatedConv1D) or is_hf_conv1d(module):
+        from transformers.pytorch_utils import Conv1D  # a GatedConv1D came from a transformers model
+
+        with torch.device("meta"):
+            return Conv1D(module.nf, module.weight.shape[0])
+    return nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                     module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta")
+
+
 @torch.no_grad()
 def _plain(module: nn.Module) -> nn.Module:
     weight = reference.gate(module.weight, module.mask_logits, module.beta, hard=True) * module.mask_scale
-    if isinstance(module, GatedLinear):
-        plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-    else:
-        plain = nn.Conv2d(
-            module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-            module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta",
-        )
+    plain = empty_plain(module)
     plain.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
     plain.bias = module.bias
+    if isinstance(module, GatedConv1D) and module.bias is None:  # Conv1D always adds one
+        plain.bias = nn.Parameter(weight.new_zeros(module.nf), requires_grad=False)
     plain.train(module.training)
     return plain
 
 
 def finalize(model: nn.Module) -> nn.Module:
-    """Replace, in place, every gated layer by a plain nn.Linear / nn.Conv2d holding w * 1[s > 0].
+    """Replace, in place, every gated layer by a plain nn.Linear / nn.Conv2d (transformers Conv1D)
+    holding w * 1[s > 0].
     Returns the model (or the new layer, when `model` is itself a gated layer)."""
     refuse_sharded(model, "finalize", GATHER_FIRST)
     aliases = module_aliases(model)

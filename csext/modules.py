@@ -211,4 +211,49 @@ class GatedConv2d(_Gated, nn.Conv2d):
         return f"{super().extra_repr()}, {self._gate_repr()}"
 
 
-GATED_TYPES = (GatedLinear, GatedConv2d)
+class GatedConv1D(_Gated, nn.Module):
+    """Hugging Face transformers' Conv1D (GPT-2's attention and MLP layers), gated: y = x (w * m) + b.
+    Despite its name a linear layer, whose weight is stored transposed, (in, out) = (nx, nf); the
+    mask logits have that shape too, so its state_dict keeps Conv1D's keys and shapes."""
+
+    def __init__(self, nf: int, nx: int, bias: bool = True, mask_init: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__()
+        self.nf, self.nx = nf, nx
+        self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(nf, device=device, dtype=dtype)) if bias else None
+        self._init_gate(mask_init)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Conv1D's initialisation (normal, std 0.02; zero bias), and mask_init again."""
+        with torch.no_grad():
+            nn.init.normal_(self.weight, std=0.02)
+            if self.bias is not None:
+                self.bias.zero_()
+            self.mask_logits.fill_(self.mask_init)
+
+    @classmethod
+    def from_dense(cls, module: nn.Module, mask_init: float = 0.0) -> "GatedConv1D":
+        """A GatedConv1D that shares the weight and bias Parameters of `module`, a transformers Conv1D."""
+        if not is_hf_conv1d(module):
+            raise TypeError(f"module must be a transformers Conv1D, got {type(module).__name__}")
+        return cls._from_dense(module, mask_init, nf=module.nf, nx=module.weight.shape[0])
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        flat = input.reshape(-1, input.shape[-1])
+        weight = self.effective_weight()
+        out = flat @ weight if self.bias is None else torch.addmm(self.bias, flat, weight)  # as Conv1D computes
+        return out.view(*input.shape[:-1], self.nf)
+
+    def extra_repr(self) -> str:
+        return f"nf={self.nf}, nx={self.nx}, bias={self.bias is not None}, {self._gate_repr()}"
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether `module` is exactly transformers' Conv1D, told by its class's name and module, so that
+    transformers need not be imported (subclasses, which may compute otherwise, are not)."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.split(".")[0] == "transformers"
+
+
+GATED_TYPES = (GatedLinear, GatedConv2d, GatedConv1D)

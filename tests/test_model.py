@@ -115,9 +115,10 @@ def test_gated_transformer_layers_stay_off_torchs_fused_inference_paths():
 def test_sparsify_warns_when_it_finds_nothing_to_gate():
     """A model with no exact nn.Linear / nn.Conv2d (attention's out_proj is a subclass, read by
     its owner through .weight) gets nothing gated: a warning says so instead of an empty list alone."""
-    with pytest.warns(UserWarning, match=r"MultiheadAttention has no nn.Linear .* NonDynamicallyQuantizableLinear"):
+    with pytest.warns(UserWarning, match=r"MultiheadAttention has no nn.Linear, .* NonDynamicallyQuantizableLinear"):
         assert csext.sparsify(nn.MultiheadAttention(8, 2)) == []
-    with pytest.warns(UserWarning, match=r"Sequential has no nn.Linear or nn.Conv2d layer to gate$"):
+    with pytest.warns(UserWarning, match=r"Sequential has no nn.Linear, nn.Conv2d or transformers Conv1D layer to "
+                                         r"gate$"):
         csext.sparsify(nn.Sequential(nn.Conv1d(2, 2, 1)))
 
 
