@@ -376,5 +376,35 @@ def gated_conv2d(
     return _add_bias(F.conv2d(x, w_eff, None, stride, padding, dilation, groups) * mask_scale, bias, channel_dim=-3)
 
 
+def gated_hf_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask_logits: torch.Tensor,
+    beta: float,
+    bias: torch.Tensor | None = None,
+    *,
+    hard: bool = False,
+    penalty: float = 0.0,
+    backend: str = "auto",
+    mask_scale: float = 1.0,
+) -> torch.Tensor:
+    """transformers' Conv1D (GPT-2's linear layers) with its weight gated: x (c * w * m) + b, the
+    weight stored (in_features, out_features), for x of shape (..., in_features). The backend's
+    gate kernel (lam in its backward), then torch.addmm as Conv1D computes."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (in_features, out_features), as Conv1D stores it, got shape "
+                         f"{tuple(weight.shape)}")
+    if x.dim() < 1 or _sizes_differ(x.shape[-1], weight.shape[0]):
+        raise ValueError(f"x must have shape (..., {weight.shape[0]}) to match in_features, got {tuple(x.shape)}")
+    device_type = _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale)
+    name, mask_logits, penalty = _backend_for_call(backend, device_type, mask_logits, beta, hard, penalty)
+    x, dtype = _layer_input(x, weight, bias)
+    w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, name)
+    if mask_scale != 1.0:
+        w_eff = w_eff * mask_scale
+    flat = x.reshape(-1, x.shape[-1])
+    y = flat @ w_eff if bias is None else torch.addmm(bias.to(dtype), flat, w_eff)
+    return y.view(*x.shape[:-1], weight.shape[1])
 
-__all__ = ["gate", "gated_linear", "gated_conv2d", "compute_dtype", "check_gate_args"]
+
+__all__ = ["gate", "gated_linear", "gated_conv2d", "gated_hf_conv1d", "compute_dtype", "check_gate_args"]

@@ -1,4 +1,5 @@
-"""GatedLinear and GatedConv2d: nn.Linear and nn.Conv2d with a learned mask (SPEC section 2).
+"""GatedLinear and GatedConv2d: nn.Linear and nn.Conv2d with a learned mask (SPEC section 2);
+GatedConv1D: the same for transformers' Conv1D (GPT-2's linear layers).
 
 They subclass the plain layers, so they take the same arguments, initialise the same way and
 keep their parameter names; each adds
@@ -14,8 +15,8 @@ keep their parameter names; each adds
     backend      "auto", "torch", "cpp", "cuda" or "triton" (csext.backends)
 beta, hard, penalty, mask_init and mask_scale travel in the state_dict (as `_extra_state`, a
 float64 tensor, so that safetensors can hold it).
-torch.fx.symbolic_trace records each layer's call as one node (gated_linear, gated_conv2d), with
-beta, hard, penalty and backend as they are when traced.
+torch.fx.symbolic_trace records each layer's call as one node (gated_linear, gated_conv2d,
+gated_hf_conv1d), with beta, hard, penalty and backend as they are when traced.
 """
 
 import math
@@ -26,12 +27,13 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from . import functional, reference
-from .functional import gated_conv2d, gated_linear
+from .functional import gated_conv2d, gated_hf_conv1d, gated_linear
 
 # FX's symbolic tracing records these calls as nodes instead of tracing their checks, which
 # branch on shapes (torch.fx.wrap patches the names this module calls them by).
 torch.fx.wrap("gated_linear")
 torch.fx.wrap("gated_conv2d")
+torch.fx.wrap("gated_hf_conv1d")
 
 
 def _mask_logits_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -240,10 +242,10 @@ class GatedConv1D(_Gated, nn.Module):
         return cls._from_dense(module, mask_init, nf=module.nf, nx=module.weight.shape[0])
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        flat = input.reshape(-1, input.shape[-1])
-        weight = self.effective_weight()
-        out = flat @ weight if self.bias is None else torch.addmm(self.bias, flat, weight)  # as Conv1D computes
-        return out.view(*input.shape[:-1], self.nf)
+        return gated_hf_conv1d(
+            input, self.weight, self.mask_logits, self.beta, self.bias,
+            hard=self.hard, penalty=self.penalty, backend=self.backend, mask_scale=self.mask_scale,
+        )
 
     def extra_repr(self) -> str:
         return f"nf={self.nf}, nx={self.nx}, bias={self.bias is not None}, {self._gate_repr()}"

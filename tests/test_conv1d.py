@@ -46,6 +46,30 @@ def test_gated_conv1d_computes_the_spec_math(backend, hard):
         torch.testing.assert_close(got if got is not None else torch.zeros_like(leaf), want, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gated_conv1d_under_autocast_computes_what_conv1d_does(backend):
+    """Under bfloat16 autocast, a GatedConv1D gives what transformers' Conv1D gives holding the
+    effective weight: addmm in bfloat16."""
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer = csext.GatedConv1D(9, 6)
+    layer.beta, layer.backend = 3.0, backend
+    with torch.no_grad():
+        layer.bias.normal_()
+        layer.mask_logits.copy_(mask_logits_like(layer.weight))
+    plain = Conv1D(9, 6)
+    with torch.no_grad():
+        plain.weight.copy_(layer.effective_weight())
+        plain.bias.copy_(layer.bias)
+    x = torch.randn(4, 3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = layer(x), plain(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected)
+
+
 def test_gated_conv1d_compiles_without_a_graph_break():
     torch.manual_seed(0)
     layer = csext.GatedConv1D(6, 4)
@@ -63,6 +87,19 @@ def test_gated_conv1d_compiles_without_a_graph_break():
     eager(x).square().sum().backward()
     for (name, a), b in zip(layer.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_gated_conv1d_traces_as_one_call_and_refuses_bad_shapes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(csext.GatedConv1D(4, 3), torch.nn.ReLU())
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"] == ["gated_hf_conv1d"]
+    x = torch.randn(2, 5, 3)
+    torch.testing.assert_close(traced(x), model(x))
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\) to match in_features, got \(2, 4\)"):
+        model(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        csext.functional.gated_hf_conv1d(x, torch.randn(3), torch.randn(3), 1.0)
 
 
 def test_gated_conv1d_refuses_other_layers_and_initialises_like_conv1d():
