@@ -16,7 +16,7 @@ from .model import (
     sparsify,
     sparsity_report,
 )
-from .modules import GatedConv1D, GatedConv2d, GatedLinear
+from .modules import GatedConv1D, GatedConv2d, GatedLinear, GatedMultiheadAttention
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "GatedLinear",
     "GatedConv2d",
     "GatedConv1D",
+    "GatedMultiheadAttention",
     "functional",
     "reference",
     "backends",

@@ -4,9 +4,10 @@
                               (weight_orig = c * w, weight_mask = 1[s > 0])
     from_prune_form(model)    back: layers carrying weight_orig / weight_mask -> gated layers
                               in hard mode with that mask
-    to_sparse(model)          gated (or finalized) nn.Linear and gated Conv1D layers -> SparseLinear, which holds
-                              its weight in torch's CSR layout and multiplies with torch.sparse;
-                              gated convolutions are finalized (dense, pruned weights zero)
+    to_sparse(model)          gated (or finalized) nn.Linear and gated Conv1D layers -> SparseLinear,
+                              which holds its weight in torch's CSR layout and multiplies with
+                              torch.sparse; gated convolutions and attentions are finalized
+                              (dense, pruned weights zero)
     shrink(sequential)        physically smaller dense layers where whole output neurons or
                               channels are gated off (in an nn.Sequential of finalized layers)
 
@@ -18,25 +19,45 @@ from torch import nn
 from torch.nn.utils import prune
 
 from . import reference
-from .model import (GATHER_FIRST, _gated_type, _plain, _replace, empty_plain, gated_modules,
-                    keep_transformer_slow_paths, module_aliases, refuse_sharded)
-from .modules import GatedConv1D, GatedConv2d, GatedLinear
+from .model import (GATHER_FIRST, _gated_type, _plain, _replace, empty_plain, gated_modules, in_tree,
+                    keep_transformer_slow_paths, module_aliases, plain_attention_like, refuse_sharded)
+from .modules import GatedConv1D, GatedConv2d, GatedLinear, GatedMultiheadAttention
+
+
+def _prune(plain: nn.Module, name: str, gated: nn.Module) -> None:
+    """`plain`'s parameter `name` set to mask_scale * w of `gated` and pruned by its hard mask."""
+    setattr(plain, name, nn.Parameter((gated.weight * gated.mask_scale).detach().clone(),
+                                      requires_grad=gated.weight.requires_grad))
+    prune.custom_from_mask(plain, name, reference.hard_mask(gated.mask_logits).to(gated.weight.dtype))
+
+
+def _hard_from(gated: nn.Module, mask: torch.Tensor | None) -> nn.Module:
+    """`gated` in hard mode with mask logits +1 where `mask` (all of them where None) is nonzero, else -1."""
+    keep = torch.ones_like(gated.mask_logits, dtype=torch.bool) if mask is None else mask != 0
+    gated.mask_logits.copy_(torch.where(keep, 1.0, -1.0).to(gated.mask_logits.dtype))
+    gated.hard = True
+    return gated
 
 
 @torch.no_grad()
 def to_prune_form(model: nn.Module) -> nn.Module:
-    """Every gated layer becomes a plain nn.Linear / nn.Conv2d / transformers Conv1D pruned with
-    prune.custom_from_mask: weight_orig holds mask_scale * w, weight_mask the hard mask."""
+    """Every gated layer becomes its plain form (nn.Linear, nn.Conv2d, transformers Conv1D,
+    nn.MultiheadAttention) pruned with prune.custom_from_mask: weight_orig holds mask_scale * w,
+    weight_mask the hard mask (an attention: in_proj_weight_orig / _mask, and out_proj's)."""
     refuse_sharded(model, "to_prune_form", GATHER_FIRST)
     aliases = module_aliases(model)
     for name, module in gated_modules(model):
-        plain = empty_plain(module)
-        plain.weight = nn.Parameter((module.weight * module.mask_scale).detach().clone(),
-                                    requires_grad=module.weight.requires_grad)
-        plain.bias = module.bias
-        plain.train(module.training)
-        mask = reference.hard_mask(module.mask_logits).to(module.weight.dtype)
-        prune.custom_from_mask(plain, "weight", mask)
+        if not in_tree(model, name, module):  # an attention's out_proj, pruned with it
+            continue
+        if isinstance(module, GatedMultiheadAttention):
+            plain = plain_attention_like(module)
+            _prune(plain, "in_proj_weight", module)
+            _prune(plain.out_proj, "weight", module.out_proj)
+        else:
+            plain = empty_plain(module)
+            plain.bias = module.bias
+            plain.train(module.training)
+            _prune(plain, "weight", module)
         model = _replace(model, name, plain, aliases)
     return model
 
@@ -44,20 +65,28 @@ def to_prune_form(model: nn.Module) -> nn.Module:
 @torch.no_grad()
 def from_prune_form(model: nn.Module) -> nn.Module:
     """Every nn.Linear / nn.Conv2d / transformers Conv1D pruned by torch.nn.utils.prune
-    (weight_orig and weight_mask) becomes a gated layer in hard mode: weight = weight_orig, mask
-    logits +1 where the mask is nonzero and -1 elsewhere."""
+    (weight_orig and weight_mask), and every nn.MultiheadAttention with a pruned in_proj_weight,
+    becomes a gated layer in hard mode: weight = weight_orig, mask logits +1 where the mask is
+    nonzero and -1 elsewhere."""
     refuse_sharded(model, "from_prune_form", GATHER_FIRST)
     found = [(n, m) for n, m in model.named_modules()
-             if _gated_type(m) is not None and hasattr(m, "weight_orig") and hasattr(m, "weight_mask")]
+             if (_gated_type(m) is not None and hasattr(m, "weight_orig") and hasattr(m, "weight_mask"))
+             or (type(m) is nn.MultiheadAttention and hasattr(m, "in_proj_weight_orig"))]
     aliases = module_aliases(model)
     for name, module in found:
-        plain = empty_plain(module)
-        plain.weight = module.weight_orig
-        plain.bias = module.bias
-        plain.train(module.training)
-        gated = _gated_type(module).from_dense(plain)
-        gated.mask_logits.copy_(torch.where(module.weight_mask != 0, 1.0, -1.0).to(gated.mask_logits.dtype))
-        gated.hard = True
+        if isinstance(module, nn.MultiheadAttention):
+            plain = plain_attention_like(module)
+            plain.in_proj_weight = module.in_proj_weight_orig
+            out = module.out_proj
+            plain.out_proj.weight = getattr(out, "weight_orig", out.weight)
+            gated = _hard_from(GatedMultiheadAttention.from_dense(plain), module.in_proj_weight_mask)
+            _hard_from(gated.out_proj, getattr(out, "weight_mask", None))
+        else:
+            plain = empty_plain(module)
+            plain.weight = module.weight_orig
+            plain.bias = module.bias
+            plain.train(module.training)
+            gated = _hard_from(_gated_type(module).from_dense(plain), module.weight_mask)
         model = _replace(model, name, gated, aliases)
     keep_transformer_slow_paths(model)
     return model
@@ -106,16 +135,18 @@ class SparseLinear(nn.Module):
 def to_sparse(model: nn.Module) -> nn.Module:
     """Every gated nn.Linear and transformers Conv1D (its weight c * w * 1[s > 0]) and every plain
     nn.Linear whose weight is mostly zero (more than half, as finalize leaves it) becomes a
-    SparseLinear; gated convolutions become finalized nn.Conv2d."""
+    SparseLinear; gated convolutions and attentions are finalized (dense, pruned weights zero)."""
     refuse_sharded(model, "to_sparse", GATHER_FIRST)
     targets = [(n, m) for n, m in model.named_modules()
                if isinstance(m, (GatedLinear, GatedConv1D))
                or (type(m) is nn.Linear and (m.weight == 0).float().mean() > 0.5)]
     aliases = module_aliases(model)
     for name, module in gated_modules(model):
-        if isinstance(module, GatedConv2d):
+        if isinstance(module, (GatedConv2d, GatedMultiheadAttention)):  # out_proj finalized with its attention
             model = _replace(model, name, _plain(module), aliases)
     for name, module in targets:
+        if not in_tree(model, name, module):
+            continue
         if isinstance(module, (GatedLinear, GatedConv1D)):
             weight = reference.gate(module.weight, module.mask_logits, module.beta, hard=True) * module.mask_scale
             if isinstance(module, GatedConv1D):  # stored (in, out)

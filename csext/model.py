@@ -9,17 +9,23 @@ import torch
 from torch import nn
 
 from . import functional, reference
-from .modules import GATED_TYPES, GatedConv1D, GatedConv2d, GatedLinear, is_hf_conv1d
+from .modules import GATED_TYPES, GatedConv1D, GatedConv2d, GatedLinear, GatedMultiheadAttention, is_hf_conv1d
 
 # Exact types only: subclasses such as MultiheadAttention's out_proj are read by their owners
-# through .weight directly, so gating them would silently do nothing.
-_DENSE_TO_GATED = {nn.Linear: GatedLinear, nn.Conv2d: GatedConv2d}
-GATEABLE = "nn.Linear, nn.Conv2d or transformers Conv1D"
+# through .weight directly, so gating them would silently do nothing (an attention is gated
+# whole, out_proj with it).
+_DENSE_TO_GATED = {nn.Linear: GatedLinear, nn.Conv2d: GatedConv2d, nn.MultiheadAttention: GatedMultiheadAttention}
+GATEABLE = "nn.Linear, nn.Conv2d, nn.MultiheadAttention or transformers Conv1D"
 
 
 def _gated_type(module: nn.Module):
-    """The gated class that replaces `module` in sparsify, or None."""
-    return GatedConv1D if is_hf_conv1d(module) else _DENSE_TO_GATED.get(type(module))
+    """The gated class that replaces `module` in sparsify, or None (an attention whose key or
+    value has other than embed_dim features, with three projection weights, is not gated)."""
+    if is_hf_conv1d(module):
+        return GatedConv1D
+    if type(module) is nn.MultiheadAttention and not module._qkv_same_embed_dim:
+        return None
+    return _DENSE_TO_GATED.get(type(module))
 
 
 def gated_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -87,19 +93,20 @@ def _replace(model: nn.Module, name: str, new: nn.Module, aliases: Aliases | Non
 
 def _transformer_fast_path_off(module: nn.Module, args) -> None:
     """A forward pre-hook that does nothing: its presence keeps nn.TransformerEncoderLayer off
-    its inference fast path, which reads linear1.weight and linear2.weight itself and would run
-    the ungated weights (torch skips the fast path for a layer with hooks)."""
+    its inference fast path, which reads the weights of linear1, linear2 and self_attn itself and
+    would run them ungated (torch skips the fast path for a layer with hooks)."""
 
 
 def keep_transformer_slow_paths(model: nn.Module) -> None:
     """Where a gated (or other replaced) layer sits in place of a TransformerEncoderLayer's
-    linear1 / linear2, turn off the fused inference paths of torch's transformer, which bypass the
-    layer's forward: the encoder layer's (by a hook) and the encoder's nested-tensor one. Where
-    both are plain nn.Linear again (after finalize), turn them back on."""
+    linear1, linear2 or self_attn, turn off the fused inference paths of torch's transformer,
+    which bypass the layers' forward: the encoder layer's (by a hook) and the encoder's
+    nested-tensor one. Where all are plain again (after finalize), turn them back on."""
     for module in model.modules():
         if isinstance(module, nn.TransformerEncoderLayer):
             hooked = [k for k, hook in module._forward_pre_hooks.items() if hook is _transformer_fast_path_off]
-            replaced = not (type(module.linear1) is nn.Linear and type(module.linear2) is nn.Linear)
+            replaced = not (type(module.linear1) is nn.Linear and type(module.linear2) is nn.Linear
+                            and type(module.self_attn) is nn.MultiheadAttention)
             if replaced and not hooked:
                 module.register_forward_pre_hook(_transformer_fast_path_off)
             for key in hooked if not replaced else ():
@@ -148,12 +155,20 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
             f"use {_gated_type(model).__name__}.from_dense(model)"
         )
     chosen = [(name, m) for name, m in candidates if not any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    three_weights = [name for name, m in model.named_modules()
+                     if type(m) is nn.MultiheadAttention and not m._qkv_same_embed_dim
+                     and not any(fnmatch.fnmatchcase(name, p) for p in patterns)]
+    if three_weights:
+        warnings.warn(f"sparsify: {', '.join(three_weights)} (nn.MultiheadAttention with kdim or vdim other than "
+                      f"embed_dim, three projection weights) left dense: GatedMultiheadAttention gates one "
+                      f"in_proj_weight", stacklevel=2)
     holders: dict[int, list[tuple[nn.Module, str]]] = {}  # id(Parameter) -> the modules holding it
     for owner_name, owner in model.named_modules(remove_duplicate=False):
         for param_name, p in owner.named_parameters(recurse=False):
             holders.setdefault(id(p), []).append((owner, f"{owner_name}.{param_name}" if owner_name else param_name))
     for name, module in chosen:
-        tied = sorted({held_as for owner, held_as in holders[id(module.weight)] if owner is not module})
+        weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+        tied = sorted({held_as for owner, held_as in holders[id(weight)] if owner is not module})
         if tied:
             raise ValueError(
                 f"sparsify: {name}.weight is tied to {', '.join(tied)} (one Parameter in two modules): a mask on "
@@ -163,7 +178,9 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
     aliases = module_aliases(model)
     for name, module in chosen:
         gated = _gated_type(module).from_dense(module, mask_init=mask_init)
-        gated.penalty = float(penalty)
+        for part in gated.modules():  # an attention and its out_proj
+            if isinstance(part, GATED_TYPES):
+                part.penalty = float(penalty)
         _replace(model, name, gated, aliases)
     keep_transformer_slow_paths(model)
     gated = [m for _, m in gated_modules(model)]
@@ -260,7 +277,10 @@ def empty_plain(module: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def _plain(module: nn.Module) -> nn.Module:
+    """The plain layer holding `module`'s c * w * 1[s > 0] (an attention's out_proj finalized with it)."""
     weight = reference.gate(module.weight, module.mask_logits, module.beta, hard=True) * module.mask_scale
+    if isinstance(module, GatedMultiheadAttention):
+        return _plain_attention(module, weight)
     plain = empty_plain(module)
     plain.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
     plain.bias = module.bias
@@ -270,13 +290,43 @@ def _plain(module: nn.Module) -> nn.Module:
     return plain
 
 
+def plain_attention_like(module: nn.MultiheadAttention) -> nn.MultiheadAttention:
+    """A plain nn.MultiheadAttention of `module`'s configuration sharing its biases (in_proj_bias,
+    bias_k, bias_v, out_proj.bias); its weights, on the meta device, are to be set."""
+    plain = nn.MultiheadAttention(module.embed_dim, module.num_heads, module.dropout, module.in_proj_bias is not None,
+                                  module.bias_k is not None, module.add_zero_attn, batch_first=module.batch_first,
+                                  device="meta")
+    for name in ("in_proj_bias", "bias_k", "bias_v"):
+        setattr(plain, name, getattr(module, name))
+    plain.out_proj.bias = module.out_proj.bias  # out_proj keeps its type, NonDynamicallyQuantizableLinear
+    plain.train(module.training)
+    return plain
+
+
+def _plain_attention(module: GatedMultiheadAttention, in_proj_weight: torch.Tensor) -> nn.MultiheadAttention:
+    plain = plain_attention_like(module)
+    plain.in_proj_weight = nn.Parameter(in_proj_weight, requires_grad=module.in_proj_weight.requires_grad)
+    out = _plain(module.out_proj) if isinstance(module.out_proj, GATED_TYPES) else module.out_proj
+    plain.out_proj.weight = out.weight
+    return plain
+
+
+def in_tree(model: nn.Module, name: str, module: nn.Module) -> bool:
+    """Whether `module` still sits at `name` in `model` (an attention's out_proj is replaced with it)."""
+    try:
+        return model.get_submodule(name) is module
+    except AttributeError:
+        return False
+
+
 def finalize(model: nn.Module) -> nn.Module:
-    """Replace, in place, every gated layer by a plain nn.Linear / nn.Conv2d (transformers Conv1D)
-    holding w * 1[s > 0].
-    Returns the model (or the new layer, when `model` is itself a gated layer)."""
+    """Replace, in place, every gated layer by its plain form (nn.Linear, nn.Conv2d,
+    nn.MultiheadAttention, transformers Conv1D) holding w * 1[s > 0]. Returns the model (or the
+    new layer, when `model` is itself a gated layer)."""
     refuse_sharded(model, "finalize", GATHER_FIRST)
     aliases = module_aliases(model)
     for name, module in gated_modules(model):
-        model = _replace(model, name, _plain(module), aliases)
+        if in_tree(model, name, module):
+            model = _replace(model, name, _plain(module), aliases)
     keep_transformer_slow_paths(model)  # plain layers again: torch's fused paths are right
     return model

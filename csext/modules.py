@@ -251,6 +251,83 @@ class GatedConv1D(_Gated, nn.Module):
         return f"nf={self.nf}, nx={self.nx}, bias={self.bias is not None}, {self._gate_repr()}"
 
 
+class GatedMultiheadAttention(_Gated, nn.MultiheadAttention):
+    """nn.MultiheadAttention with both projections gated: mask_logits gate in_proj_weight (the
+    query, key and value projections stacked, (3 * embed_dim, embed_dim)), and out_proj is a
+    GatedLinear. Key and value must have embed_dim features (one in_proj_weight). Its forward is
+    nn.MultiheadAttention's general path with the effective weights; the inference fast path,
+    which reads the parameters itself, is not taken."""
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
+                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim=None, vdim=None,
+                 batch_first: bool = False, mask_init: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
+                         device=device, dtype=dtype)
+        if not self._qkv_same_embed_dim:
+            raise ValueError(f"GatedMultiheadAttention needs kdim and vdim equal to embed_dim ({embed_dim}), "
+                             f"got kdim={kdim}, vdim={vdim}")
+        self._init_gate(mask_init)
+        self.out_proj = GatedLinear.from_dense(self.out_proj, mask_init)
+
+    @property
+    def weight(self) -> nn.Parameter:
+        """in_proj_weight, the weight mask_logits gate (named as the other gated layers' weight)."""
+        return self.in_proj_weight
+
+    def reset_parameters(self) -> None:
+        """nn.MultiheadAttention's initialisation (which leaves out_proj's weight as it is), and
+        mask_init in both projections' mask logits."""
+        self._reset_parameters()
+        with torch.no_grad():
+            self.mask_logits.fill_(self.mask_init)
+            self.out_proj.mask_logits.fill_(self.out_proj.mask_init)
+
+    @classmethod
+    def from_dense(cls, module: nn.MultiheadAttention, mask_init: float = 0.0) -> "GatedMultiheadAttention":
+        """A GatedMultiheadAttention that shares `module`'s Parameters (out_proj's too)."""
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"module must be an nn.MultiheadAttention, got {type(module).__name__}")
+        if not module._qkv_same_embed_dim:
+            raise ValueError(f"GatedMultiheadAttention needs kdim and vdim equal to embed_dim ({module.embed_dim}), "
+                             f"got kdim={module.kdim}, vdim={module.vdim}")
+        gated = cls(module.embed_dim, module.num_heads, module.dropout, module.in_proj_bias is not None,
+                    module.bias_k is not None, module.add_zero_attn, batch_first=module.batch_first,
+                    mask_init=mask_init, device="meta")
+        for name in ("in_proj_weight", "in_proj_bias", "bias_k", "bias_v"):
+            setattr(gated, name, getattr(module, name))
+        gated.mask_logits = nn.Parameter(torch.full_like(module.in_proj_weight, float(mask_init),
+                                                         dtype=_mask_logits_dtype(module.in_proj_weight.dtype)))
+        gated.out_proj = GatedLinear.from_dense(module.out_proj, mask_init)
+        gated.train(module.training)
+        return gated
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None, need_weights: bool = True,
+                attn_mask: torch.Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batched = query.dim() == 3
+        if self.batch_first and batched:  # to (L, N, E), keeping query is key is value where it holds
+            if key is value:
+                if query is key:
+                    query = key = value = query.transpose(1, 0)
+                else:
+                    query, key = (x.transpose(1, 0) for x in (query, key))
+                    value = key
+            else:
+                query, key, value = (x.transpose(1, 0) for x in (query, key, value))
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, self.embed_dim, self.num_heads, self.effective_weight(), self.in_proj_bias,
+            self.bias_k, self.bias_v, self.add_zero_attn, self.dropout, self.out_proj.effective_weight(),
+            self.out_proj.bias, training=self.training, key_padding_mask=key_padding_mask,
+            need_weights=need_weights, attn_mask=attn_mask, average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+        )
+        return (out.transpose(1, 0) if self.batch_first and batched else out), weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, {self._gate_repr()}"
+
+
 def is_hf_conv1d(module: nn.Module) -> bool:
     """Whether `module` is exactly transformers' Conv1D, told by its class's name and module, so that
     transformers need not be imported (subclasses, which may compute otherwise, are not)."""
@@ -258,4 +335,4 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.split(".")[0] == "transformers"
 
 
-GATED_TYPES = (GatedLinear, GatedConv2d, GatedConv1D)
+GATED_TYPES = (GatedLinear, GatedConv2d, GatedConv1D, GatedMultiheadAttention)

@@ -24,9 +24,10 @@ def test_sparsify_replaces_linear_and_conv_in_place():
     net = Net()
     head_weight = net.head.weight
     gated = csext.sparsify(net, mask_init=0.25, penalty=1e-3)
-    assert [type(m) for m in gated] == [csext.GatedConv2d, csext.GatedLinear]
+    assert [type(m) for m in gated] == [csext.GatedConv2d, csext.GatedLinear, csext.GatedMultiheadAttention,
+                                         csext.GatedLinear]
     assert isinstance(net.head, csext.GatedLinear) and net.head.weight is head_weight
-    assert type(net.attn.out_proj) is not csext.GatedLinear  # MHA reads .weight itself: left alone
+    assert gated[3] is net.attn.out_proj  # gated with its attention, which reads its weight
     assert all(m.penalty == 1e-3 and torch.all(m.mask_logits == 0.25) for m in gated)
     assert net(torch.randn(2, 1, 8, 8)).shape == (2, 5)
     again = csext.sparsify(net)  # already gated layers are kept as they are
@@ -113,12 +114,17 @@ def test_gated_transformer_layers_stay_off_torchs_fused_inference_paths():
 
 
 def test_sparsify_warns_when_it_finds_nothing_to_gate():
-    """A model with no exact nn.Linear / nn.Conv2d (attention's out_proj is a subclass, read by
+    """A model with no exact nn.Linear / nn.Conv2d (a subclass may compute otherwise, or be read by
     its owner through .weight) gets nothing gated: a warning says so instead of an empty list alone."""
-    with pytest.warns(UserWarning, match=r"MultiheadAttention has no nn.Linear, .* NonDynamicallyQuantizableLinear"):
-        assert csext.sparsify(nn.MultiheadAttention(8, 2)) == []
-    with pytest.warns(UserWarning, match=r"Sequential has no nn.Linear, nn.Conv2d or transformers Conv1D layer to "
-                                         r"gate$"):
+    class Owner(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.modules.linear.NonDynamicallyQuantizableLinear(4, 4)
+
+    with pytest.warns(UserWarning, match=r"Owner has no nn.Linear, .* NonDynamicallyQuantizableLinear"):
+        assert csext.sparsify(Owner()) == []
+    with pytest.warns(UserWarning, match=r"Sequential has no nn.Linear, nn.Conv2d, nn.MultiheadAttention or "
+                                         r"transformers Conv1D layer to gate$"):
         csext.sparsify(nn.Sequential(nn.Conv1d(2, 2, 1)))
 
 
@@ -216,10 +222,12 @@ def test_sparsity_report_counts_hard_mask():
         conv.mask_logits.view(-1)[:9] = 1.0
         head.mask_logits.fill_(1.0)
         head.mask_logits.view(-1)[:20] = -1.0
+        net.attn.mask_logits.fill_(-1.0)
+        net.attn.out_proj.mask_logits.fill_(-1.0)
     report = csext.sparsity_report(net)
-    assert report.per_layer == {"features.0": 9 / 36, "head": (720 - 20) / 720}
-    assert report.kept == 9 + 700 and report.total == 36 + 720
-    assert report.remaining == pytest.approx(709 / 756)
+    assert report.per_layer == {"features.0": 9 / 36, "head": (720 - 20) / 720, "attn": 0.0, "attn.out_proj": 0.0}
+    assert report.kept == 9 + 700 and report.total == 36 + 720 + 3 * 64 + 64
+    assert report.remaining == pytest.approx(709 / (756 + 256))
     assert report.as_dict()["per_layer"]["head"] == pytest.approx(700 / 720)
     assert "total" in str(report) and "features.0" in str(report)
 

@@ -97,3 +97,33 @@ def test_onnx_export_keeps_beta_as_it_was_and_the_layers_train_afterwards(tmp_pa
         net(x).square().sum().backward()
     for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning", "ignore::UserWarning",
+                            "ignore::torch.jit.TracerWarning")
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_onnx_export_of_a_gated_transformer_computes_its_outputs(tmp_path, dynamo):
+    """A transformer encoder layer with its attention (GatedMultiheadAttention) and feed-forward
+    layers gated, soft masks, exported at one input shape."""
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 1,
+                                  enable_nested_tensor=False)
+    csext.sparsify(model, penalty=1e-3)
+    for _, m in csext.gated_modules(model):
+        with torch.no_grad():
+            m.mask_logits.copy_(mask_logits_like(m.weight))
+    csext.set_beta(model, 2.5)
+    model.eval()
+    x = torch.randn(2, 5, 16)
+    path = tmp_path / "transformer.onnx"
+    if dynamo:
+        torch.onnx.export(model, (x,), dynamo=True, verbose=False).save(str(path))
+    else:
+        torch.onnx.export(model, (x,), str(path), input_names=["x"], dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    (y,) = session.run(None, {name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(y), model(x), rtol=1e-5, atol=1e-5)
