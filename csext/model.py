@@ -146,7 +146,9 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
             f"pass (for example on a batch of the data) to materialise them, then call sparsify"
         )
     candidates = [(name, m) for name, m in model.named_modules() if _gated_type(m) is not None]
-    unused = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name, _ in candidates)]
+    not_gateable = _not_gateable(model)
+    unused = [p for p in patterns
+              if not any(fnmatch.fnmatchcase(name, p) for name in [n for n, _ in candidates] + list(not_gateable))]
     if unused:
         raise ValueError(f"exclude: {unused} match no {GATEABLE} module of the model")
     if _gated_type(model) is not None and not any(fnmatch.fnmatchcase("", p) for p in patterns):
@@ -155,13 +157,6 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
             f"use {_gated_type(model).__name__}.from_dense(model)"
         )
     chosen = [(name, m) for name, m in candidates if not any(fnmatch.fnmatchcase(name, p) for p in patterns)]
-    three_weights = [name for name, m in model.named_modules()
-                     if type(m) is nn.MultiheadAttention and not m._qkv_same_embed_dim
-                     and not any(fnmatch.fnmatchcase(name, p) for p in patterns)]
-    if three_weights:
-        warnings.warn(f"sparsify: {', '.join(three_weights)} (nn.MultiheadAttention with kdim or vdim other than "
-                      f"embed_dim, three projection weights) left dense: GatedMultiheadAttention gates one "
-                      f"in_proj_weight", stacklevel=2)
     holders: dict[int, list[tuple[nn.Module, str]]] = {}  # id(Parameter) -> the modules holding it
     for owner_name, owner in model.named_modules(remove_duplicate=False):
         for param_name, p in owner.named_parameters(recurse=False):
@@ -184,14 +179,34 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
         _replace(model, name, gated, aliases)
     keep_transformer_slow_paths(model)
     gated = [m for _, m in gated_modules(model)]
+    left = [f"{name or type(model).__name__} ({why})" for name, why in not_gateable.items()
+            if not any(fnmatch.fnmatchcase(name, p) for p in patterns)]
     if not gated and not patterns:
-        near = sorted({type(m).__name__ for m in model.modules() if isinstance(m, tuple(_DENSE_TO_GATED))})
-        warnings.warn(
-            f"sparsify: {type(model).__name__} has no {GATEABLE} layer to gate"
-            + (f" (subclasses of them, such as {', '.join(near)}, are left as they are)" if near else ""),
-            stacklevel=2,
-        )
+        warnings.warn(f"sparsify: {type(model).__name__} has no {GATEABLE} layer to gate"
+                      + (f"; left dense: {'; '.join(left)}" if left else ""), stacklevel=2)
+    elif left:
+        warnings.warn(f"sparsify: left dense: {'; '.join(left)}; name them in exclude to leave them dense without "
+                      f"this warning", stacklevel=2)
     return gated
+
+
+def _not_gateable(model: nn.Module) -> dict[str, str]:
+    """{name: why} of the layers like those sparsify gates that it cannot gate: subclasses, and
+    attentions with three projection weights (an attention's out_proj goes with its attention)."""
+    owned = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    found = {}
+    for name, m in model.named_modules():
+        if (not isinstance(m, tuple(_DENSE_TO_GATED)) or isinstance(m, GATED_TYPES) or _gated_type(m) is not None
+                or id(m) in owned):
+            continue
+        if type(m) is nn.MultiheadAttention:
+            found[name] = ("nn.MultiheadAttention with kdim or vdim other than embed_dim: three projection weights, "
+                           "where GatedMultiheadAttention gates one in_proj_weight")
+        else:
+            base = next(t for t in _DENSE_TO_GATED if isinstance(m, t)).__name__
+            found[name] = (f"{type(m).__name__}, a subclass of nn.{base}, which may compute otherwise or be read by "
+                           f"its owner through .weight")
+    return found
 
 
 def set_beta(model: nn.Module, beta: float) -> None:

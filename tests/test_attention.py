@@ -2,6 +2,7 @@
 against torch's own attention run on the effective weights."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -101,9 +102,13 @@ def test_sparsify_gates_attention_sharing_its_parameters_and_open_gates_give_the
 def test_attention_with_other_key_features_is_left_dense_with_a_warning():
     model = nn.Sequential(nn.Linear(4, 4))
     model.cross = nn.MultiheadAttention(8, 2, kdim=6, vdim=6)
-    with pytest.warns(UserWarning, match=r"cross .* kdim or vdim other than embed_dim.* left dense"):
+    with pytest.warns(UserWarning, match=r"left dense: cross \(nn.MultiheadAttention with kdim or vdim other than "
+                                         r"embed_dim"):
         gated = csext.sparsify(model)
     assert [type(m) for m in gated] == [csext.GatedLinear] and type(model.cross) is nn.MultiheadAttention
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        csext.sparsify(copy.deepcopy(model), exclude=["cross"])  # said to: no warning
     with pytest.raises(ValueError, match="kdim and vdim equal to embed_dim"):
         csext.GatedMultiheadAttention(8, 2, kdim=6)
 
@@ -121,3 +126,21 @@ def test_gated_attention_compiles_without_a_graph_break():
     eager(x, x, x)[0].square().sum().backward()
     for (name, a), b in zip(attention.named_parameters(), eager.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_gated_attention_under_autocast_computes_what_torchs_attention_does(backend):
+    """Under bfloat16 autocast, torch's attention holding the effective weights gives the same
+    bfloat16 output (bias_k and bias_v stay float32 in both)."""
+    attention = _gated_attention(True, 2.0, 0.0, False, backend, dtype=torch.float32, add_bias_kv=True)
+    plain = nn.MultiheadAttention(8, 2, batch_first=True, add_bias_kv=True)
+    state = {k: v for k, v in attention.state_dict().items() if "mask_logits" not in k and "_extra_state" not in k}
+    with torch.no_grad():
+        state["in_proj_weight"] = attention.effective_weight()
+        state["out_proj.weight"] = attention.out_proj.effective_weight()
+    plain.load_state_dict(state)
+    x = torch.randn(2, 5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = attention(x, x, x)[0], plain(x, x, x)[0]
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got, expected)

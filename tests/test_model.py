@@ -121,8 +121,13 @@ def test_sparsify_warns_when_it_finds_nothing_to_gate():
             super().__init__()
             self.proj = nn.modules.linear.NonDynamicallyQuantizableLinear(4, 4)
 
-    with pytest.warns(UserWarning, match=r"Owner has no nn.Linear, .* NonDynamicallyQuantizableLinear"):
+    with pytest.warns(UserWarning, match=r"Owner has no nn.Linear, .*; left dense: proj "
+                                         r"\(NonDynamicallyQuantizableLinear"):
         assert csext.sparsify(Owner()) == []
+    # beside layers it gates, a subclass left dense is named too (weight_norm's parametrized layer)
+    model = nn.Sequential(nn.Linear(3, 3), nn.utils.parametrizations.weight_norm(nn.Linear(3, 2)))
+    with pytest.warns(UserWarning, match=r"left dense: 1 \(ParametrizedLinear, a subclass of nn.Linear"):
+        assert [type(m) for m in csext.sparsify(model)] == [csext.GatedLinear]
     with pytest.warns(UserWarning, match=r"Sequential has no nn.Linear, nn.Conv2d, nn.MultiheadAttention or "
                                          r"transformers Conv1D layer to gate$"):
         csext.sparsify(nn.Sequential(nn.Conv1d(2, 2, 1)))
