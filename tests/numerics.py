@@ -1,5 +1,6 @@
 """Shared helpers of the tests: random inputs and the comparison rule of SPEC section 4."""
 
+import pytest
 import torch
 
 import csext
@@ -8,6 +9,23 @@ import csext
 # (tests/test_triton.py) and the CUDA kernels (tests/test_cuda.py) have tests of their own.
 CPU_BACKENDS = [b for b in csext.backends.available() if b in ("torch", "cpp")]
 FUSED_BACKENDS = [b for b in CPU_BACKENDS if b != "torch"]
+
+
+def _fused_cases():
+    """(backend, device, dtype) of every fused path, for compare_with_torch_backend: cpp on the
+    CPU, triton on CUDA or in its CPU interpreter (which has no bfloat16), cuda (gpu marker)."""
+    available = csext.backends.available()
+    triton_device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    cuda_marks = [pytest.mark.gpu, pytest.mark.skipif("cuda" not in available,
+                                                      reason="the CUDA kernels of csext._C are not built")]
+    return ([("cpp", "cpu", d) for d in dtypes if "cpp" in available]
+            + [("triton", triton_device, d) for d in dtypes
+               if "triton" in available and (d != torch.bfloat16 or triton_device == "cuda")]
+            + [pytest.param("cuda", "cuda", d, marks=cuda_marks) for d in dtypes])
+
+
+FUSED_CASES = _fused_cases()
 
 
 def mask_logits_like(weight: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -38,14 +56,14 @@ def assert_close_rule(fused: torch.Tensor, plain: torch.Tensor, exact: torch.Ten
 
 def _run(op, tensors, dtype, device, backend, grad_out, channels_last):
     """op on fresh leaf copies of `tensors` (name, tensor) in `dtype` on `device`; mask logits
-    ("s") stay float32 except in the float64 reference. Returns the output and every gradient,
+    ("s", "s_...") stay float32 except in the float64 reference. Returns the output and every gradient,
     on the CPU, with outputs poisoned beforehand."""
     leaves = []
     for name, t in tensors:
         if t is None:
             leaves.append(None)
             continue
-        wanted = t.dtype if name == "s" and dtype != torch.float64 else dtype
+        wanted = t.dtype if (name == "s" or name.startswith("s_")) and dtype != torch.float64 else dtype
         t = t.detach().to(device=device, dtype=wanted)
         if channels_last and t.dim() == 4:
             t = t.contiguous(memory_format=torch.channels_last)

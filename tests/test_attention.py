@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import csext
-from numerics import CPU_BACKENDS, mask_logits_like
+from numerics import CPU_BACKENDS, FUSED_CASES, compare_with_torch_backend, mask_logits_like
 
 
 def _gated_attention(batch_first, beta, lam, hard, backend, dtype=torch.float64, **kwargs):
@@ -144,3 +144,23 @@ def test_gated_attention_under_autocast_computes_what_torchs_attention_does(back
         got, expected = attention(x, x, x)[0], plain(x, x, x)[0]
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend,device,dtype", FUSED_CASES)
+def test_gated_attention_on_each_fused_backend_follows_the_spec_rule(backend, device, dtype):
+    """SPEC section 4 for a GatedMultiheadAttention (self-attention, soft masks, lam) on every
+    fused backend: output and every gradient against the torch backend."""
+    attention = csext.GatedMultiheadAttention(16, 4, batch_first=True, device=device)
+    w_in, w_out = torch.randn(48, 16) / 4, torch.randn(16, 16) / 4
+    tensors = [("x", torch.randn(2, 7, 16)), ("w_in", w_in), ("s_in", mask_logits_like(w_in)),
+               ("w_out", w_out), ("s_out", mask_logits_like(w_out)), ("b_in", torch.randn(48)),
+               ("b_out", torch.randn(16))]
+
+    def op(x, w_in, s_in, w_out, s_out, b_in, b_out, backend):
+        for part in (attention, attention.out_proj):
+            part.backend, part.beta, part.penalty = backend, 2.0, 0.01
+        params = {"in_proj_weight": w_in, "mask_logits": s_in, "out_proj.weight": w_out,
+                  "out_proj.mask_logits": s_out, "in_proj_bias": b_in, "out_proj.bias": b_out}
+        return torch.func.functional_call(attention, params, (x, x, x), {"need_weights": False})[0]
+
+    compare_with_torch_backend(op, tensors, dtype, (2, 7, 16), backend=backend, device=device)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import csext
-from numerics import CPU_BACKENDS, mask_logits_like
+from numerics import CPU_BACKENDS, FUSED_CASES, compare_with_torch_backend, mask_logits_like
 
 
 def _explicit(x, weight, mask_logits, bias, beta, hard, lam):
@@ -68,6 +68,20 @@ def test_gated_conv1d_under_autocast_computes_what_conv1d_does(backend):
         got, expected = layer(x), plain(x)
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("backend,device,dtype", FUSED_CASES)
+def test_gated_hf_conv1d_on_each_fused_backend_follows_the_spec_rule(backend, device, dtype, hard):
+    """SPEC section 4 for functional.gated_hf_conv1d on every fused backend: output and every
+    gradient against the torch backend, on an awkward batched shape."""
+    w = torch.randn(19, 37)  # (in_features, out_features), as Conv1D stores it
+    tensors = [("x", torch.randn(3, 5, 19)), ("w", w), ("s", mask_logits_like(w)), ("b", torch.randn(37))]
+
+    def op(x, w, s, b, backend):
+        return csext.functional.gated_hf_conv1d(x, w, s, 2.3, b, hard=hard, penalty=0.01, backend=backend)
+
+    compare_with_torch_backend(op, tensors, dtype, (3, 5, 37), backend=backend, device=device)
 
 
 def test_gated_conv1d_compiles_without_a_graph_break():
