@@ -1,8 +1,9 @@
 """GatedLinear and GatedConv2d: nn.Linear and nn.Conv2d with a learned mask (SPEC section 2);
-GatedConv1D: the same for transformers' Conv1D (GPT-2's linear layers).
+GatedMultiheadAttention: nn.MultiheadAttention with both projections gated; GatedConv1D: the
+same for transformers' Conv1D (GPT-2's linear layers), without importing transformers.
 
-They subclass the plain layers, so they take the same arguments, initialise the same way and
-keep their parameter names; each adds
+They take the plain layers' arguments, initialise the same way and keep their parameter names
+(all but GatedConv1D subclass them); each adds
     mask_logits  s, one logit per weight: float32 (float64 beside a float64 weight), = mask_init
     beta         temperature of the soft mask sigmoid(beta * s), >= 1
     hard         use the ticket mask 1[s > 0] instead (no gradient reaches s)
@@ -77,7 +78,7 @@ class _Gated:
 
     def effective_weight(self) -> torch.Tensor:
         """mask_scale * w * m as the forward uses it, differentiable."""
-        return self.mask_scale * functional.gate(
+        weight = functional.gate(
             self.weight,
             self.mask_logits,
             self.beta,
@@ -86,6 +87,7 @@ class _Gated:
             dtype=functional.compute_dtype(self.weight),
             backend=self.backend,
         )
+        return weight if self.mask_scale == 1.0 else self.mask_scale * weight
 
     @classmethod
     def _from_dense(cls, module: nn.Module, mask_init: float, **kwargs):

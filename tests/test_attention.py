@@ -31,10 +31,11 @@ def _gated_attention(batch_first, beta, lam, hard, backend, dtype=torch.float64,
 def test_gated_attention_is_torchs_attention_on_the_effective_weights(backend, batch_first, hard):
     """Output, attention weights and every gradient (lam of both projections in the backward) of
     a GatedMultiheadAttention equal nn.MultiheadAttention's run (torch.func.functional_call) on
-    w * m, with lam * sum(sigmoid(beta * s)) added to the loss: self-attention, and cross-attention
+    c * w * m, with lam * sum(sigmoid(beta * s)) added to the loss: self-attention, and cross-attention
     with a key padding mask, in float64."""
-    beta, lam = 2.0, 0.02
+    beta, lam, scales = 2.0, 0.02, {"": 1.25, "out_proj.": 0.8}
     attention = _gated_attention(batch_first, beta, lam, hard, backend, add_bias_kv=True)
+    attention.mask_scale, attention.out_proj.mask_scale = scales[""], scales["out_proj."]  # --rescale's c
     plain = nn.MultiheadAttention(8, 2, batch_first=batch_first, add_bias_kv=True, dtype=torch.float64)
     shape = (3, 5, 8) if batch_first else (5, 3, 8)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
@@ -50,7 +51,7 @@ def test_gated_attention_is_torchs_attention_on_the_effective_weights(backend, b
         def effective(prefix):
             s = leaves[prefix + "mask_logits"]
             mask_ = (s > 0).double() if hard else torch.sigmoid(beta * s)
-            return leaves[prefix + ("weight" if prefix else "in_proj_weight")] * mask_
+            return scales[prefix] * leaves[prefix + ("weight" if prefix else "in_proj_weight")] * mask_
 
         weights = {"in_proj_weight": effective(""), "out_proj.weight": effective("out_proj."),
                    **{k: leaves[k] for k in ("in_proj_bias", "bias_k", "bias_v", "out_proj.bias")}}
