@@ -113,3 +113,17 @@ def forward_over_reverse(kind: str, backend: str, inputs: dict, tangents: dict, 
         grads = torch.autograd.grad(y.square().sum(), leaves)
         return [part for g in grads for part in (forward_ad.unpack_dual(g).primal.clone(),
                                                  forward_ad.unpack_dual(g).tangent)]
+
+
+def assert_history_close(got: list[dict], expected: list[dict], rtol: float = 1e-3, atol: float = 1e-3) -> None:
+    """Two runs' history.csv rows (csext.search.read_history) agree: the same rows, numbers
+    within float tolerance (an eager and a compiled run round differently), seconds aside."""
+    assert len(got) == len(expected), f"{len(got)} rows against {len(expected)}"
+    for i, (row, want) in enumerate(zip(got, expected)):
+        for key, value in want.items():
+            if key == "seconds":
+                continue
+            if isinstance(value, float):
+                assert row[key] == pytest.approx(value, rel=rtol, abs=atol), f"row {i}, {key}: {row[key]} != {value}"
+            else:
+                assert row[key] == value, f"row {i}, {key}: {row[key]!r} != {value!r}"
