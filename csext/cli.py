@@ -71,7 +71,10 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--data", default=d.data, help=f"{', '.join(datasets.NAMES)} or PATH.npz")
     s.add_argument("--data-dir", default=None, help="folder of the cifar10 / mnist files")
     s.add_argument("--download", action="store_true", help="fetch missing cifar10 / mnist files into --data-dir")
-    s.add_argument("--model", default=d.model, help=", ".join(nets.NAMES))
+    s.add_argument("--model", default=d.model,
+                   help=f"{', '.join(nets.NAMES)}, or MODULE:FACTORY, your function (or class) called as "
+                        f"FACTORY(input_shape, num_classes) that returns an nn.Module, imported from the working "
+                        f"directory or PYTHONPATH")
     s.add_argument("--rounds", type=int, default=d.rounds, help="R, search rounds, one ticket each")
     s.add_argument("--epochs", type=int, default=d.epochs, help="T, epochs of each search round")
     s.add_argument("--mask-init", type=float, default=d.mask_init, help="s0; negative values give sparser tickets")

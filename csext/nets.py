@@ -7,8 +7,11 @@
     vgg16      the CIFAR VGG-16 with BatchNorm and one linear classifier
 
 `DEFAULT_EXCLUDE` names the layers the paper leaves dense (ResNet-20's first convolution and
-its classifier, VGG-16's classifier); `build` returns the plain network.
+its classifier, VGG-16's classifier); `build` returns the plain network, of these or of a
+user's factory named MODULE:FACTORY (nothing left dense by default).
 """
+
+import importlib
 
 from torch import nn
 
@@ -132,8 +135,34 @@ class VGG16(nn.Module):
 _BUILDERS = {"mlp": mlp, "lenet300": lenet300, "conv4": Conv4, "resnet20": ResNet20, "vgg16": VGG16}
 
 
+def is_factory_path(name: str) -> bool:
+    """Whether `name` names a user's network as MODULE:FACTORY (my_nets:tiny_transformer)."""
+    module, _, attribute = name.partition(":")
+    return bool(module) and bool(attribute) and all(part.isidentifier() for part in module.split(".") + [attribute])
+
+
+def factory(name: str):
+    """The callable MODULE:FACTORY names, imported (from the working directory or sys.path)."""
+    module, _, attribute = name.partition(":")
+    try:
+        found = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import {name} ({type(error).__name__}: {error})") from None
+    if not callable(found):
+        raise ValueError(f"{name} is a {type(found).__name__}, not a function or class that builds a network")
+    return found
+
+
 def build(name: str, input_shape, num_classes: int) -> nn.Module:
-    """The plain network `name` for inputs of `input_shape` (one sample, no batch dimension)."""
+    """The plain network `name` for inputs of `input_shape` (one sample, no batch dimension):
+    one of NAMES, or MODULE:FACTORY, a user's function (or class) called as
+    FACTORY(input_shape, num_classes) that returns an nn.Module."""
+    if is_factory_path(name):
+        model = factory(name)(tuple(input_shape), num_classes)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"{name}(input_shape, num_classes) returned a value of type {type(model).__name__}, "
+                             f"not an nn.Module")
+        return model
     if name not in _BUILDERS:
-        raise ValueError(f"model must be one of {', '.join(NAMES)}, got {name!r}")
+        raise ValueError(f"model must be one of {', '.join(NAMES)} or MODULE:FACTORY, got {name!r}")
     return _BUILDERS[name](tuple(input_shape), num_classes)

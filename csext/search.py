@@ -126,8 +126,13 @@ class SearchConfig:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.reset not in RESETS:
             raise ConfigError(f"--reset must be one of {RESETS}, got {self.reset!r}")
-        if self.model not in nets.NAMES:
-            raise ConfigError(f"--model must be one of {', '.join(nets.NAMES)}, got {self.model!r}")
+        if self.model not in nets.NAMES and not nets.is_factory_path(self.model):
+            raise ConfigError(f"--model must be one of {', '.join(nets.NAMES)} or MODULE:FACTORY, got {self.model!r}")
+        if nets.is_factory_path(self.model):
+            try:
+                nets.factory(self.model)
+            except ValueError as error:
+                raise ConfigError(f"--model: {error}") from None
         if self.target_remaining is not None and not 0.0 < self.target_remaining < 1.0:
             raise ConfigError(f"--target-remaining must lie strictly between 0 and 1, got {self.target_remaining}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -341,7 +346,7 @@ def build_gated(config: SearchConfig, data: datasets.Dataset, exclude) -> nn.Mod
 
 
 def default_exclude(config: SearchConfig) -> list[str]:
-    return list(config.exclude) if config.exclude is not None else list(nets.DEFAULT_EXCLUDE[config.model])
+    return list(config.exclude) if config.exclude is not None else list(nets.DEFAULT_EXCLUDE.get(config.model, ()))
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -624,7 +629,7 @@ class Search:
 
 def load_network(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """A network a search saved (DIR/dense.pt, DIR/ticket-R.pt) as the plain network of its model
-    (csext.nets), its weights loaded (a ticket's pruned weights are zero), in eval mode. The
+    (csext.nets, or its MODULE:FACTORY, which must be importable again), its weights loaded (a ticket's pruned weights are zero), in eval mode. The
     file's other entries: round (0 for dense), remaining, test_acc (and val_acc with
     --val-fraction), input_shape, num_classes."""
     try:

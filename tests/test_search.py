@@ -231,6 +231,53 @@ def test_compile_trains_as_eager_and_resumes_either_way(tmp_path, monkeypatch):
     assert results["config"]["compile"] is False  # the settings of the command that finished it
 
 
+USER_NETS = """
+from torch import nn
+
+
+class TokenTransformer(nn.Module):
+    \"\"\"Each feature a token: embedded, one encoder layer, mean-pooled, classified.\"\"\"
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.embed = nn.Linear(1, 16)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x.flatten(1).unsqueeze(-1))).mean(1))
+
+
+def not_a_network(input_shape, num_classes):
+    return 3
+"""
+
+
+def test_a_users_network_by_module_and_factory(tmp_path, monkeypatch, capsys):
+    """--model MODULE:FACTORY searches a network of the user's (here a transformer: its attention
+    is gated too), saves tickets that load_network rebuilds, and bad names exit 2 naming --model."""
+    (tmp_path / "csext_user_nets.py").write_text(USER_NETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "csext_user_nets", raising=False)
+    data = _write_npz(tmp_path / "small.npz")
+    out = tmp_path / "run"
+    args = ["search", "--data", str(data), "--rounds", "1", "--epochs", "2", "--penalty", "1e-3", "--quiet"]
+    assert cli.main([*args, "--model", "csext_user_nets:TokenTransformer", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["tickets"][0]["per_layer"]) == {"embed", "encoder.self_attn", "encoder.self_attn.out_proj",
+                                                       "encoder.linear1", "encoder.linear2", "head"}
+    ticket = search.load_network(out / "ticket-1.pt")
+    config = search.SearchConfig(data=str(data))
+    assert search.evaluate(ticket, load(str(data)), config) == results["tickets"][0]["test_acc"]
+    capsys.readouterr()
+    for model, message in (("csext_user_nets:not_a_network", "returned a value of type int, not an nn.Module"),
+                           ("no_such_module_here:build", "cannot import no_such_module_here:build")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*args, "--model", model, "--out", str(tmp_path / "bad")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "--model" in err and message in err, err
+
+
 def test_history_has_a_row_per_epoch_that_agrees_with_the_results(tmp_path):
     data = _write_npz(tmp_path / "small.npz")
     out = tmp_path / "run"
