@@ -629,9 +629,9 @@ class Search:
 
 def load_network(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """A network a search saved (DIR/dense.pt, DIR/ticket-R.pt) as the plain network of its model
-    (csext.nets, or its MODULE:FACTORY, which must be importable again), its weights loaded (a ticket's pruned weights are zero), in eval mode. The
-    file's other entries: round (0 for dense), remaining, test_acc (and val_acc with
-    --val-fraction), input_shape, num_classes."""
+    (csext.nets, or its MODULE:FACTORY, which must be importable again), its weights loaded (a
+    ticket's pruned weights are zero), in eval mode. The file's other entries: round (0 for
+    dense), remaining, test_acc (and val_acc with --val-fraction), input_shape, num_classes."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model = nets.build(saved["model"], saved["input_shape"], saved["num_classes"])
