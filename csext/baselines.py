@@ -136,13 +136,15 @@ class HardConcreteGate(nn.Module):
 
 
 def add_l0_gates(model: nn.Module, names, generator: torch.Generator | None = None) -> dict[str, HardConcreteGate]:
-    """Register a HardConcreteGate on the weight of each named Linear / Conv2d of `model`."""
+    """Register a HardConcreteGate on the weight of each named layer of `model` (an attention's
+    in_proj_weight, the weight its mask logits gate when csext gates it)."""
     modules = dict(model.named_modules())
     gates = {}
     for name in names:
-        parametrize.register_parametrization(modules[name], "weight",
-                                             HardConcreteGate(modules[name].weight.shape, generator=generator))
-        gates[name] = modules[name].parametrizations.weight[0]
+        weight = "in_proj_weight" if isinstance(modules[name], nn.MultiheadAttention) else "weight"
+        shape = getattr(modules[name], weight).shape
+        parametrize.register_parametrization(modules[name], weight, HardConcreteGate(shape, generator=generator))
+        gates[name] = getattr(modules[name].parametrizations, weight)[0]
     return gates
 
 

@@ -255,7 +255,8 @@ def not_a_network(input_shape, num_classes):
 
 def test_a_users_network_by_module_and_factory(tmp_path, monkeypatch, capsys):
     """--model MODULE:FACTORY searches a network of the user's (here a transformer: its attention
-    is gated too), saves tickets that load_network rebuilds, and bad names exit 2 naming --model."""
+    is gated too), saves tickets that load_network rebuilds, compare's baselines run on it, and
+    bad names exit 2 naming --model."""
     (tmp_path / "csext_user_nets.py").write_text(USER_NETS)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "csext_user_nets", raising=False)
@@ -269,6 +270,12 @@ def test_a_users_network_by_module_and_factory(tmp_path, monkeypatch, capsys):
     ticket = search.load_network(out / "ticket-1.pt")
     config = search.SearchConfig(data=str(data))
     assert search.evaluate(ticket, load(str(data)), config) == results["tickets"][0]["test_acc"]
+    # the baselines too: L0 gates the attention's in_proj_weight, as csext's mask logits do
+    assert cli.main(["compare", *args[1:], "--model", "csext_user_nets:TokenTransformer", "--methods", "l0,imp",
+                     "--imp-rounds", "1", "--out", str(tmp_path / "compare")]) == 0
+    for method in ("l0", "imp"):
+        ticket = json.loads((tmp_path / "compare" / method / "results.json").read_text())["tickets"][0]
+        assert set(ticket["per_layer"]) == set(results["tickets"][0]["per_layer"])
     capsys.readouterr()
     for model, message in (("csext_user_nets:not_a_network", "returned a value of type int, not an nn.Module"),
                            ("no_such_module_here:build", "cannot import no_such_module_here:build")):
