@@ -16,14 +16,14 @@ from .model import (
     sparsify,
     sparsity_report,
 )
-from .modules import GatedConv1D, GatedConv2d, GatedLinear, GatedMultiheadAttention
+from .modules import GatedHFConv1D, GatedConv2d, GatedLinear, GatedMultiheadAttention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GatedLinear",
     "GatedConv2d",
-    "GatedConv1D",
+    "GatedHFConv1D",
     "GatedMultiheadAttention",
     "functional",
     "reference",

@@ -21,7 +21,7 @@ from torch.nn.utils import prune
 from . import reference
 from .model import (GATHER_FIRST, _gated_type, _plain, _replace, empty_plain, gated_modules, in_tree,
                     keep_transformer_slow_paths, module_aliases, plain_attention_like, refuse_sharded)
-from .modules import GatedConv1D, GatedConv2d, GatedLinear, GatedMultiheadAttention
+from .modules import GatedHFConv1D, GatedConv2d, GatedLinear, GatedMultiheadAttention
 
 
 def _prune(plain: nn.Module, name: str, gated: nn.Module) -> None:
@@ -138,7 +138,7 @@ def to_sparse(model: nn.Module) -> nn.Module:
     SparseLinear; gated convolutions and attentions are finalized (dense, pruned weights zero)."""
     refuse_sharded(model, "to_sparse", GATHER_FIRST)
     targets = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, (GatedLinear, GatedConv1D))
+               if isinstance(m, (GatedLinear, GatedHFConv1D))
                or (type(m) is nn.Linear and (m.weight == 0).float().mean() > 0.5)]
     aliases = module_aliases(model)
     for name, module in gated_modules(model):
@@ -147,9 +147,9 @@ def to_sparse(model: nn.Module) -> nn.Module:
     for name, module in targets:
         if not in_tree(model, name, module):
             continue
-        if isinstance(module, (GatedLinear, GatedConv1D)):
+        if isinstance(module, (GatedLinear, GatedHFConv1D)):
             weight = reference.gate(module.weight, module.mask_logits, module.beta, hard=True) * module.mask_scale
-            if isinstance(module, GatedConv1D):  # stored (in, out)
+            if isinstance(module, GatedHFConv1D):  # stored (in, out)
                 weight = weight.t()
         else:
             weight = module.weight

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import functional, reference
-from .modules import GATED_TYPES, GatedConv1D, GatedConv2d, GatedLinear, GatedMultiheadAttention, is_hf_conv1d
+from .modules import GATED_TYPES, GatedHFConv1D, GatedConv2d, GatedLinear, GatedMultiheadAttention, is_hf_conv1d
 
 # Exact types only: subclasses such as MultiheadAttention's out_proj are read by their owners
 # through .weight directly, so gating them would silently do nothing (an attention is gated
@@ -22,7 +22,7 @@ def _gated_type(module: nn.Module):
     """The gated class that replaces `module` in sparsify, or None (an attention whose key or
     value has other than embed_dim features, with three projection weights, is not gated)."""
     if is_hf_conv1d(module):
-        return GatedConv1D
+        return GatedHFConv1D
     if type(module) is nn.MultiheadAttention and not module._qkv_same_embed_dim:
         return None
     return _DENSE_TO_GATED.get(type(module))
@@ -127,7 +127,7 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
     gated modules, old and new, in module order.
 
     If `model` is itself such a layer it cannot be replaced in place: use the gated class's
-    from_dense (GatedLinear.from_dense, GatedConv2d.from_dense, GatedConv1D.from_dense) for that.
+    from_dense (GatedLinear.from_dense, GatedConv2d.from_dense, GatedHFConv1D.from_dense) for that.
     """
     functional.check_penalty(penalty)
     refuse_sharded(model, "sparsify", "call csext.sparsify before fully_shard, so that the mask logits are "
@@ -281,8 +281,8 @@ def empty_plain(module: nn.Module) -> nn.Module:
     one's) shape, on the meta device: its weight and bias are to be set."""
     if isinstance(module, nn.Linear):
         return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
-    if isinstance(module, GatedConv1D) or is_hf_conv1d(module):
-        from transformers.pytorch_utils import Conv1D  # a GatedConv1D came from a transformers model
+    if isinstance(module, GatedHFConv1D) or is_hf_conv1d(module):
+        from transformers.pytorch_utils import Conv1D  # a GatedHFConv1D came from a transformers model
 
         with torch.device("meta"):
             return Conv1D(module.nf, module.weight.shape[0])
@@ -299,7 +299,7 @@ def _plain(module: nn.Module) -> nn.Module:
     plain = empty_plain(module)
     plain.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
     plain.bias = module.bias
-    if isinstance(module, GatedConv1D) and module.bias is None:  # Conv1D always adds one
+    if isinstance(module, GatedHFConv1D) and module.bias is None:  # Conv1D always adds one
         plain.bias = nn.Parameter(weight.new_zeros(module.nf), requires_grad=False)
     plain.train(module.training)
     return plain

@@ -1,9 +1,9 @@
 """GatedLinear and GatedConv2d: nn.Linear and nn.Conv2d with a learned mask (SPEC section 2);
-GatedMultiheadAttention: nn.MultiheadAttention with both projections gated; GatedConv1D: the
+GatedMultiheadAttention: nn.MultiheadAttention with both projections gated; GatedHFConv1D: the
 same for transformers' Conv1D (GPT-2's linear layers), without importing transformers.
 
 They take the plain layers' arguments, initialise the same way and keep their parameter names
-(all but GatedConv1D subclass them); each adds
+(all but GatedHFConv1D subclass them); each adds
     mask_logits  s, one logit per weight: float32 (float64 beside a float64 weight), = mask_init
     beta         temperature of the soft mask sigmoid(beta * s), >= 1
     hard         use the ticket mask 1[s > 0] instead (no gradient reaches s)
@@ -215,7 +215,7 @@ class GatedConv2d(_Gated, nn.Conv2d):
         return f"{super().extra_repr()}, {self._gate_repr()}"
 
 
-class GatedConv1D(_Gated, nn.Module):
+class GatedHFConv1D(_Gated, nn.Module):
     """Hugging Face transformers' Conv1D (GPT-2's attention and MLP layers), gated: y = x (w * m) + b.
     Despite its name a linear layer, whose weight is stored transposed, (in, out) = (nx, nf); the
     mask logits have that shape too, so its state_dict keeps Conv1D's keys and shapes."""
@@ -237,8 +237,8 @@ class GatedConv1D(_Gated, nn.Module):
             self.mask_logits.fill_(self.mask_init)
 
     @classmethod
-    def from_dense(cls, module: nn.Module, mask_init: float = 0.0) -> "GatedConv1D":
-        """A GatedConv1D that shares the weight and bias Parameters of `module`, a transformers Conv1D."""
+    def from_dense(cls, module: nn.Module, mask_init: float = 0.0) -> "GatedHFConv1D":
+        """A GatedHFConv1D that shares the weight and bias Parameters of `module`, a transformers Conv1D."""
         if not is_hf_conv1d(module):
             raise TypeError(f"module must be a transformers Conv1D, got {type(module).__name__}")
         return cls._from_dense(module, mask_init, nf=module.nf, nx=module.weight.shape[0])
@@ -337,4 +337,4 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.split(".")[0] == "transformers"
 
 
-GATED_TYPES = (GatedLinear, GatedConv2d, GatedConv1D, GatedMultiheadAttention)
+GATED_TYPES = (GatedLinear, GatedConv2d, GatedHFConv1D, GatedMultiheadAttention)

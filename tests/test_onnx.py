@@ -104,13 +104,13 @@ def test_onnx_export_keeps_beta_as_it_was_and_the_layers_train_afterwards(tmp_pa
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 def test_onnx_export_of_a_gated_transformer_computes_its_outputs(tmp_path, dynamo):
     """A transformer encoder layer with its attention (GatedMultiheadAttention) and feed-forward
-    layers gated, then a GatedConv1D (GPT-2's layer), soft masks, exported at one input shape."""
+    layers gated, then a GatedHFConv1D (GPT-2's layer), soft masks, exported at one input shape."""
     if dynamo:
         pytest.importorskip("onnxscript")
     torch.manual_seed(0)
     encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True), 1,
                                     enable_nested_tensor=False)
-    model = nn.Sequential(encoder, csext.GatedConv1D(8, 16))
+    model = nn.Sequential(encoder, csext.GatedHFConv1D(8, 16))
     csext.sparsify(model, penalty=1e-3)
     for _, m in csext.gated_modules(model):
         with torch.no_grad():

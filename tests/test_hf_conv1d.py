@@ -1,4 +1,4 @@
-"""GatedConv1D: transformers' Conv1D (GPT-2's linear layers, weight stored (in, out)) gated, its
+"""GatedHFConv1D: transformers' Conv1D (GPT-2's linear layers, weight stored (in, out)) gated, its
 math against the SPEC's, and a GPT-2 through sparsify, training, finalize and save_pretrained."""
 
 import copy
@@ -21,11 +21,11 @@ def _explicit(x, weight, mask_logits, bias, beta, hard, lam):
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gated_conv1d_computes_the_spec_math(backend, hard):
-    """Forward and every gradient (lam in the backward) of a GatedConv1D in float64, on a
+    """Forward and every gradient (lam in the backward) of a GatedHFConv1D in float64, on a
     non-contiguous 3-D input, equal autograd of the SPEC's formulas."""
     torch.manual_seed(0)
     nf, nx, beta, lam = 7, 5, 2.5, 0.03
-    layer = csext.GatedConv1D(nf, nx, dtype=torch.float64)
+    layer = csext.GatedHFConv1D(nf, nx, dtype=torch.float64)
     with torch.no_grad():
         layer.weight.normal_()
         layer.bias.normal_()
@@ -48,13 +48,13 @@ def test_gated_conv1d_computes_the_spec_math(backend, hard):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gated_conv1d_under_autocast_computes_what_conv1d_does(backend):
-    """Under bfloat16 autocast, a GatedConv1D gives what transformers' Conv1D gives holding the
+    """Under bfloat16 autocast, a GatedHFConv1D gives what transformers' Conv1D gives holding the
     effective weight: addmm in bfloat16."""
     pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
-    layer = csext.GatedConv1D(9, 6)
+    layer = csext.GatedHFConv1D(9, 6)
     layer.beta, layer.backend = 3.0, backend
     with torch.no_grad():
         layer.bias.normal_()
@@ -86,7 +86,7 @@ def test_gated_hf_conv1d_on_each_fused_backend_follows_the_spec_rule(backend, de
 
 def test_gated_conv1d_compiles_without_a_graph_break():
     torch.manual_seed(0)
-    layer = csext.GatedConv1D(6, 4)
+    layer = csext.GatedHFConv1D(6, 4)
     layer.penalty, layer.beta = 1e-2, 3.0
     with torch.no_grad():
         layer.mask_logits.copy_(mask_logits_like(layer.weight))
@@ -105,7 +105,7 @@ def test_gated_conv1d_compiles_without_a_graph_break():
 
 def test_gated_conv1d_traces_as_one_call_and_refuses_bad_shapes():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(csext.GatedConv1D(4, 3), torch.nn.ReLU())
+    model = torch.nn.Sequential(csext.GatedHFConv1D(4, 3), torch.nn.ReLU())
     traced = torch.fx.symbolic_trace(model)
     assert [n.target.__name__ for n in traced.graph.nodes if n.op == "call_function"] == ["gated_hf_conv1d"]
     x = torch.randn(2, 5, 3)
@@ -118,8 +118,8 @@ def test_gated_conv1d_traces_as_one_call_and_refuses_bad_shapes():
 
 def test_gated_conv1d_refuses_other_layers_and_initialises_like_conv1d():
     with pytest.raises(TypeError, match="module must be a transformers Conv1D, got Linear"):
-        csext.GatedConv1D.from_dense(torch.nn.Linear(3, 2))
-    layer = csext.GatedConv1D(8, 300, mask_init=-0.25)
+        csext.GatedHFConv1D.from_dense(torch.nn.Linear(3, 2))
+    layer = csext.GatedHFConv1D(8, 300, mask_init=-0.25)
     assert layer.weight.shape == layer.mask_logits.shape == (300, 8) and layer.bias.shape == (8,)
     assert torch.all(layer.bias == 0) and torch.all(layer.mask_logits == -0.25)
     assert abs(layer.weight.std().item() - 0.02) < 0.003  # Conv1D's normal(0, 0.02)
@@ -147,7 +147,7 @@ def test_gpt2_sparsify_train_finalize_and_reload(tmp_path):
     with pytest.raises(ValueError, match="lm_head.weight is tied to transformer.wte.weight"):
         csext.sparsify(copy.deepcopy(model))
     gated = csext.sparsify(model, mask_init=0.5, penalty=1e-4, exclude=["lm_head"])
-    assert [type(m) for m in gated] == [csext.GatedConv1D] * 8
+    assert [type(m) for m in gated] == [csext.GatedHFConv1D] * 8
     assert {name: m.weight for name, m in csext.gated_modules(model)}.keys() == conv1d.keys()
     assert all(m.weight is conv1d[name] for name, m in csext.gated_modules(model))  # shared, not copied
     state = model.state_dict()
@@ -177,7 +177,7 @@ def test_gpt2_sparsify_train_finalize_and_reload(tmp_path):
         assert all(type(pruned.get_submodule(name)) is Conv1D for name in conv1d)
         for convert in (lambda m: m, csext.export.from_prune_form):
             torch.testing.assert_close(convert(pruned)(ids).logits, ticket_logits, rtol=1e-5, atol=1e-5)
-        assert [type(m) for _, m in csext.gated_modules(pruned)] == [csext.GatedConv1D] * 8
+        assert [type(m) for _, m in csext.gated_modules(pruned)] == [csext.GatedHFConv1D] * 8
         sparse_logits = csext.export.to_sparse(copy.deepcopy(model))(ids).logits
     torch.testing.assert_close(sparse_logits, ticket_logits, rtol=1e-5, atol=1e-5)
 
