@@ -50,6 +50,7 @@ cd /tmp && CSEXT_TRITON_AUTOTUNE=0 within "${TEST_TIMEOUT:-180}" python3 -m pyte
   "$REPO/tests/test_cuda_graphs.py" "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" \
   "$REPO/tests/test_triton_launch.py" "$REPO/tests/test_eager_fast_path.py" \
   "$REPO/tests/test_hf_conv1d.py::test_gated_hf_conv1d_on_each_fused_backend_follows_the_spec_rule" \
+  "$REPO/tests/test_conv1d.py::test_gated_conv1d_on_each_fused_backend_follows_the_spec_rule" \
   "$REPO/tests/test_attention.py::test_gated_attention_on_each_fused_backend_follows_the_spec_rule" \
   "$REPO/tests/test_ops_and_compile.py::test_functorch_transforms_match_torch_backend" \
   "$REPO/tests/test_ops_and_compile.py::test_double_backward" \

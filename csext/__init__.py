@@ -16,13 +16,14 @@ from .model import (
     sparsify,
     sparsity_report,
 )
-from .modules import GatedHFConv1D, GatedConv2d, GatedLinear, GatedMultiheadAttention
+from .modules import GatedConv1d, GatedConv2d, GatedHFConv1D, GatedLinear, GatedMultiheadAttention
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GatedLinear",
     "GatedConv2d",
+    "GatedConv1d",
     "GatedHFConv1D",
     "GatedMultiheadAttention",
     "functional",

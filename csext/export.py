@@ -21,7 +21,7 @@ from torch.nn.utils import prune
 from . import reference
 from .model import (GATHER_FIRST, _gated_type, _plain, _replace, empty_plain, gated_modules, in_tree,
                     keep_transformer_slow_paths, module_aliases, plain_attention_like, refuse_sharded)
-from .modules import GatedHFConv1D, GatedConv2d, GatedLinear, GatedMultiheadAttention
+from .modules import GatedConv1d, GatedConv2d, GatedHFConv1D, GatedLinear, GatedMultiheadAttention
 
 
 def _prune(plain: nn.Module, name: str, gated: nn.Module) -> None:
@@ -142,7 +142,7 @@ def to_sparse(model: nn.Module) -> nn.Module:
                or (type(m) is nn.Linear and (m.weight == 0).float().mean() > 0.5)]
     aliases = module_aliases(model)
     for name, module in gated_modules(model):
-        if isinstance(module, (GatedConv2d, GatedMultiheadAttention)):  # out_proj finalized with its attention
+        if isinstance(module, (GatedConv2d, GatedConv1d, GatedMultiheadAttention)):  # attention: out_proj with it
             model = _replace(model, name, _plain(module), aliases)
     for name, module in targets:
         if not in_tree(model, name, module):

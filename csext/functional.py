@@ -376,6 +376,40 @@ def gated_conv2d(
     return _add_bias(F.conv2d(x, w_eff, None, stride, padding, dilation, groups) * mask_scale, bias, channel_dim=-3)
 
 
+def gated_conv1d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    mask_logits: torch.Tensor,
+    beta: float,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    *,
+    hard: bool = False,
+    penalty: float = 0.0,
+    backend: str = "auto",
+    mask_scale: float = 1.0,
+) -> torch.Tensor:
+    """conv1d(x, c * w * m, b) for x of shape (N, C_in, L) or (C_in, L), c = mask_scale: the
+    backend's gate kernel (lam in its backward), then ATen's convolution."""
+    if weight.dim() != 3:
+        raise ValueError(f"weight must be 3-D (out_channels, in_channels/groups, kernel_size), got shape "
+                         f"{tuple(weight.shape)}")
+    in_channels = weight.shape[1] * groups
+    if x.dim() not in (2, 3) or _sizes_differ(x.shape[-2], in_channels):
+        raise ValueError(f"x must have shape (N, {in_channels}, L) or ({in_channels}, L) to match in_channels, "
+                         f"got {tuple(x.shape)}")
+    device_type = _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale)
+    name, mask_logits, penalty = _backend_for_call(backend, device_type, mask_logits, beta, hard, penalty)
+    x, dtype = _layer_input(x, weight, bias)
+    w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, name)
+    if mask_scale != 1.0:
+        w_eff = w_eff * mask_scale
+    return F.conv1d(x, w_eff, bias, stride, padding, dilation, groups)
+
+
 def gated_hf_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -407,4 +441,5 @@ def gated_hf_conv1d(
     return y.view(*x.shape[:-1], weight.shape[1])
 
 
-__all__ = ["gate", "gated_linear", "gated_conv2d", "gated_hf_conv1d", "compute_dtype", "check_gate_args"]
+__all__ = ["gate", "gated_linear", "gated_conv2d", "gated_conv1d", "gated_hf_conv1d", "compute_dtype",
+           "check_gate_args"]

@@ -9,13 +9,15 @@ import torch
 from torch import nn
 
 from . import functional, reference
-from .modules import GATED_TYPES, GatedHFConv1D, GatedConv2d, GatedLinear, GatedMultiheadAttention, is_hf_conv1d
+from .modules import (GATED_TYPES, GatedConv1d, GatedConv2d, GatedHFConv1D, GatedLinear, GatedMultiheadAttention,
+                      is_hf_conv1d)
 
 # Exact types only: subclasses such as MultiheadAttention's out_proj are read by their owners
 # through .weight directly, so gating them would silently do nothing (an attention is gated
 # whole, out_proj with it).
-_DENSE_TO_GATED = {nn.Linear: GatedLinear, nn.Conv2d: GatedConv2d, nn.MultiheadAttention: GatedMultiheadAttention}
-GATEABLE = "nn.Linear, nn.Conv2d, nn.MultiheadAttention or transformers Conv1D"
+_DENSE_TO_GATED = {nn.Linear: GatedLinear, nn.Conv2d: GatedConv2d, nn.Conv1d: GatedConv1d,
+                   nn.MultiheadAttention: GatedMultiheadAttention}
+GATEABLE = "nn.Linear, nn.Conv2d, nn.Conv1d, nn.MultiheadAttention or transformers Conv1D"
 
 
 def _gated_type(module: nn.Module):
@@ -121,13 +123,13 @@ def keep_transformer_slow_paths(model: nn.Module) -> None:
 
 
 def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exclude=()) -> list[nn.Module]:
-    """Replace, in place, every nn.Linear and nn.Conv2d of `model` (and transformers' Conv1D,
-    GPT-2's linear layers) by its gated form, sharing the weight and bias Parameters. `exclude`
-    holds qualified module names or glob patterns ("fc", "layer1.*") to leave dense. Returns the
-    gated modules, old and new, in module order.
+    """Replace, in place, every nn.Linear, nn.Conv2d, nn.Conv1d and nn.MultiheadAttention of
+    `model` (and transformers' Conv1D, GPT-2's linear layers) by its gated form, sharing the
+    weight and bias Parameters. `exclude` holds qualified module names or glob patterns ("fc",
+    "layer1.*") to leave dense. Returns the gated modules, old and new, in module order.
 
     If `model` is itself such a layer it cannot be replaced in place: use the gated class's
-    from_dense (GatedLinear.from_dense, GatedConv2d.from_dense, GatedHFConv1D.from_dense) for that.
+    from_dense (GatedLinear.from_dense, GatedConv2d.from_dense, ...) for that.
     """
     functional.check_penalty(penalty)
     refuse_sharded(model, "sparsify", "call csext.sparsify before fully_shard, so that the mask logits are "
@@ -277,8 +279,8 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
 
 
 def empty_plain(module: nn.Module) -> nn.Module:
-    """The plain layer (nn.Linear, nn.Conv2d, transformers Conv1D) of a gated layer's (or plain
-    one's) shape, on the meta device: its weight and bias are to be set."""
+    """The plain layer (nn.Linear, nn.Conv2d, nn.Conv1d, transformers Conv1D) of a gated layer's
+    (or plain one's) shape, on the meta device: its weight and bias are to be set."""
     if isinstance(module, nn.Linear):
         return nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
     if isinstance(module, GatedHFConv1D) or is_hf_conv1d(module):
@@ -286,8 +288,9 @@ def empty_plain(module: nn.Module) -> nn.Module:
 
         with torch.device("meta"):
             return Conv1D(module.nf, module.weight.shape[0])
-    return nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                     module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta")
+    convolution = nn.Conv1d if isinstance(module, nn.Conv1d) else nn.Conv2d
+    return convolution(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                       module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta")
 
 
 @torch.no_grad()
@@ -335,7 +338,7 @@ def in_tree(model: nn.Module, name: str, module: nn.Module) -> bool:
 
 
 def finalize(model: nn.Module) -> nn.Module:
-    """Replace, in place, every gated layer by its plain form (nn.Linear, nn.Conv2d,
+    """Replace, in place, every gated layer by its plain form (nn.Linear, nn.Conv2d, nn.Conv1d,
     nn.MultiheadAttention, transformers Conv1D) holding w * 1[s > 0]. Returns the model (or the
     new layer, when `model` is itself a gated layer)."""
     refuse_sharded(model, "finalize", GATHER_FIRST)

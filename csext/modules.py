@@ -1,6 +1,7 @@
 """GatedLinear and GatedConv2d: nn.Linear and nn.Conv2d with a learned mask (SPEC section 2);
-GatedMultiheadAttention: nn.MultiheadAttention with both projections gated; GatedHFConv1D: the
-same for transformers' Conv1D (GPT-2's linear layers), without importing transformers.
+GatedConv1d: the same for nn.Conv1d; GatedMultiheadAttention: nn.MultiheadAttention with both
+projections gated; GatedHFConv1D: transformers' Conv1D (GPT-2's linear layers), without
+importing transformers.
 
 They take the plain layers' arguments, initialise the same way and keep their parameter names
 (all but GatedHFConv1D subclass them); each adds
@@ -17,7 +18,7 @@ They take the plain layers' arguments, initialise the same way and keep their pa
 beta, hard, penalty, mask_init and mask_scale travel in the state_dict (as `_extra_state`, a
 float64 tensor, so that safetensors can hold it).
 torch.fx.symbolic_trace records each layer's call as one node (gated_linear, gated_conv2d,
-gated_hf_conv1d), with beta, hard, penalty and backend as they are when traced.
+gated_conv1d, gated_hf_conv1d), with beta, hard, penalty and backend as they are when traced.
 """
 
 import math
@@ -25,15 +26,16 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair
+from torch.nn.modules.utils import _pair, _single
 
 from . import functional, reference
-from .functional import gated_conv2d, gated_hf_conv1d, gated_linear
+from .functional import gated_conv1d, gated_conv2d, gated_hf_conv1d, gated_linear
 
 # FX's symbolic tracing records these calls as nodes instead of tracing their checks, which
 # branch on shapes (torch.fx.wrap patches the names this module calls them by).
 torch.fx.wrap("gated_linear")
 torch.fx.wrap("gated_conv2d")
+torch.fx.wrap("gated_conv1d")
 torch.fx.wrap("gated_hf_conv1d")
 
 
@@ -215,6 +217,44 @@ class GatedConv2d(_Gated, nn.Conv2d):
         return f"{super().extra_repr()}, {self._gate_repr()}"
 
 
+class GatedConv1d(_Gated, nn.Conv1d):
+    """nn.Conv1d whose weight is gated by a learned mask: conv1d(x, w * m) + b."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", mask_init: float = 0.0,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                         dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
+                         device=device, dtype=dtype)
+        self._init_gate(mask_init)
+
+    @classmethod
+    def from_dense(cls, module: nn.Conv1d, mask_init: float = 0.0) -> "GatedConv1d":
+        """A GatedConv1d that shares `module`'s weight and bias Parameters."""
+        if not isinstance(module, nn.Conv1d):
+            raise TypeError(f"module must be an nn.Conv1d, got {type(module).__name__}")
+        return cls._from_dense(
+            module, mask_init,
+            in_channels=module.in_channels, out_channels=module.out_channels,
+            kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+            dilation=module.dilation, groups=module.groups, padding_mode=module.padding_mode,
+        )
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        padding = self.padding
+        if self.padding_mode != "zeros":  # as nn.Conv1d: pad explicitly, convolve unpadded
+            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = _single(0)
+        return gated_conv1d(
+            input, self.weight, self.mask_logits, self.beta, self.bias,
+            self.stride, padding, self.dilation, self.groups,
+            hard=self.hard, penalty=self.penalty, backend=self.backend, mask_scale=self.mask_scale,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._gate_repr()}"
+
+
 class GatedHFConv1D(_Gated, nn.Module):
     """Hugging Face transformers' Conv1D (GPT-2's attention and MLP layers), gated: y = x (w * m) + b.
     Despite its name a linear layer, whose weight is stored transposed, (in, out) = (nx, nf); the
@@ -337,4 +377,4 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.split(".")[0] == "transformers"
 
 
-GATED_TYPES = (GatedLinear, GatedConv2d, GatedHFConv1D, GatedMultiheadAttention)
+GATED_TYPES = (GatedLinear, GatedConv2d, GatedConv1d, GatedHFConv1D, GatedMultiheadAttention)

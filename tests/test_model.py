@@ -128,9 +128,9 @@ def test_sparsify_warns_when_it_finds_nothing_to_gate():
     model = nn.Sequential(nn.Linear(3, 3), nn.utils.parametrizations.weight_norm(nn.Linear(3, 2)))
     with pytest.warns(UserWarning, match=r"left dense: 1 \(ParametrizedLinear, a subclass of nn.Linear"):
         assert [type(m) for m in csext.sparsify(model)] == [csext.GatedLinear]
-    with pytest.warns(UserWarning, match=r"Sequential has no nn.Linear, nn.Conv2d, nn.MultiheadAttention or "
-                                         r"transformers Conv1D layer to gate$"):
-        csext.sparsify(nn.Sequential(nn.Conv1d(2, 2, 1)))
+    with pytest.warns(UserWarning, match=r"Sequential has no nn.Linear, nn.Conv2d, nn.Conv1d, nn.MultiheadAttention "
+                                         r"or transformers Conv1D layer to gate$"):
+        csext.sparsify(nn.Sequential(nn.Conv3d(2, 2, 1)))
 
 
 def test_sparsify_refuses_lazy_modules_until_materialised():
