@@ -1,4 +1,4 @@
-"""gradcheck in float64 of every backend, for linear and conv, soft and hard, penalty > 0."""
+"""gradcheck in float64 of every backend, for linear and convolutions, soft and hard, penalty > 0."""
 
 import pytest
 import torch
@@ -104,6 +104,33 @@ def test_gradcheck_conv2d(backend, hard, penalty, case):
 
     # Hard mode sends no gradient to s, the penalty's included: the plain gradcheck applies.
     _check(fn, (x, w, s) + ((b,) if has_bias else ()), beta, 0.0 if hard else penalty, mask_logits=2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("penalty", [0.0, 0.3])
+def test_gradcheck_conv1d_and_hf_conv1d(backend, hard, penalty):
+    """functional.gated_conv1d (nn.Conv1d's, strided, grouped) and gated_hf_conv1d (transformers'
+    Conv1D: weight (in, out), batched input)."""
+    beta = 2.0
+    x = torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    s = mask_logits_like(w, torch.float64).requires_grad_()
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+
+    def conv1d(x, w, s, b):
+        return CF.gated_conv1d(x, w, s, beta, b, 2, 1, 1, 2, hard=hard, penalty=penalty, backend=backend)
+
+    _check(conv1d, (x, w, s, b), beta, 0.0 if hard else penalty, mask_logits=2)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    s = mask_logits_like(w, torch.float64).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+
+    def hf_conv1d(x, w, s, b):
+        return CF.gated_hf_conv1d(x, w, s, beta, b, hard=hard, penalty=penalty, backend=backend)
+
+    _check(hf_conv1d, (x, w, s, b), beta, 0.0 if hard else penalty, mask_logits=2)
 
 
 def test_penalty_check_would_fail_without_penalty_gradient():
