@@ -2,6 +2,7 @@
 
     mlp        two hidden layers (300, 100) for inputs of any shape (flattened)
     lenet300   LeNet-300-100, for 28 x 28 images (MNIST)
+    cnn1d      three strided 1-D convolutions and a classifier, for signals (mnist1d)
     conv4      Conv-4 of Frankle and Carbin: 64, 64, pool, 128, 128, pool, fc 256, 256
     resnet20   the CIFAR ResNet-20 (16, 32, 64 channels, BatchNorm, 1x1 projection shortcuts)
     vgg16      the CIFAR VGG-16 with BatchNorm and one linear classifier
@@ -15,10 +16,10 @@ import importlib
 
 from torch import nn
 
-NAMES = ("mlp", "lenet300", "conv4", "resnet20", "vgg16")
+NAMES = ("mlp", "lenet300", "cnn1d", "conv4", "resnet20", "vgg16")
 
 # Layers left dense by default (globs over module names, as csext.sparsify's `exclude`).
-DEFAULT_EXCLUDE = {"mlp": (), "lenet300": (), "conv4": (), "resnet20": ("conv", "fc"), "vgg16": ("fc",)}
+DEFAULT_EXCLUDE = {"mlp": (), "lenet300": (), "cnn1d": (), "conv4": (), "resnet20": ("conv", "fc"), "vgg16": ("fc",)}
 
 
 def mlp(input_shape, num_classes: int) -> nn.Module:
@@ -34,6 +35,26 @@ def lenet300(input_shape, num_classes: int) -> nn.Module:
     if tuple(input_shape)[-2:] != (28, 28) or len(input_shape) not in (2, 3):
         raise ValueError(f"model lenet300 needs 28 x 28 images (MNIST), got inputs of shape {tuple(input_shape)}")
     return mlp(input_shape, num_classes)
+
+
+def cnn1d(input_shape, num_classes: int) -> nn.Module:
+    """Three strided 1-D convolutions (25 channels, kernels 5, 3, 3) and a linear classifier, for
+    signals of shape (L,) or (C, L): the CNN of the mnist1d paper (Greydanus, 2020)."""
+    if len(input_shape) not in (1, 2):
+        raise ValueError(f"model cnn1d needs signals (L,) or (C, L), got inputs of shape {tuple(input_shape)}")
+    channels, length_in = (1, input_shape[0]) if len(input_shape) == 1 else input_shape
+    if length_in < 3:
+        raise ValueError(f"model cnn1d needs signals of at least 3 samples, got {length_in}")
+    length = (length_in + 2 - 5) // 2 + 1  # kernel 5, stride 2, padding 1
+    for _ in range(2):
+        length = (length + 2 - 3) // 2 + 1  # kernel 3
+    return nn.Sequential(
+        nn.Unflatten(1, (1, length_in)) if len(input_shape) == 1 else nn.Identity(),  # (N, L) -> (N, 1, L)
+        nn.Conv1d(channels, 25, 5, stride=2, padding=1), nn.ReLU(),
+        nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv1d(25, 25, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(25 * length, num_classes),
+    )
 
 
 def _image_channels(name: str, input_shape, min_side: int = 1) -> int:
@@ -132,7 +153,7 @@ class VGG16(nn.Module):
         return self.fc(nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
 
 
-_BUILDERS = {"mlp": mlp, "lenet300": lenet300, "conv4": Conv4, "resnet20": ResNet20, "vgg16": VGG16}
+_BUILDERS = {"mlp": mlp, "lenet300": lenet300, "cnn1d": cnn1d, "conv4": Conv4, "resnet20": ResNet20, "vgg16": VGG16}
 
 
 def is_factory_path(name: str) -> bool:

@@ -583,8 +583,8 @@ def test_cifar10_and_mnist_readers(tmp_path):
         load("cifar10", None)
 
 
-@pytest.mark.parametrize("name,shape", [("mlp", (40,)), ("conv4", (3, 32, 32)), ("resnet20", (3, 32, 32)),
-                                        ("vgg16", (3, 32, 32))])
+@pytest.mark.parametrize("name,shape", [("mlp", (40,)), ("cnn1d", (40,)), ("cnn1d", (2, 9)), ("conv4", (3, 32, 32)),
+                                        ("resnet20", (3, 32, 32)), ("vgg16", (3, 32, 32))])
 def test_models_build_and_gate_the_papers_layers(name, shape):
     model = nets.build(name, shape, 10)
     gated = csext.sparsify(model, exclude=nets.DEFAULT_EXCLUDE[name])
@@ -595,6 +595,12 @@ def test_models_build_and_gate_the_papers_layers(name, shape):
         assert "conv" not in names and "fc" not in names and len(names) == 18 + 2  # 18 block convs, 2 shortcuts
         # 16-ch: 6 x 2304; 32-ch: 4608 + 5 x 9216; 64-ch: 18432 + 5 x 36864; shortcuts 512 + 2048
         assert sum(m.weight.numel() for m in gated) == 269824
+    if name == "cnn1d":
+        assert [type(m) for m in gated] == [csext.GatedConv1d] * 3 + [csext.GatedLinear]
+        if shape == (40,):  # mnist1d's CNN: 40 -> 19 -> 10 -> 5 samples, 25 channels
+            assert sum(m.weight.numel() for m in gated) == 125 + 1875 * 2 + 1250
+        with pytest.raises(ValueError, match=r"model cnn1d needs signals \(L,\) or \(C, L\)"):
+            nets.build("cnn1d", (1, 2, 3), 10)
 
 
 def test_presets_and_explicit_options(tmp_path, capsys):
