@@ -20,7 +20,7 @@ def _explicit(x, weight, mask_logits, bias, beta, hard, lam):
 
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_gated_conv1d_computes_the_spec_math(backend, hard):
+def test_gated_hf_conv1d_computes_the_spec_math(backend, hard):
     """Forward and every gradient (lam in the backward) of a GatedHFConv1D in float64, on a
     non-contiguous 3-D input, equal autograd of the SPEC's formulas."""
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def test_gated_conv1d_computes_the_spec_math(backend, hard):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_gated_conv1d_under_autocast_computes_what_conv1d_does(backend):
+def test_gated_hf_conv1d_under_autocast_computes_what_conv1d_does(backend):
     """Under bfloat16 autocast, a GatedHFConv1D gives what transformers' Conv1D gives holding the
     effective weight: addmm in bfloat16."""
     pytest.importorskip("transformers")
@@ -84,7 +84,7 @@ def test_gated_hf_conv1d_on_each_fused_backend_follows_the_spec_rule(backend, de
     compare_with_torch_backend(op, tensors, dtype, (3, 5, 37), backend=backend, device=device)
 
 
-def test_gated_conv1d_compiles_without_a_graph_break():
+def test_gated_hf_conv1d_compiles_without_a_graph_break():
     torch.manual_seed(0)
     layer = csext.GatedHFConv1D(6, 4)
     layer.penalty, layer.beta = 1e-2, 3.0
@@ -103,7 +103,7 @@ def test_gated_conv1d_compiles_without_a_graph_break():
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
-def test_gated_conv1d_traces_as_one_call_and_refuses_bad_shapes():
+def test_gated_hf_conv1d_traces_as_one_call_and_refuses_bad_shapes():
     torch.manual_seed(0)
     model = torch.nn.Sequential(csext.GatedHFConv1D(4, 3), torch.nn.ReLU())
     traced = torch.fx.symbolic_trace(model)
@@ -116,7 +116,7 @@ def test_gated_conv1d_traces_as_one_call_and_refuses_bad_shapes():
         csext.functional.gated_hf_conv1d(x, torch.randn(3), torch.randn(3), 1.0)
 
 
-def test_gated_conv1d_refuses_other_layers_and_initialises_like_conv1d():
+def test_gated_hf_conv1d_refuses_other_layers_and_initialises_like_conv1d():
     with pytest.raises(TypeError, match="module must be a transformers Conv1D, got Linear"):
         csext.GatedHFConv1D.from_dense(torch.nn.Linear(3, 2))
     layer = csext.GatedHFConv1D(8, 300, mask_init=-0.25)
