@@ -376,6 +376,17 @@ def gated_conv2d(
     return _add_bias(F.conv2d(x, w_eff, None, stride, padding, dilation, groups) * mask_scale, bias, channel_dim=-3)
 
 
+def _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale):
+    """(x, c * w * m) for the layers that gate their weight with the backend's gate kernel and
+    then call ATen (gated_conv1d, gated_hf_conv1d), both in the compute dtype: x cast as autocast
+    casts a layer's input, after the checks every gated layer makes."""
+    device_type = _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale)
+    name, mask_logits, penalty = _backend_for_call(backend, device_type, mask_logits, beta, hard, penalty)
+    x, dtype = _layer_input(x, weight, bias)
+    w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, name)
+    return x, (w_eff if mask_scale == 1.0 else w_eff * mask_scale)
+
+
 def gated_conv1d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -401,12 +412,7 @@ def gated_conv1d(
     if x.dim() not in (2, 3) or _sizes_differ(x.shape[-2], in_channels):
         raise ValueError(f"x must have shape (N, {in_channels}, L) or ({in_channels}, L) to match in_channels, "
                          f"got {tuple(x.shape)}")
-    device_type = _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale)
-    name, mask_logits, penalty = _backend_for_call(backend, device_type, mask_logits, beta, hard, penalty)
-    x, dtype = _layer_input(x, weight, bias)
-    w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, name)
-    if mask_scale != 1.0:
-        w_eff = w_eff * mask_scale
+    x, w_eff = _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale)
     return F.conv1d(x, w_eff, bias, stride, padding, dilation, groups)
 
 
@@ -430,14 +436,9 @@ def gated_hf_conv1d(
                          f"{tuple(weight.shape)}")
     if x.dim() < 1 or _sizes_differ(x.shape[-1], weight.shape[0]):
         raise ValueError(f"x must have shape (..., {weight.shape[0]}) to match in_features, got {tuple(x.shape)}")
-    device_type = _check_layer_args(x, weight, mask_logits, beta, bias, penalty, mask_scale)
-    name, mask_logits, penalty = _backend_for_call(backend, device_type, mask_logits, beta, hard, penalty)
-    x, dtype = _layer_input(x, weight, bias)
-    w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, name)
-    if mask_scale != 1.0:
-        w_eff = w_eff * mask_scale
+    x, w_eff = _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale)
     flat = x.reshape(-1, x.shape[-1])
-    y = flat @ w_eff if bias is None else torch.addmm(bias.to(dtype), flat, w_eff)
+    y = flat @ w_eff if bias is None else torch.addmm(bias.to(w_eff.dtype), flat, w_eff)
     return y.view(*x.shape[:-1], weight.shape[1])
 
 

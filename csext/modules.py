@@ -26,7 +26,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.utils import _pair, _single
 
 from . import functional, reference
 from .functional import gated_conv1d, gated_conv2d, gated_hf_conv1d, gated_linear
@@ -179,8 +178,10 @@ class GatedLinear(_Gated, nn.Linear):
         return f"{super().extra_repr()}, {self._gate_repr()}"
 
 
-class GatedConv2d(_Gated, nn.Conv2d):
-    """nn.Conv2d whose weight is gated by a learned mask: conv2d(x, w * m) + b."""
+class _GatedConv(_Gated):
+    """What GatedConv2d and GatedConv1d share: nn.ConvNd's arguments, from_dense, padding modes."""
+
+    _plain: type  # the plain convolution, nn.Conv2d or nn.Conv1d
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", mask_init: float = 0.0,
@@ -191,10 +192,10 @@ class GatedConv2d(_Gated, nn.Conv2d):
         self._init_gate(mask_init)
 
     @classmethod
-    def from_dense(cls, module: nn.Conv2d, mask_init: float = 0.0) -> "GatedConv2d":
-        """A GatedConv2d that shares `module`'s weight and bias Parameters."""
-        if not isinstance(module, nn.Conv2d):
-            raise TypeError(f"module must be an nn.Conv2d, got {type(module).__name__}")
+    def from_dense(cls, module: nn.Module, mask_init: float = 0.0):
+        """A gated convolution that shares `module`'s weight and bias Parameters."""
+        if not isinstance(module, cls._plain):
+            raise TypeError(f"module must be an nn.{cls._plain.__name__}, got {type(module).__name__}")
         return cls._from_dense(
             module, mask_init,
             in_channels=module.in_channels, out_channels=module.out_channels,
@@ -202,57 +203,43 @@ class GatedConv2d(_Gated, nn.Conv2d):
             dilation=module.dilation, groups=module.groups, padding_mode=module.padding_mode,
         )
 
+    def _padded(self, input: torch.Tensor):
+        """(input, padding) for the convolution: as nn.ConvNd, a padding mode other than zeros pads
+        explicitly and convolves unpadded."""
+        if self.padding_mode == "zeros":
+            return input, self.padding
+        return F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0,) * len(self.padding)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._gate_repr()}"
+
+
+class GatedConv2d(_GatedConv, nn.Conv2d):
+    """nn.Conv2d whose weight is gated by a learned mask: conv2d(x, w * m) + b."""
+
+    _plain = nn.Conv2d
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        padding = self.padding
-        if self.padding_mode != "zeros":  # as nn.Conv2d: pad explicitly, convolve unpadded
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = _pair(0)
+        input, padding = self._padded(input)
         return gated_conv2d(
             input, self.weight, self.mask_logits, self.beta, self.bias,
             self.stride, padding, self.dilation, self.groups,
             hard=self.hard, penalty=self.penalty, backend=self.backend, mask_scale=self.mask_scale,
         )
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._gate_repr()}"
 
-
-class GatedConv1d(_Gated, nn.Conv1d):
+class GatedConv1d(_GatedConv, nn.Conv1d):
     """nn.Conv1d whose weight is gated by a learned mask: conv1d(x, w * m) + b."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", mask_init: float = 0.0,
-                 device=None, dtype=None) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
-                         dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
-                         device=device, dtype=dtype)
-        self._init_gate(mask_init)
-
-    @classmethod
-    def from_dense(cls, module: nn.Conv1d, mask_init: float = 0.0) -> "GatedConv1d":
-        """A GatedConv1d that shares `module`'s weight and bias Parameters."""
-        if not isinstance(module, nn.Conv1d):
-            raise TypeError(f"module must be an nn.Conv1d, got {type(module).__name__}")
-        return cls._from_dense(
-            module, mask_init,
-            in_channels=module.in_channels, out_channels=module.out_channels,
-            kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
-            dilation=module.dilation, groups=module.groups, padding_mode=module.padding_mode,
-        )
+    _plain = nn.Conv1d
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        padding = self.padding
-        if self.padding_mode != "zeros":  # as nn.Conv1d: pad explicitly, convolve unpadded
-            input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            padding = _single(0)
+        input, padding = self._padded(input)
         return gated_conv1d(
             input, self.weight, self.mask_logits, self.beta, self.bias,
             self.stride, padding, self.dilation, self.groups,
             hard=self.hard, penalty=self.penalty, backend=self.backend, mask_scale=self.mask_scale,
         )
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, {self._gate_repr()}"
 
 
 class GatedHFConv1D(_Gated, nn.Module):
