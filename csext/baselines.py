@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .model import gated_modules
+from .model import gated_modules, gated_weight_name
 from .schedule import capture
 from .search import (SearchConfig, accuracies, build_gated, build_plain, default_exclude, epoch_bar, epoch_generator,
                      make_optimizer, prepare_ticket, train_epochs, training_module)
@@ -141,7 +141,7 @@ def add_l0_gates(model: nn.Module, names, generator: torch.Generator | None = No
     modules = dict(model.named_modules())
     gates = {}
     for name in names:
-        weight = "in_proj_weight" if isinstance(modules[name], nn.MultiheadAttention) else "weight"
+        weight = gated_weight_name(modules[name])
         shape = getattr(modules[name], weight).shape
         parametrize.register_parametrization(modules[name], weight, HardConcreteGate(shape, generator=generator))
         gates[name] = getattr(modules[name].parametrizations, weight)[0]

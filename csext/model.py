@@ -20,6 +20,12 @@ _DENSE_TO_GATED = {nn.Linear: GatedLinear, nn.Conv2d: GatedConv2d, nn.Conv1d: Ga
 GATEABLE = "nn.Linear, nn.Conv2d, nn.Conv1d, nn.MultiheadAttention or transformers Conv1D"
 
 
+def gated_weight_name(module: nn.Module) -> str:
+    """The name of the parameter a layer's mask logits gate: an attention's in_proj_weight (its
+    out_proj is a layer of its own), every other layer's weight."""
+    return "in_proj_weight" if isinstance(module, nn.MultiheadAttention) else "weight"
+
+
 def _gated_type(module: nn.Module):
     """The gated class that replaces `module` in sparsify, or None (an attention whose key or
     value has other than embed_dim features, with three projection weights, is not gated)."""
@@ -164,7 +170,7 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
         for param_name, p in owner.named_parameters(recurse=False):
             holders.setdefault(id(p), []).append((owner, f"{owner_name}.{param_name}" if owner_name else param_name))
     for name, module in chosen:
-        weight = module.in_proj_weight if isinstance(module, nn.MultiheadAttention) else module.weight
+        weight = getattr(module, gated_weight_name(module))
         tied = sorted({held_as for owner, held_as in holders[id(weight)] if owner is not module})
         if tied:
             raise ValueError(
