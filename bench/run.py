@@ -158,19 +158,20 @@ def _split(text: str, allowed, option: str) -> list[str]:
 
 
 class ForcedTritonPath(nn.Module):
-    """A gated linear layer on the triton backend with one of its two paths forced."""
+    """A gated linear layer on the triton backend with one of its two paths forced, under CUDA
+    graph capture too (where the backend itself takes the elementwise gate)."""
 
     def __init__(self, layer: nn.Module, fused: bool):
         super().__init__()
-        self.layer, self.max_rows = layer, (1 << 62) if fused else -1
+        self.layer, self.fused = layer, fused
 
     def forward(self, x):
-        saved = csext.functional.TRITON_FUSED_MAX_ROWS
-        csext.functional.TRITON_FUSED_MAX_ROWS = self.max_rows
+        saved = csext.functional._takes_fused_gemms
+        csext.functional._takes_fused_gemms = lambda rows: self.fused
         try:
             return self.layer(x)
         finally:
-            csext.functional.TRITON_FUSED_MAX_ROWS = saved
+            csext.functional._takes_fused_gemms = saved
 
 
 def make_layers(case: Case, providers: list[str], device: torch.device, dtype: torch.dtype,
