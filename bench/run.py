@@ -158,20 +158,19 @@ def _split(text: str, allowed, option: str) -> list[str]:
 
 
 class ForcedTritonPath(nn.Module):
-    """A gated linear layer on the triton backend with one of its two paths forced, under CUDA
-    graph capture too (where the backend itself takes the elementwise gate)."""
+    """A gated linear layer on the triton backend with one of its two paths forced."""
 
     def __init__(self, layer: nn.Module, fused: bool):
         super().__init__()
-        self.layer, self.fused = layer, fused
+        self.layer, self.max_rows = layer, (1 << 62) if fused else -1
 
     def forward(self, x):
-        saved = csext.functional._takes_fused_gemms
-        csext.functional._takes_fused_gemms = lambda rows: self.fused
+        saved = csext.functional.TRITON_FUSED_MAX_ROWS
+        csext.functional.TRITON_FUSED_MAX_ROWS = self.max_rows
         try:
             return self.layer(x)
         finally:
-            csext.functional._takes_fused_gemms = saved
+            csext.functional.TRITON_FUSED_MAX_ROWS = saved
 
 
 def make_layers(case: Case, providers: list[str], device: torch.device, dtype: torch.dtype,

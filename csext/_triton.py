@@ -39,18 +39,12 @@ _C = _ops._C if _ops.extension_loaded() else None
 _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
-def capturing(device: torch.device) -> bool:
-    """Whether eager code is running under CUDA graph capture on `device` (graphs that inductor
-    captures are traced first, and is_compiling() holds there)."""
-    return device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing()
-
-
 def device_beta(beta: float, device: torch.device) -> torch.Tensor:
     """beta as the kernels read it: a 0-dim float32 tensor on `device` (see _ops.beta_tensor).
     A CUDA graph being captured gets a tensor of its own, filled inside the graph and kept in its
     memory pool: the kernels read beta through a pointer, and a cached tensor could be evicted,
     and its memory reused, while the graph still replays."""
-    if capturing(device):
+    if device.type == "cuda" and not torch.compiler.is_compiling() and torch.cuda.is_current_stream_capturing():
         return torch.full((), float(beta), dtype=torch.float32, device=device)
     return _ops.beta_tensor(beta, device, torch.float32)
 

@@ -208,10 +208,7 @@ def _check_triton_dtype(weight: torch.Tensor) -> None:
 # gate each weight tile as they load it; above, the elementwise kernel writes the gated weight
 # once and cuBLAS runs the GEMMs, since the per-tile gating is repeated for every tile of rows.
 # On an H100 (bench/README.md, K = N = 4096, bf16) the fused path was ahead at 128 and 256 rows
-# and behind at 2048 and 8192; the switch sits between the measured sizes. What it saves is host
-# time (one launch and one autograd node fewer): a CUDA graph being captured, whose replays pay
-# none, takes the elementwise kernel at every size (on an H200 at 256 rows the fused GEMMs' GPU
-# time was 2.4 times that of the gate and cuBLAS).
+# and behind at 2048 and 8192; the switch sits between the measured sizes.
 TRITON_FUSED_MAX_ROWS = 1024
 
 
@@ -244,17 +241,6 @@ def _autocast_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _EAGER.autocast_input(x, dtype)
 
 
-def _takes_fused_gemms(rows: torch.Tensor) -> bool:
-    """Whether the triton backend runs a gated linear layer on x's `rows` as fused GEMMs (see
-    TRITON_FUSED_MAX_ROWS). A traced (torch.jit.trace) or symbolic (dynamic shapes of torch.compile
-    and torch.export) row count takes the path that suits every size: a branch on it would bake it
-    in, or add a guard that bounds a dynamic batch to TRITON_FUSED_MAX_ROWS (an error in
-    torch.export)."""
-    if torch.jit.is_tracing() or isinstance(rows.shape[0], torch.SymInt):
-        return False
-    return rows.shape[0] <= TRITON_FUSED_MAX_ROWS and not _triton.capturing(rows.device)
-
-
 def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale, dtype):
     """gated_linear on the triton backend, fused or not: x (..., K) in the compute dtype `dtype`
     or, under autocast, not yet cast to it."""
@@ -262,7 +248,11 @@ def _triton_linear(x, weight, mask_logits, beta, bias, hard, penalty, mask_scale
     # Batched x as rows (not (-1, K): K may be 0); a 2-D x as it is, without a view's autograd node
     rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
     fused_bias = bias if mask_scale == 1.0 else None  # added in the GEMM's epilogue
-    if not _takes_fused_gemms(rows):
+    # A traced (torch.jit.trace) or symbolic (dynamic shapes of torch.compile and torch.export) row
+    # count takes the path that suits every size: a branch on it would bake it in, or add a guard
+    # that bounds a dynamic batch to TRITON_FUSED_MAX_ROWS (an error in torch.export)
+    if (torch.jit.is_tracing() or isinstance(rows.shape[0], torch.SymInt)
+            or rows.shape[0] > TRITON_FUSED_MAX_ROWS):
         w_eff = _gate(weight, mask_logits, beta, hard, penalty, dtype, "triton")
         y = F.linear(_autocast_input(rows, dtype), w_eff, fused_bias)
     else:
