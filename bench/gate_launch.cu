@@ -1,9 +1,11 @@
 // The CUDA gate kernels of csrc/cuda/gate_kernels.cuh under several launch configurations, on
 // the weights of the GPU benchmarks, without torch: which block size, grid and elements per
-// thread move the most bytes a second. csrc/cuda/gate_cuda.cu launches 256 threads a block, at
-// most 8 blocks a multiprocessor (a grid-stride loop does the rest), 16 bytes of the narrowest
-// operand a thread; on an H100 its backward moved 2.8 TB/s where the Triton kernel moved 3.2
-// (bench/README.md). Float32 w and s, bfloat16 out and G, as under bf16 autocast.
+// thread move the most bytes a second. csrc/cuda/gate_cuda.cu launches 256 threads a block, one
+// block for every 256 packs, 16 bytes of the widest operand a thread: the fastest row of this
+// program's first run (an H200, 84ef57b). Until then it capped the grid at 8 blocks a
+// multiprocessor and moved 16 bytes of the narrowest operand, and on an H100 its backward moved
+// 2.8 TB/s where the Triton kernel moved 3.2 (bench/README.md). Float32 w and s, bfloat16 out and
+// G, as under bf16 autocast.
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90 bench/gate_launch.cu -o /tmp/gate_launch && /tmp/gate_launch
 //
@@ -114,12 +116,12 @@ int main() {
   std::printf("%s, %d multiprocessors; float32 w and s, bfloat16 out and G\n", prop.name, multiprocessors);
 
   const Config configs[] = {
-      {"as csext (256 thr, cap 8/SM)", 256, 8, false},
+      {"as csext (256 thr, no cap, half vec)", 256, 0, true},
+      {"until 84ef57b (256 thr, cap 8/SM)", 256, 8, false},
       {"256 thr, no cap", 256, 0, false},
       {"128 thr, no cap", 128, 0, false},
       {"512 thr, no cap", 512, 0, false},
       {"256 thr, cap 4/SM", 256, 4, false},
-      {"256 thr, no cap, half vec", 256, 0, true},
       {"128 thr, no cap, half vec", 128, 0, true},
   };
   struct Weight {

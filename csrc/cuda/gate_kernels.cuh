@@ -2,8 +2,8 @@
 //   forward   w_eff = w * m,  m = sigmoid(beta * s)  (soft)  or  m = 1[s > 0]  (hard)
 //   backward  dL/dw = G * m,  dL/ds = beta * m * (1 - m) * (G * w + lam)
 // and beside them the widening of a layer input's gradient to float32 (csext::cast). Each is
-// one pass over flat storage; each thread moves VEC elements per operand with one 16-byte
-// access where the pointers allow it. The math mirrors csrc/gate_cpu.h.
+// one pass over flat storage; each thread moves VEC elements per operand with one access of up
+// to 16 bytes where the pointers allow it. The math mirrors csrc/gate_cpu.h.
 #pragma once
 
 #include <cuda_bf16.h>
