@@ -101,8 +101,8 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", required=True, help="DIR for the results, checkpoints and plots")
     s.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
     s.add_argument("--amp", choices=AMP, default=d.amp,
-                   help="bf16: forward and loss under torch.autocast in bfloat16 (weights and mask logits stay "
-                        "float32)")
+                   help="forward and loss under torch.autocast in bfloat16 (bf16) or float16 (fp16, with "
+                        "loss scaling and lam's term in the loss); weights and mask logits stay float32")
     s.add_argument("--val-fraction", type=float, default=d.val_fraction,
                    help="hold out this fraction of the training set (the same draw for every run) and report "
                         "validation accuracy beside test accuracy, to choose settings without the test set")

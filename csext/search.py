@@ -33,13 +33,15 @@ from . import data as datasets
 from . import distributed, nets
 from ._files import write_atomic
 from ._plots import log_percent_scale, pyplot, remaining_axis, save_png
-from .model import finalize, gated_modules, set_beta, set_hard, set_penalty, sparsify, sparsity_report
+from .model import finalize, gated_modules, mask_penalty, set_beta, set_hard, set_penalty, sparsify, sparsity_report
 from .schedule import RESETS, beta_at, capture, param_groups, reset_mask_logits, restore
 
-# Mixed precision of training and evaluation: "bf16" runs forward and loss under torch.autocast
-# in bfloat16 (weights and mask logits stay float32). float16 is not offered: it needs loss scaling,
-# which the layers' fused penalty does not follow (README, "Use").
-AMP = ("off", "bf16")
+# Mixed precision of training and evaluation: forward and loss under torch.autocast in bfloat16
+# ("bf16") or float16 ("fp16"); weights and mask logits stay float32. fp16 scales the loss
+# (torch.amp.GradScaler), which the layers' fused penalty would not follow (README, "Use"): there
+# the layers' penalty is 0 and lam * mask_penalty is added to the loss instead.
+AMP = ("off", "bf16", "fp16")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT = "checkpoint.pt"
 RESULTS = "results.json"
 PLOT = "accuracy_vs_remaining.png"
@@ -187,8 +189,34 @@ def make_optimizer(model: nn.Module, config: SearchConfig) -> torch.optim.Optimi
 
 
 def autocast(config: SearchConfig):
-    """The context of every forward of a run: autocast in bfloat16 with --amp bf16, else nothing."""
-    return torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16, enabled=config.amp == "bf16")
+    """The context of every forward of a run: autocast in --amp's dtype, or nothing (--amp off)."""
+    return torch.autocast(torch.device(config.device).type, dtype=AMP_DTYPES.get(config.amp, torch.bfloat16),
+                          enabled=config.amp in AMP_DTYPES)
+
+
+def grad_scaler(config: SearchConfig, state: dict | None = None) -> torch.amp.GradScaler:
+    """The loss scaler of a training phase: enabled with --amp fp16 (a pass-through otherwise),
+    resumed from `state` (scaler_state of the same phase) where given."""
+    scaler = torch.amp.GradScaler(torch.device(config.device).type, enabled=config.amp == "fp16")
+    if state is not None:
+        scaler.load_state_dict(state)
+    return scaler
+
+
+def scaler_state(scaler: torch.amp.GradScaler) -> dict | None:
+    """What a checkpoint keeps of `scaler`: its scale and growth counter, None if it is disabled."""
+    return scaler.state_dict() if scaler.is_enabled() else None
+
+
+def apply_penalty(model: nn.Module, penalty: float, config: SearchConfig):
+    """Apply lam = `penalty` to `model`'s gated layers for the next epoch: fused into their backward,
+    or, where the loss is scaled (--amp fp16), as lam * mask_penalty(model) in the loss. Returns
+    what train_epoch takes as extra_loss (None when fused)."""
+    if config.amp != "fp16":
+        set_penalty(model, penalty)
+        return None
+    set_penalty(model, 0.0)
+    return lambda: penalty * mask_penalty(model)
 
 
 def training_module(model: nn.Module, config: SearchConfig) -> nn.Module:
@@ -206,13 +234,15 @@ def epoch_generator(seed: int, phase: int, epoch: int) -> torch.Generator:
 
 
 def train_epoch(model, data: datasets.Dataset, optimizer, config: SearchConfig, generator, on_step=None,
-                extra_loss=None, after_step=None) -> dict:
+                extra_loss=None, after_step=None, scaler: torch.amp.GradScaler | None = None) -> dict:
     """One epoch over the training set in the generator's order. Under torchrun each rank takes
     its share of every batch (a last batch smaller than the world is dropped); `model` is then
     the DistributedDataParallel wrapper, which averages the gradients. `optimizer` may be a list
-    (all step together); `extra_loss()` is added to each batch's loss; `after_step()` runs after
-    each step."""
+    (all step together); `extra_loss()` is added to each batch's objective (the loss reported
+    is the cross-entropy alone); `after_step()` runs after each step; `scaler` (grad_scaler)
+    scales the objective, and skips the steps whose gradients overflow."""
     optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+    scaler = scaler if scaler is not None else grad_scaler(config)
     device = torch.device(config.device)
     check_ranks = distributed.active() and os.environ.get("CSEXT_CHECK_RANKS") == "1"
     model.train()
@@ -231,13 +261,13 @@ def train_epoch(model, data: datasets.Dataset, optimizer, config: SearchConfig, 
         with autocast(config):
             logits = model(x)
             loss = nn.functional.cross_entropy(logits, y)
-        if extra_loss is not None:
-            loss = loss + extra_loss()
+        objective = loss if extra_loss is None else loss + extra_loss()
         for o in optimizers:
             o.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(objective).backward()
         for o in optimizers:
-            o.step()
+            scaler.step(o)
+        scaler.update()
         if after_step is not None:
             after_step()
         if check_ranks:  # CSEXT_CHECK_RANKS=1: verify after every step that the ranks agree
@@ -259,12 +289,13 @@ def train_epochs(model, data: datasets.Dataset, optimizer, config: SearchConfig,
     epoch_bar) advances an epoch at a time."""
     first = optimizer[0] if isinstance(optimizer, (list, tuple)) else optimizer
     steps_per_epoch = math.ceil(len(data.y_train) / config.batch_size)
+    scaler = grad_scaler(config)  # one loss scale across the epochs
     for epoch in range(epochs):
         for group in first.param_groups:
             group["lr"] = learning_rate(config, epoch, epochs)
         step_hook = None if on_step is None else (lambda step, epoch=epoch: on_step(epoch * steps_per_epoch + step))
         stats = train_epoch(model, data, optimizer, config, epoch_generator(config.seed, phase, epoch), step_hook,
-                            **hooks)
+                            scaler=scaler, **hooks)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}")
@@ -389,6 +420,7 @@ class Search:
             "search_optimizer": None,
             "trainee": None,  # the model of the dense or retrain phase in progress
             "trainee_optimizer": None,
+            "scaler": None,  # scaler_state of the phase in progress (--amp fp16)
             "results": {"dense": None, "tickets": []},
             "seconds": 0.0,  # spent in the phase in progress
             "epochs_spent": 0,
@@ -415,6 +447,7 @@ class Search:
         if changed:
             raise ConfigError(f"--resume: the checkpoint was made with other settings ({', '.join(changed)}); use them or another --out")
         state.setdefault("history", [])  # a checkpoint older than the history: rows from here on
+        state.setdefault("scaler", None)
         return state
 
     # phases
@@ -429,7 +462,8 @@ class Search:
                 self._run_search(round_, epochs)
             else:
                 self._run_retrain(round_, epochs)
-            self.state.update(phase=self.state["phase"] + 1, epoch=0, seconds=0.0, trainee=None, trainee_optimizer=None)
+            self.state.update(phase=self.state["phase"] + 1, epoch=0, seconds=0.0, trainee=None, trainee_optimizer=None,
+                              scaler=None)
             self._save_checkpoint()
         results = self.results()
         if distributed.is_main():
@@ -463,14 +497,14 @@ class Search:
         model = self._plain()
         optimizer = make_optimizer(model, self.config)
         self._load_trainee(model, optimizer)
-        trainer = training_module(model, self.config)
+        trainer, scaler = training_module(model, self.config), grad_scaler(self.config, self.state["scaler"])
         epochs_left, bar = self._epochs(epochs, "dense")
         for epoch in epochs_left:
             started = time.perf_counter()
             lr = learning_rate(self.config, epoch, epochs)
             _set_lr(optimizer, lr)
-            stats = train_epoch(trainer, self.data, optimizer, self.config, self._generator(epoch))
-            self._keep_trainee(model, optimizer)
+            stats = train_epoch(trainer, self.data, optimizer, self.config, self._generator(epoch), scaler=scaler)
+            self._keep_trainee(model, optimizer, scaler)
             row = {"phase": "dense", "round": 0, "epoch": epoch + 1, "lr": lr, **stats, "remaining": 1.0}
             test_acc = self._finish_epoch(started, model, row, spent_by_method=False)  # not the method's budget
             if bar is not None:
@@ -488,13 +522,13 @@ class Search:
         if self.state["search_optimizer"] is not None:  # None at the start of a round: fresh momentum
             optimizer.load_state_dict(self.state["search_optimizer"])
         steps_per_epoch = math.ceil(len(self.data.y_train) / config.batch_size)
-        trainer = training_module(model, self.config)
+        trainer, scaler = training_module(model, self.config), grad_scaler(config, self.state["scaler"])
         epochs_left, bar = self._epochs(epochs, f"search round {round_}")
         for epoch in epochs_left:
             started = time.perf_counter()
             lr, penalty = learning_rate(config, epoch, epochs), self.state["penalty"]
             _set_lr(optimizer, lr)
-            set_penalty(model, penalty)
+            extra_loss = apply_penalty(model, penalty, config)
 
             def on_step(step, epoch=epoch):
                 global_step = epoch * steps_per_epoch + step
@@ -505,12 +539,14 @@ class Search:
 
             if not config.beta_per_step:
                 set_beta(model, beta_at(epoch, epochs, config.beta_final))
-            stats = train_epoch(trainer, self.data, optimizer, config, self._generator(epoch), on_step)
+            stats = train_epoch(trainer, self.data, optimizer, config, self._generator(epoch), on_step, extra_loss,
+                                scaler=scaler)
             distributed.assert_same_on_all_ranks(model)
             remaining = sparsity_report(model).remaining
             if config.target_remaining is not None:
                 self._steer_penalty(remaining, self._round_target(round_), epoch, epochs)
             self.state["search_model"], self.state["search_optimizer"] = model.state_dict(), optimizer.state_dict()
+            self.state["scaler"] = scaler_state(scaler)
             beta = gated_modules(model)[0][1].beta
             row = {"phase": "search", "round": round_, "epoch": epoch + 1, "lr": lr, "beta": beta, "penalty": penalty,
                    **stats, "remaining": remaining}
@@ -545,14 +581,14 @@ class Search:
         prepare_ticket(model, ticket["mask"], self.state["rewind"])
         optimizer = make_optimizer(model, self.config)
         self._load_trainee(model, optimizer)
-        trainer = training_module(model, self.config)
+        trainer, scaler = training_module(model, self.config), grad_scaler(self.config, self.state["scaler"])
         epochs_left, bar = self._epochs(epochs, f"retrain ticket {round_}")
         for epoch in epochs_left:
             started = time.perf_counter()
             lr = learning_rate(self.config, epoch, epochs)
             _set_lr(optimizer, lr)
-            stats = train_epoch(trainer, self.data, optimizer, self.config, self._generator(epoch))
-            self._keep_trainee(model, optimizer)
+            stats = train_epoch(trainer, self.data, optimizer, self.config, self._generator(epoch), scaler=scaler)
+            self._keep_trainee(model, optimizer, scaler)
             row = {"phase": "retrain", "round": round_, "epoch": epoch + 1, "lr": lr, **stats,
                    "remaining": ticket["remaining"]}
             test_acc = self._finish_epoch(started, model, row)
@@ -605,8 +641,9 @@ class Search:
                  "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()}}
         write_atomic(self.out / name, lambda f: torch.save(saved, f))
 
-    def _keep_trainee(self, model, optimizer) -> None:
+    def _keep_trainee(self, model, optimizer, scaler) -> None:
         self.state["trainee"], self.state["trainee_optimizer"] = model.state_dict(), optimizer.state_dict()
+        self.state["scaler"] = scaler_state(scaler)
 
     def results(self) -> dict:
         from . import __version__, backends

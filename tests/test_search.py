@@ -687,7 +687,7 @@ def test_beta_per_step_follows_the_schedule_over_steps(tmp_path, monkeypatch):
     assert seen == pytest.approx([schedule.beta_at(i, 6) for i in range(6)])  # 1 ... 200 over the 6 steps
 
 
-@pytest.mark.parametrize("amp, dtype", [("off", torch.float32), ("bf16", torch.bfloat16)])
+@pytest.mark.parametrize("amp, dtype", [("off", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
 def test_amp_runs_every_forward_in_its_dtype_and_keeps_float32_parameters(tmp_path, amp, dtype):
     data = _write_npz(tmp_path / "small.npz")
     config = search.SearchConfig(data=str(data), rounds=1, epochs=2, batch_size=32, amp=amp)
@@ -707,6 +707,66 @@ def test_amp_runs_every_forward_in_its_dtype_and_keeps_float32_parameters(tmp_pa
     assert results["config"]["amp"] == amp and 0.0 <= results["tickets"][0]["test_acc"] <= 1.0
     state = torch.load(tmp_path / "run" / search.CHECKPOINT, weights_only=True)
     assert {t.dtype for t in state["search_model"].values() if t.is_floating_point()} <= {torch.float32, torch.float64}
+
+
+def test_fp16_gives_the_mask_logits_the_gradient_of_the_fused_penalty(tmp_path):
+    """--amp fp16 scales the loss, which the fused penalty would not follow (unscaled, lam would
+    shrink 65536-fold): its lam is in the loss instead, and the mask logits' gradient after the
+    scaler's unscaling is that of --amp off, whose lam is fused. lam is large enough that its part
+    of the gradient (lam * m * (1 - m), 0.0125) dwarfs the tolerance."""
+    path = _write_npz(tmp_path / "small.npz")
+    grads = {}
+    for amp in ("off", "fp16"):
+        config = search.SearchConfig(data=str(path), model="mlp", batch_size=96, amp=amp)  # one step
+        data = search.load_data(config)
+        torch.manual_seed(0)
+        model = search.build_gated(config, data, exclude=[])
+        extra_loss = search.apply_penalty(model, 0.05, config)
+        assert (extra_loss is None) == (amp == "off")
+        assert {m.penalty for _, m in csext.gated_modules(model)} == {0.05 if amp == "off" else 0.0}
+        seen = {}
+
+        def keep_grads(model=model, seen=seen):  # after the step: unscaled by then
+            seen.update({name: p.grad.clone() for name, p in model.named_parameters() if name.endswith("mask_logits")})
+
+        search.train_epoch(model, data, search.make_optimizer(model, config), config, torch.Generator().manual_seed(0),
+                           extra_loss=extra_loss, after_step=keep_grads)
+        grads[amp] = seen
+    assert grads["off"].keys() == grads["fp16"].keys() and grads["off"]
+    for name, want in grads["off"].items():
+        torch.testing.assert_close(grads["fp16"][name], want, rtol=0.02, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_fp16_resumes_with_the_loss_scale_it_had(tmp_path, monkeypatch):
+    """A run killed mid-search resumes with its loss scaler's state. A scaler that doubles its
+    scale every step overflows and skips steps every few, in a pattern that a fresh scaler, after
+    the resumption, would not repeat."""
+    def growing_scaler(config, state=None):
+        scaler = torch.amp.GradScaler("cpu", growth_interval=1, enabled=config.amp == "fp16")
+        if state is not None:
+            scaler.load_state_dict(state)
+        return scaler
+
+    monkeypatch.setattr(search, "grad_scaler", growing_scaler)
+    data = _write_npz(tmp_path / "small.npz")
+    args = ["search", "--data", str(data), *SMALL, "--amp", "fp16"]
+    assert cli.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    real_train_epoch, calls = search.train_epoch, {"n": 0}
+
+    def killed_in_the_second_round(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 11:  # the second epoch of round 2's search (3 dense, 3 + 3 in round 1)
+            raise KeyboardInterrupt
+        return real_train_epoch(*a, **k)
+
+    monkeypatch.setattr(search, "train_epoch", killed_in_the_second_round)
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--out", str(tmp_path / "killed")])
+    state = torch.load(tmp_path / "killed" / search.CHECKPOINT, weights_only=True)
+    assert state["epoch"] == 1 and state["scaler"]["scale"] not in (None, 65536.0)  # grown or backed off
+    monkeypatch.setattr(search, "train_epoch", real_train_epoch)
+    assert cli.main([*args, "--out", str(tmp_path / "killed"), "--resume"]) == 0
+    assert _history_without_seconds(tmp_path / "killed") == _history_without_seconds(tmp_path / "whole")
 
 
 def test_a_checkpoint_older_than_a_setting_resumes_with_its_default(tmp_path, capsys):
