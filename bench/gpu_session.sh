@@ -58,9 +58,9 @@ cd /tmp && CSEXT_TRITON_AUTOTUNE=0 within "${TEST_TIMEOUT:-180}" python3 -m pyte
   "$REPO/tests/test_ops_and_compile.py::test_forward_over_reverse_matches_torch_backend" >"$OUT/pytest.txt" 2>&1
 tail -40 "$OUT/pytest.txt"
 
-# The command line on the GPU, as users run it: a short ResNet-20 search under bf16 autocast on
+# The command line on the GPU, as users run it: a short ResNet-20 search under bf16, then fp16, autocast on
 # generated images (the device has no mnist1d), then its saved ticket reloaded and evaluated.
-stage search on cuda, bf16 autocast
+stage search on cuda, bf16 and fp16 autocast
 python3 -c "
 import numpy as np
 rng = np.random.default_rng(0)
@@ -68,15 +68,17 @@ centers = rng.normal(size=(4, 3, 8, 8)).astype(np.float32)
 y_train, y_test = rng.integers(0, 4, 1024), rng.integers(0, 4, 256)
 np.savez('/tmp/images.npz', x_train=centers[y_train] + rng.normal(size=(1024, 3, 8, 8)).astype(np.float32),
          y_train=y_train, x_test=centers[y_test] + rng.normal(size=(256, 3, 8, 8)).astype(np.float32), y_test=y_test)"
-rm -rf /tmp/cuda-search && cd /tmp && within 90 python3 -m csext search --data /tmp/images.npz --model resnet20 \
-  --device cuda --amp bf16 --rounds 2 --epochs 3 --batch-size 64 --quiet --out /tmp/cuda-search && python3 -c "
+for amp in bf16 fp16; do
+  rm -rf /tmp/cuda-search && cd /tmp && within 90 python3 -m csext search --data /tmp/images.npz --model resnet20 \
+    --device cuda --amp $amp --rounds 2 --epochs 3 --batch-size 64 --quiet --out /tmp/cuda-search && python3 -c "
 import json, csext
 from csext import search
 results = json.load(open('/tmp/cuda-search/results.json'))
-config = search.SearchConfig(data='/tmp/images.npz', device='cuda', amp='bf16')
+config = search.SearchConfig(data='/tmp/images.npz', device='cuda', amp='$amp')
 ticket = search.load_network('/tmp/cuda-search/ticket-2.pt', device='cuda')
-print('backend', results['environment']['backend'], 'ticket 2 reloaded:', search.evaluate(ticket, csext.data.load('/tmp/images.npz'), config),
-      'results.json:', results['tickets'][-1]['test_acc'])"
+print('$amp: backend', results['environment']['backend'], 'ticket 2 reloaded:',
+      search.evaluate(ticket, csext.data.load('/tmp/images.npz'), config), 'results.json:', results['tickets'][-1]['test_acc'])"
+done
 
 cd "$REPO"
 stage bench launch configurations of the CUDA gate kernels
