@@ -71,6 +71,18 @@ __global__ void count_differences(const T* a, const T* b, int64_t n, unsigned lo
   if (local) atomicAdd(count, local);
 }
 
+// True, after saying where, if the elements counted into *counter (zero before) differ; zeroes it.
+bool differed(unsigned long long* counter, const char* what, const char* configuration) {
+  unsigned long long differing = 0;
+  CHECK(cudaMemcpy(&differing, counter, sizeof(differing), cudaMemcpyDeviceToHost));
+  CHECK(cudaMemset(counter, 0, sizeof(differing)));
+  if (differing) {
+    std::fprintf(stderr, "%s, %s: %llu elements differ from the first configuration's\n", what, configuration,
+                 differing);
+  }
+  return differing != 0;
+}
+
 struct Config {
   const char* name;
   int threads;
@@ -146,6 +158,7 @@ int main() {
   CHECK(cudaMalloc(&ref_ds, most * sizeof(float)));
   CHECK(cudaMalloc(&ref_out, most * sizeof(bf16)));
   CHECK(cudaMalloc(&differences, sizeof(unsigned long long)));
+  CHECK(cudaMemset(differences, 0, sizeof(unsigned long long)));
   fill<<<1024, 256>>>(w, nullptr, most, 1u);
   fill<<<1024, 256>>>(s, nullptr, most, 2u);
   fill<<<1024, 256>>>(nullptr, g, most, 3u);
@@ -181,17 +194,10 @@ int main() {
         CHECK(cudaMemcpy(ref_dw, dw, n * sizeof(float), cudaMemcpyDeviceToDevice));
         CHECK(cudaMemcpy(ref_ds, ds, n * sizeof(float), cudaMemcpyDeviceToDevice));
       }
-      CHECK(cudaMemset(differences, 0, sizeof(unsigned long long)));
       count_differences<<<1024, 256>>>(out, ref_out, n, differences);
       count_differences<<<1024, 256>>>(dw, ref_dw, n, differences);
       count_differences<<<1024, 256>>>(ds, ref_ds, n, differences);
-      unsigned long long differing = 0;
-      CHECK(cudaMemcpy(&differing, differences, sizeof(differing), cudaMemcpyDeviceToHost));
-      if (differing) {
-        std::fprintf(stderr, "%s, %s: %llu elements differ from the first configuration's\n", weight.name, c.name,
-                     differing);
-        return 1;
-      }
+      if (differed(differences, weight.name, c.name)) return 1;
       std::printf("| %s | forward | %s | %.1f | %.2f |\n", weight.name, c.name, forward, 10.0 * n / forward / 1e6);
       std::printf("| %s | backward | %s | %.1f | %.2f |\n", weight.name, c.name, backward, 18.0 * n / backward / 1e6);
     }
@@ -225,15 +231,8 @@ int main() {
         }
       });
       if (&c == &widen_configs[0]) CHECK(cudaMemcpy(ref_wide, wide, n * sizeof(float), cudaMemcpyDeviceToDevice));
-      CHECK(cudaMemset(differences, 0, sizeof(unsigned long long)));
       count_differences<<<1024, 256>>>(wide, ref_wide, n, differences);
-      unsigned long long differing = 0;
-      CHECK(cudaMemcpy(&differing, differences, sizeof(differing), cudaMemcpyDeviceToHost));
-      if (differing) {
-        std::fprintf(stderr, "%s, %s: %llu elements differ from the first configuration's\n", input.name, c.name,
-                     differing);
-        return 1;
-      }
+      if (differed(differences, input.name, c.name)) return 1;
       // 2 bytes read, 4 written an element
       std::printf("| %s | widen | %s | %.1f | %.2f |\n", input.name, c.name, us, 6.0 * n / us / 1e6);
     }
