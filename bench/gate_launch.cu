@@ -237,7 +237,9 @@ int main() {
       std::printf("| %s | widen | %s | %.1f | %.2f |\n", input.name, c.name, us, 6.0 * n / us / 1e6);
     }
   }
-  for (void* p : {static_cast<void*>(narrow), static_cast<void*>(wide), static_cast<void*>(ref_wide)}) CHECK(cudaFree(p));
+  for (void* p : {static_cast<void*>(narrow), static_cast<void*>(wide), static_cast<void*>(ref_wide)}) {
+    CHECK(cudaFree(p));
+  }
   for (void* p : {static_cast<void*>(w), static_cast<void*>(s), static_cast<void*>(dw), static_cast<void*>(ds),
                   static_cast<void*>(g), static_cast<void*>(out), static_cast<void*>(ref_dw),
                   static_cast<void*>(ref_ds), static_cast<void*>(ref_out), static_cast<void*>(differences)}) {

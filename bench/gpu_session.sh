@@ -77,7 +77,8 @@ results = json.load(open('/tmp/cuda-search/results.json'))
 config = search.SearchConfig(data='/tmp/images.npz', device='cuda', amp='$amp')
 ticket = search.load_network('/tmp/cuda-search/ticket-2.pt', device='cuda')
 print('$amp: backend', results['environment']['backend'], 'ticket 2 reloaded:',
-      search.evaluate(ticket, csext.data.load('/tmp/images.npz'), config), 'results.json:', results['tickets'][-1]['test_acc'])"
+      search.evaluate(ticket, csext.data.load('/tmp/images.npz'), config),
+      'results.json:', results['tickets'][-1]['test_acc'])"
 done
 
 cd "$REPO"
