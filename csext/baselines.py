@@ -18,7 +18,9 @@ zero under momentum and weight decay.
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,8 +28,8 @@ from torch.nn.utils import parametrize
 
 from .model import gated_modules, gated_weight_name
 from .schedule import capture
-from .search import (SearchConfig, accuracies, build_gated, build_plain, default_exclude, epoch_bar, epoch_generator,
-                     make_optimizer, prepare_ticket, train_epochs, training_module)
+from .search import (TICKET_NETWORK, SearchConfig, accuracies, build_gated, build_plain, default_exclude, epoch_bar,
+                     epoch_generator, make_optimizer, prepare_ticket, save_network, train_epochs, training_module)
 
 METHODS = ("cs", "imp", "magnitude", "snip", "l0", "random")
 
@@ -153,13 +155,15 @@ def add_l0_gates(model: nn.Module, names, generator: torch.Generator | None = No
 
 class MethodRun:
     """One baseline on the search's setup; `run()` returns its results (SPEC section 3). With
-    `progress`, a tqdm bar per training phase."""
+    `progress`, a tqdm bar per training phase; with `out`, each retrained ticket saved there as
+    ticket-R.pt (search.load_network reads it), as a search saves its own."""
 
     def __init__(self, method: str, config: SearchConfig, data, fractions=(0.2, 0.1, 0.05), imp_rounds: int = 10,
-                 l0_penalty: float = 0.1, progress: bool = False):
+                 l0_penalty: float = 0.1, progress: bool = False, out: str | os.PathLike | None = None):
         if method not in METHODS or method == "cs":
             raise ValueError(f"method must be one of {METHODS[1:]}, got {method!r}")
         self.method, self.config, self.data, self.progress = method, config, data, progress
+        self.out = None if out is None else Path(out)
         self.fractions, self.imp_rounds, self.l0_penalty = list(fractions), imp_rounds, l0_penalty
         self.ticket_count = {"imp": imp_rounds, "l0": 1}.get(method, len(self.fractions))  # for the bars
         self.exclude = default_exclude(config)
@@ -197,9 +201,14 @@ class MethodRun:
         self._train(model, self.config.retrain_budget, f"ticket {round_} of {self.ticket_count}")
         kept = sum(int(v.sum()) for v in mask.values())
         total = sum(v.numel() for v in mask.values())
-        entry = {"round": round_, "remaining": kept / total, **accuracies(model, self.data, self.config),
+        scores = accuracies(model, self.data, self.config)
+        entry = {"round": round_, "remaining": kept / total, **scores,
                  "epochs_spent": self.epochs_spent, "seconds": round(time.perf_counter() - started, 3),
                  "per_layer": {n: int(v.sum()) / v.numel() for n, v in mask.items()}}
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_network(model, self.out / TICKET_NETWORK.format(round=round_), self.config, self.data, round_,
+                         kept / total, scores)
         return entry, model
 
     def run(self) -> dict:

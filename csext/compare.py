@@ -1,6 +1,7 @@
 """`python -m csext compare`: CS and the baselines of csext.baselines on one setup.
 
-Writes DIR/<method>/results.json (SPEC section 3) for each method, DIR/summary.json, and two
+Writes DIR/<method>/results.json (SPEC section 3) and each ticket retrained, as the plain network
+(DIR/<method>/ticket-R.pt, read by csext.search.load_network), for each method, DIR/summary.json, and two
 plots: test accuracy against remaining fraction (log axis) and against epochs spent, a line per
 method, the dense accuracy as a reference line. magnitude, snip and random prune to the
 fractions CS's tickets reached (when cs is among the methods), else to `fractions`.
@@ -46,7 +47,8 @@ def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_
     if imp_rounds < 1:
         raise ConfigError(f"--imp-rounds must be >= 1, got {imp_rounds}")
     out = Path(out)
-    written = [m for m in METHODS if (out / m / RESULTS).exists() or (out / m / CHECKPOINT).exists()]
+    written = [m for m in METHODS if (out / m / RESULTS).exists() or (out / m / CHECKPOINT).exists()
+               or any((out / m).glob("ticket-*.pt"))]
     if not resume and ((out / SUMMARY).exists() or written):
         raise ConfigError(f"--out {out} already holds a comparison: pass --resume to continue it, or another --out")
     config.check()
@@ -71,7 +73,7 @@ def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_
             results = kept[method]
         else:
             run = MethodRun(method, config, data, fractions=fractions, imp_rounds=imp_rounds, l0_penalty=l0_penalty,
-                            progress=progress)
+                            progress=progress, out=out / method)
             results = {**template, "method": method, "tickets": run.run()["tickets"]}
             results["config"] = {**template["config"], **settings}
             write_atomic(out / method / RESULTS, (json.dumps(results, indent=2) + "\n").encode())

@@ -631,15 +631,7 @@ class Search:
             optimizer.load_state_dict(self.state["trainee_optimizer"])
 
     def _save_network(self, model: nn.Module, name: str, round_: int, remaining: float, scores: dict) -> None:
-        """DIR/`name`: `model` as the plain network of the run's model (a ticket finalized: pruned
-        weights zero, mask_scale folded in), on the CPU, with what load_network needs to rebuild it."""
-        if not distributed.is_main():
-            return
-        plain = finalize(copy.deepcopy(model))
-        saved = {"model": self.config.model, "input_shape": list(self.data.input_shape),
-                 "num_classes": self.data.num_classes, "round": round_, "remaining": remaining, **scores,
-                 "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()}}
-        write_atomic(self.out / name, lambda f: torch.save(saved, f))
+        save_network(model, self.out / name, self.config, self.data, round_, remaining, scores)
 
     def _keep_trainee(self, model, optimizer, scaler) -> None:
         self.state["trainee"], self.state["trainee_optimizer"] = model.state_dict(), optimizer.state_dict()
@@ -664,11 +656,26 @@ class Search:
         }
 
 
+def save_network(model: nn.Module, path: Path, config: SearchConfig, data: datasets.Dataset, round_: int,
+                 remaining: float, scores: dict) -> None:
+    """`path`: `model` as the plain network of the run's model (a ticket finalized: pruned weights
+    zero, mask_scale folded in), on the CPU, with what load_network needs to rebuild it. Written
+    by the first rank alone."""
+    if not distributed.is_main():
+        return
+    plain = finalize(copy.deepcopy(model))
+    saved = {"model": config.model, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+             "round": round_, "remaining": remaining, **scores,
+             "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()}}
+    write_atomic(path, lambda f: torch.save(saved, f))
+
+
 def load_network(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """A network a search saved (DIR/dense.pt, DIR/ticket-R.pt) as the plain network of its model
-    (csext.nets, or its MODULE:FACTORY, which must be importable again), its weights loaded (a
-    ticket's pruned weights are zero), in eval mode. The file's other entries: round (0 for
-    dense), remaining, test_acc (and val_acc with --val-fraction), input_shape, num_classes."""
+    """A network a search saved (DIR/dense.pt, DIR/ticket-R.pt), or a baseline of `compare`
+    (DIR/<method>/ticket-R.pt), as the plain network of its model (csext.nets, or its
+    MODULE:FACTORY, which must be importable again), its weights loaded (a ticket's pruned weights
+    are zero), in eval mode. The file's other entries: round (0 for dense), remaining, test_acc
+    (and val_acc with --val-fraction), input_shape, num_classes."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model = nets.build(saved["model"], saved["input_shape"], saved["num_classes"])

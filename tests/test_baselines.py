@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import csext
-from csext import baselines, cli
+from csext import baselines, cli, search
 from csext.data import load
 from csext.search import SearchConfig
 
@@ -144,6 +144,12 @@ def test_compare_command_end_to_end(tmp_path, capsys):
         assert set(results) == {"method", "data", "model", "seed", "config", "dense", "tickets", "environment"}
         if method in ("magnitude", "snip", "random"):  # matched to CS's tickets
             assert [t["remaining"] for t in results["tickets"]] == pytest.approx(cs_fractions, abs=1e-3)
+        # every retrained ticket saved as its plain network, which evaluates to its reported accuracy
+        assert sorted(p.name for p in (out / method).glob("ticket-*.pt")) == sorted(
+            f"ticket-{t['round']}.pt" for t in results["tickets"])
+        last = results["tickets"][-1]
+        network = search.load_network(out / method / f"ticket-{last['round']}.pt")
+        assert search.evaluate(network, load(str(data)), search.SearchConfig(data=str(data))) == last["test_acc"]
     for plot in ("accuracy_vs_remaining.png", "accuracy_vs_epochs.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit) as exit_info:
