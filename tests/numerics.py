@@ -1,5 +1,7 @@
 """Shared helpers of the tests: random inputs and the comparison rule of SPEC section 4."""
 
+import copy
+
 import pytest
 import torch
 
@@ -127,3 +129,17 @@ def assert_history_close(got: list[dict], expected: list[dict], rtol: float = 1e
                 assert row[key] == pytest.approx(value, rel=rtol, abs=atol), f"row {i}, {key}: {row[key]} != {value}"
             else:
                 assert row[key] == value, f"row {i}, {key}: {row[key]!r} != {value!r}"
+
+
+def assert_compiles_as_eager(module: torch.nn.Module, *inputs: torch.Tensor, output=lambda out: out) -> None:
+    """module under torch.compile(fullgraph=True) (any graph break fails) gives the gradients of a
+    copy of it run eagerly, for loss = output(module(*inputs)).square().sum()."""
+    eager = copy.deepcopy(module)
+    torch._dynamo.reset()
+    try:
+        output(torch.compile(module, fullgraph=True)(*inputs)).square().sum().backward()
+    finally:
+        torch._dynamo.reset()
+    output(eager(*inputs)).square().sum().backward()
+    for (name, a), b in zip(module.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
