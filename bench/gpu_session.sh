@@ -5,7 +5,7 @@
 # pytest.txt (the GPU tests' whole report), gpu.csv (bench/run.py), host.csv (bench/host.py),
 # step.csv (bench/step.py), cast.csv (bench/cast.py), and extras.tar.gz with the PNGs and the
 # profile tables (step.py, and run.py for the linear layers); bench/gate_launch.cu,
-# bench/triton_launch.py and the autotuned Launcher test print to log.txt.
+# bench/fused_gemm.py, bench/triton_launch.py and the autotuned Launcher test print to log.txt.
 # The whole script keeps to BUDGET_S seconds (default 560; the device tool stops a call at 600):
 # each stage's timeout is cut to the time left, and a stage with under 20 s left is skipped, so
 # the results written so far and the archive always come back. At 4cb087e on an H100: 495 s.
@@ -96,6 +96,9 @@ stage bench linear, bf16 autocast
 within 200 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops linear \
   --modes full,graph --compile-ops linear --repeats 16 --providers "${LINEAR_PROVIDERS:-all}" --csv "$OUT/gpu.csv" --plot "$OUT/linear.png" \
   --profile "$OUT/profile-linear"
+# Each configuration of the fused GEMM (split-K among them), alone, against the gate + cuBLAS.
+stage bench fused GEMM configurations
+within 60 python3 bench/fused_gemm.py --device cuda --rows 256,1024 --repeats 50
 # Twice the linear layers' samples: the per-layer conv ratios are host-bound and noisy.
 stage bench conv, bf16 autocast
 within 90 python3 bench/run.py --device cuda --autocast bf16 --shapes gpu --ops conv \

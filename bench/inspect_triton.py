@@ -25,14 +25,16 @@ from kernels.launch import OPTIONS  # noqa: E402
 
 TYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
 DOT_DTYPES = {"bf16": triton.language.bfloat16, "fp16": triton.language.float16, "fp32": triton.language.float32}
-FLOAT32_POINTERS = {"w_ptr", "s_ptr", "beta_ptr", "bias_ptr", "grad_w_ptr", "grad_s_ptr", "grad_b_ptr"}
+FLOAT32_POINTERS = {"w_ptr", "s_ptr", "beta_ptr", "bias_ptr", "grad_w_ptr", "grad_s_ptr", "grad_b_ptr", "partial_ptr"}
 
 
 def signature(fn, dtype: str) -> dict:
     """Argument types: float32 weights, logits and gradients; activations in `dtype`."""
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
-        if name.endswith("_ptr"):
+        if name == "count_ptr":
+            sig[name] = "*i32"
+        elif name.endswith("_ptr"):
             sig[name] = "*fp32" if name in FLOAT32_POINTERS else TYPES[dtype]
         elif name in ("M", "N", "K") or name.startswith("stride"):
             sig[name] = "i32"
@@ -52,7 +54,8 @@ def report(name, fn, config, flags, arch: int, dtype: str) -> str:
     wgmma = re.findall(r"wgmma\.mma_async\S*\s+\{[^}]*\},\s*(\{|%rd)", ptx)
     a_from = "-" if not wgmma else ("registers" if all(w == "{" for w in wgmma) else "shared memory")
     tile = "x".join(str(config.kwargs[k]) for k in ("BLOCK_W", "BLOCK_X", "BLOCK_K"))
-    return (f"| {name} | {tile} w{config.num_warps} s{config.num_stages} | {len(wgmma)} | "
+    split = f" split {config.kwargs['SPLIT']}" if config.kwargs.get("SPLIT", 1) > 1 else ""
+    return (f"| {name} | {tile} w{config.num_warps} s{config.num_stages}{split} | {len(wgmma)} | "
             f"{len(re.findall(r'mma.sync', ptx))} | {a_from} | {kernel.metadata.shared // 1024} KiB | "
             f"{len(re.findall(r'ex2.approx', ptx))} |")
 

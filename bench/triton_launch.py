@@ -116,7 +116,7 @@ def launches(device):
     gw, gs, w_eff, gb = torch.empty_like(w), torch.empty_like(s), torch.empty_like(w), torch.empty(n, device=device)
     beta = torch.tensor(4.0, device=device)
     numel, grid = w.numel(), (triton.cdiv(w.numel(), gate.BLOCK),)
-    mm_args = (x, w, s, out, out, beta, m, n, k, *x.stride(), *w.stride(), *s.stride(), *out.stride())
+    mm_args = (x, w, s, out, out, beta, out, out, m, n, k, *x.stride(), *w.stride(), *s.stride(), *out.stride())
     wg_args = (g, x, w, s, gw, gs, gb, beta, m, n, k, *g.stride(), *x.stride(), *w.stride(), *s.stride(), 1e-4)
     mm_flags = dict(HARD=False, HAS_BIAS=False, PRECISION="ieee", DOT_DTYPE=triton.language.float32)
     wg_flags = dict(HARD=False, NEED_WEIGHT=True, NEED_MASK=True, NEED_BIAS=True, PRECISION="ieee")
@@ -124,8 +124,8 @@ def launches(device):
         mm_kernel, wg_kernel = mm.gated_matmul_tuned, mm.gated_weight_grad_tuned
     else:
         mm_kernel, wg_kernel = mm.gated_matmul_kernel, mm.gated_weight_grad_kernel
-        mm_flags, wg_flags = {**mm_flags, **mm.FIXED_CONFIG}, {**wg_flags, **mm.FIXED_CONFIG}
-    mm_grid = lambda meta: (triton.cdiv(m, meta["BLOCK_X"]) * triton.cdiv(n, meta["BLOCK_W"]),)  # noqa: E731
+        mm_flags, wg_flags = {**mm_flags, **mm.FIXED_GATED_CONFIG}, {**wg_flags, **mm.FIXED_CONFIG}
+    mm_grid = mm._split_grid(m, n)
     wg_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_W"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
     return {
         "gate forward": (

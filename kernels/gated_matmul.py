@@ -17,6 +17,16 @@ Hopper's wgmma can take from registers rather than shared memory; compiled for s
 autotuned per (M, N, K) and dtype; under TRITON_INTERPRET=1 (and with CSEXT_TRITON_AUTOTUNE=0)
 one fixed configuration runs instead. Every output element is written once, never accumulated into, so
 autotuning's repeated launches cannot corrupt it.
+
+Split-K (forward and input gradient, few rows): with M rows of x the forward has only
+cdiv(M, BLOCK_X) * cdiv(N, BLOCK_W) output tiles, 32 for M = 256 and N = 4096 with 128 x 256
+tiles, too few to keep a GPU's memory busy streaming w and s; smaller row tiles would gate each
+weight tile once per row tile. Configurations with SPLIT > 1 give each output tile SPLIT
+programs, each over its own part of the reduction. Each stores its float32 partial sum in a
+workspace and counts itself in the tile's counter; the last to arrive adds the SPLIT partials
+in split order (so the result does not depend on which program came last), adds the bias,
+stores the tile and sets the counter back to zero for the next launch. These configurations
+are tried only for small outputs (`split_allowed`), where the workspace stays small.
 """
 
 import os
@@ -32,21 +42,29 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = not INTERPRET and os.environ.get("CSEXT_TRITON_AUTOTUNE", "1") != "0"
 
 
-def _config(block_w, block_x, block_k, warps, stages):
-    return triton.Config({"BLOCK_W": block_w, "BLOCK_X": block_x, "BLOCK_K": block_k, "GROUP": 8},
-                         num_warps=warps, num_stages=stages)
+def _config(block_w, block_x, block_k, warps, stages, split=None):
+    """A configuration; `split` (the number of programs per output tile) for the gated GEMM only."""
+    sizes = {"BLOCK_W": block_w, "BLOCK_X": block_x, "BLOCK_K": block_k, "GROUP": 8}
+    return triton.Config(sizes if split is None else {**sizes, "SPLIT": split}, num_warps=warps, num_stages=stages)
 
 
 # BLOCK_W rows of the weight (the gated operand), BLOCK_X rows of the activations, BLOCK_K of
 # the reduction. Stages are few because each stage holds float32 w and s tiles beside x's.
 GATED_CONFIGS = [
-    _config(128, 256, 64, 8, 2),
-    _config(128, 128, 64, 8, 2),
-    _config(128, 128, 32, 4, 4),
-    _config(64, 128, 64, 4, 3),
-    _config(64, 64, 64, 4, 4),
-    _config(64, 32, 64, 4, 4),
+    _config(128, 256, 64, 8, 2, split=1),
+    _config(128, 128, 64, 8, 2, split=1),
+    _config(128, 128, 32, 4, 4, split=1),
+    _config(64, 128, 64, 4, 3, split=1),
+    _config(64, 64, 64, 4, 4, split=1),
+    _config(64, 32, 64, 4, 4, split=1),
+    # Split-K, for few rows: up to 256 rows of x in one tile, so each weight tile is gated once
+    # or twice, and 2 or 4 programs per tile (split_allowed says where they are tried).
+    _config(128, 256, 64, 8, 2, split=4),
+    _config(64, 256, 64, 4, 2, split=2),
+    _config(64, 256, 64, 4, 2, split=4),
+    _config(64, 128, 64, 4, 3, split=4),
 ]
+MAX_SPLIT = max(config.kwargs["SPLIT"] for config in GATED_CONFIGS)
 # The weight-gradient GEMM: BLOCK_W x BLOCK_K output tiles, BLOCK_X rows of the reduction.
 WEIGHT_GRAD_CONFIGS = [
     _config(128, 64, 128, 8, 3),
@@ -58,6 +76,19 @@ WEIGHT_GRAD_CONFIGS = [
 FIXED_CONFIG = {"BLOCK_W": 32, "BLOCK_X": 32, "BLOCK_K": 32, "GROUP": 4}  # interpreter and tests
 if not INTERPRET:
     FIXED_CONFIG = {"BLOCK_W": 64, "BLOCK_X": 64, "BLOCK_K": 32, "GROUP": 8}
+FIXED_GATED_CONFIG = {**FIXED_CONFIG, "SPLIT": 1}
+SPLIT_MAX_PARTIALS = 1 << 23  # split * M * N up to which split-K is tried: a workspace of 32 MiB at most
+
+
+def split_allowed(M, N, K, block_k, split) -> bool:
+    """Whether `split` programs per output tile are tried for out[M, N] with a reduction of K:
+    a small output (few tiles, a small workspace) and at least two BLOCK_K steps a program."""
+    return split == 1 or (split * M * N <= SPLIT_MAX_PARTIALS and triton.cdiv(K, block_k) >= 2 * split)
+
+
+def _prune_gated(configs, named_args, **kwargs):
+    M, N, K = named_args["M"], named_args["N"], named_args["K"]
+    return [c for c in configs if split_allowed(M, N, K, c.kwargs["BLOCK_K"], c.kwargs["SPLIT"])]
 
 
 @triton.jit
@@ -74,29 +105,51 @@ def _tile_ids(rows, cols, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, GR
 
 
 @triton.jit
+def _store_out_tile(acc, bias_ptr, out_ptr, offs_n, offs_m, M, N, stride_om, stride_on,
+                    HAS_BIAS: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """out^T tile = acc (+ bias), rounded to DOT_DTYPE, then stored in out's dtype."""
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + offs_n.to(tl.int64)[:, None] * stride_on + offs_m.to(tl.int64)[None, :] * stride_om
+    out = acc.to(DOT_DTYPE).to(out_ptr.dtype.element_ty)  # as a cast after a GEMM in DOT_DTYPE would give
+    tl.store(out_ptrs, out, mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
+
+
+@triton.jit
 def gated_matmul_kernel(
-    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, beta_ptr,
+    x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, beta_ptr, partial_ptr, count_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_om, stride_on,
     HARD: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_DTYPE: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_X: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """out[M, N] = x[M, K] @ (w * m)[N, K]^T (+ bias[N]), any strides; x and the gated weight
-    enter the dot in DOT_DTYPE, and the result is rounded to it before it is stored in out's."""
+    enter the dot in DOT_DTYPE, and the result is rounded to it before it is stored in out's.
+    Program (tile, split) sums split's share of the BLOCK_K steps; with SPLIT > 1, partial_ptr
+    is a float32 (SPLIT, N, M) workspace and count_ptr one int32 zero per output tile."""
     # Programs side by side share a weight tile: its float32 w and s, the widest operands,
     # then come from L2 after the first read instead of from memory once per row tile of x.
     pid_m, pid_n = _tile_ids(M, N, BLOCK_X, BLOCK_W, GROUP)
+    split = tl.program_id(1)
     offs_n = pid_n * BLOCK_W + tl.arange(0, BLOCK_W)
     offs_m = pid_m * BLOCK_X + tl.arange(0, BLOCK_X)
     offs_k = tl.arange(0, BLOCK_K)
     rows_n = offs_n.to(tl.int64)[:, None]
     rows_m = offs_m.to(tl.int64)[:, None]
-    w_ptrs = w_ptr + rows_n * stride_wn + offs_k[None, :] * stride_wk
-    s_ptrs = s_ptr + rows_n * stride_sn + offs_k[None, :] * stride_sk
-    x_ptrs = x_ptr + rows_m * stride_xm + offs_k[None, :] * stride_xk
+    if SPLIT == 1:
+        first_step, last_step = 0, tl.cdiv(K, BLOCK_K)
+        cols_k = offs_k[None, :]
+    else:
+        steps_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT)
+        first_step = split * steps_per_split
+        last_step = min(first_step + steps_per_split, tl.cdiv(K, BLOCK_K))
+        cols_k = first_step.to(tl.int64) * BLOCK_K + offs_k[None, :]  # times a stride: 64-bit
+    w_ptrs = w_ptr + rows_n * stride_wn + cols_k * stride_wk
+    s_ptrs = s_ptr + rows_n * stride_sn + cols_k * stride_sk
+    x_ptrs = x_ptr + rows_m * stride_xm + cols_k * stride_xk
     beta = tl.load(beta_ptr)
     acc = tl.zeros((BLOCK_W, BLOCK_X), dtype=tl.float32)
-    for step in range(0, tl.cdiv(K, BLOCK_K)):
+    for step in range(first_step, last_step):
         k_inside = offs_k[None, :] < K - step * BLOCK_K
         w_inside = (offs_n[:, None] < N) & k_inside
         w = tl.load(w_ptrs, mask=w_inside, other=0.0).to(tl.float32)
@@ -107,11 +160,23 @@ def gated_matmul_kernel(
         w_ptrs += BLOCK_K * stride_wk
         s_ptrs += BLOCK_K * stride_sk
         x_ptrs += BLOCK_K * stride_xk
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
-    out_ptrs = out_ptr + rows_n * stride_on + offs_m.to(tl.int64)[None, :] * stride_om
-    out = acc.to(DOT_DTYPE).to(out_ptr.dtype.element_ty)  # as a cast after a GEMM in DOT_DTYPE would give
-    tl.store(out_ptrs, out, mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
+    if SPLIT == 1:
+        _store_out_tile(acc, bias_ptr, out_ptr, offs_n, offs_m, M, N, stride_om, stride_on, HAS_BIAS, DOT_DTYPE)
+    else:
+        inside = (offs_n[:, None] < N) & (offs_m[None, :] < M)
+        split_stride = N * M  # split * N * M <= SPLIT_MAX_PARTIALS: no overflow
+        partial_ptrs = partial_ptr + rows_n * M + offs_m[None, :]  # split 0's partial
+        tl.store(partial_ptrs + split * split_stride, acc, mask=inside)
+        tl.debug_barrier()  # every thread's partial stored before the count releases them
+        count_ptrs = count_ptr + pid_n * tl.cdiv(M, BLOCK_X) + pid_m
+        arrived = tl.atomic_add(count_ptrs, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLIT - 1:  # the tile's last program: every partial is in the workspace
+            acc = tl.zeros((BLOCK_W, BLOCK_X), dtype=tl.float32)
+            for part in tl.static_range(SPLIT):  # in split order, whichever program came last
+                acc += tl.load(partial_ptrs + part * split_stride, mask=inside, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(count_ptrs, 0, sem="relaxed", scope="gpu")  # zero again for the next launch
+            _store_out_tile(acc, bias_ptr, out_ptr, offs_n, offs_m, M, N, stride_om, stride_on, HAS_BIAS,
+                            DOT_DTYPE)
 
 
 @triton.jit
@@ -168,13 +233,16 @@ def gated_weight_grad_kernel(
         tl.store(grad_s_ptr + rows_n * stride_sn + offs_k[None, :] * stride_sk, grad_s, mask=inside)
 
 
-gated_matmul_tuned = triton.autotune(GATED_CONFIGS, key=["M", "N", "K"])(gated_matmul_kernel)
+gated_matmul_tuned = triton.autotune(GATED_CONFIGS, key=["M", "N", "K"],
+                                     prune_configs_by={"early_config_prune": _prune_gated})(gated_matmul_kernel)
 gated_weight_grad_tuned = triton.autotune(WEIGHT_GRAD_CONFIGS, key=["M", "N", "K"])(gated_weight_grad_kernel)
 
 
 # The autotuned kernels, or the plain ones with FIXED_CONFIG added to their constexprs.
 _launch_matmul = Launcher(gated_matmul_kernel, gated_matmul_tuned if AUTOTUNE else None)
 _launch_weight_grad = Launcher(gated_weight_grad_kernel, gated_weight_grad_tuned if AUTOTUNE else None)
+_launch_matmul_as_given = Launcher(gated_matmul_kernel)  # gated_matmul(config=...): tests and bench/
+_MATMUL_CONFIG = {} if AUTOTUNE else FIXED_GATED_CONFIG
 _CONFIG = {} if AUTOTUNE else FIXED_CONFIG
 
 
@@ -182,14 +250,50 @@ def _tile_grid(rows, cols, row_block, col_block):
     return lambda meta: (triton.cdiv(rows, meta[row_block]) * triton.cdiv(cols, meta[col_block]),)
 
 
+def _split_grid(rows, cols):
+    """(output tiles, SPLIT programs each): the gated GEMM's grid."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_X"]) * triton.cdiv(cols, meta["BLOCK_W"]), meta["SPLIT"])
+
+
+_tile_counters: dict = {}  # (device index, stream) -> int32 zeros, which the split kernels leave zeroed
+
+
+def _zeroed_counters(device: torch.device, size: int) -> torch.Tensor:
+    """At least `size` int32 zeros for a split kernel's per-tile counts: one tensor per device and
+    stream (the kernels of one stream never overlap), or a fresh one in a CUDA graph being
+    captured (kept in the graph's memory pool: a cached tensor could be replaced, and its memory
+    reused, while the graph still replays)."""
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(size, dtype=torch.int32, device=device)
+        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (None, None)
+    counters = _tile_counters.get(key)
+    if counters is None or counters.numel() < size:
+        counters = _tile_counters[key] = torch.zeros(max(size, 1024), dtype=torch.int32, device=device)
+    return counters
+
+
+def _workspace_splits(M, N, K, config) -> int:
+    """The most programs per output tile the launch may take: the given or fixed configuration's,
+    or the most of the autotuned configurations tried for this shape."""
+    if config:
+        return config["SPLIT"]
+    kwargs = (c.kwargs for c in GATED_CONFIGS)
+    return max(kw["SPLIT"] for kw in kwargs if split_allowed(M, N, K, kw["BLOCK_K"], kw["SPLIT"]))
+
+
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision: str, dot_dtype: torch.dtype,
-                 transposed: bool = False) -> None:
+                 transposed: bool = False, config: dict | None = None) -> None:
     """out[M, N] = x[M, K] @ (weight * m)[N, K]^T (+ bias), the GEMM in `dot_dtype` (x and out
     may have others), any strides. With `transposed`, weight and mask_logits are read as their
-    transposes, (K, N): the input gradient G @ (w * m), without a view op for each."""
+    transposes, (K, N): the input gradient G @ (w * m), without a view op for each. `config`
+    (BLOCK_W, BLOCK_X, BLOCK_K, GROUP, SPLIT, and optionally num_warps and num_stages) replaces
+    the autotuned or fixed configuration."""
     (M, K), N = x.shape, weight.shape[1 if transposed else 0]
     if M == 0 or N == 0:
         return
@@ -198,13 +302,21 @@ def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision:
         return
     has_bias = bias is not None
     bias = bias.contiguous() if has_bias else out  # the epilogue reads it densely; else a placeholder
-    tensors = (x, weight, mask_logits, bias, out, beta)
+    launch = _launch_matmul if config is None else _launch_matmul_as_given
+    config = config or _MATMUL_CONFIG
+    splits = _workspace_splits(M, N, K, config)
+    if splits > 1:
+        partials = out.new_empty((splits, N, M), dtype=torch.float32)
+        counters = _zeroed_counters(out.device, triton.cdiv(M, 16) * triton.cdiv(N, 16))  # blocks are >= 16
+    else:
+        partials = counters = out  # placeholders: no configuration tried here reads them
+    tensors = (x, weight, mask_logits, bias, out, beta, partials, counters)
     w_strides, s_strides = weight.stride(), mask_logits.stride()
     if transposed:
         w_strides, s_strides = w_strides[::-1], s_strides[::-1]
     ints = (M, N, K, *x.stride(), *w_strides, *s_strides, *out.stride())
-    flags = dict(HARD=hard, HAS_BIAS=has_bias, PRECISION=precision, DOT_DTYPE=_TRITON_DTYPES[dot_dtype], **_CONFIG)
-    _launch_matmul(_tile_grid(M, N, "BLOCK_X", "BLOCK_W"), tensors, ints, (), flags)
+    flags = dict(HARD=hard, HAS_BIAS=has_bias, PRECISION=precision, DOT_DTYPE=_TRITON_DTYPES[dot_dtype], **config)
+    launch(_split_grid(M, N), tensors, ints, (), flags)
 
 
 def gated_weight_grad(grad, x, weight, mask_logits, beta, penalty: float, grad_weight, grad_mask_logits,

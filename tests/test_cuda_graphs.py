@@ -5,6 +5,7 @@ torch.compile(mode="reduce-overhead"), which captures CUDA graphs itself, trains
 eager mode does. Also bench/run.py's `graph` mode, which times such replays."""
 
 import csv
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -24,13 +25,14 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not BACKENDS, reason="no fused
 CASES = [
     ("linear", (37, 45), 0),
     ("linear", (37, 45), 1 << 20),
+    ("linear, split-K", (37, 200), 1 << 20),  # the triton GEMMs, 3 programs a tile (kernels/gated_matmul.py)
     ("conv", (4, 6, 9, 11), 0),
     ("conv-channels-last", (4, 8, 10, 10), 0),
 ]
 
 
 def _layer(kind: str, in_features: int, backend: str) -> torch.nn.Module:
-    if kind == "linear":
+    if kind.startswith("linear"):
         layer = csext.GatedLinear(in_features, 29, device="cuda")
     else:
         layer = csext.GatedConv2d(in_features, 12, 3, padding=1, device="cuda")
@@ -51,7 +53,14 @@ def _input(kind: str, shape) -> torch.Tensor:
 @pytest.mark.parametrize("kind,shape,fused_max_rows", CASES)
 def test_replayed_graph_matches_eager_calls(monkeypatch, backend, kind, shape, fused_max_rows):
     monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", fused_max_rows)
-    layer = _layer(kind, shape[1 if kind != "linear" else -1], backend)
+    if kind == "linear, split-K":
+        if backend != "triton":
+            pytest.skip("split-K is the triton backend's")
+        from csext.kernels import gated_matmul as mm
+
+        split_k = {**mm.FIXED_GATED_CONFIG, "SPLIT": 3}
+        monkeypatch.setattr(mm, "gated_matmul", functools.partial(mm.gated_matmul, config=split_k))
+    layer = _layer(kind, shape[-1 if kind.startswith("linear") else 1], backend)
     params = list(layer.parameters())
     static_x = _input(kind, shape).requires_grad_()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -79,6 +88,10 @@ def test_replayed_graph_matches_eager_calls(monkeypatch, backend, kind, shape, f
     # The graph must not read csext's cached beta tensors: they may be evicted, and their memory
     # reused (here by NaN-filled ones of the same size, on both streams), while the graph lives.
     csext._ops._beta_tensors.clear()
+    if "triton" in csext.backends.available():  # nor split-K's cached tile counters (kept zeroed)
+        from csext.kernels import gated_matmul as mm
+
+        mm._tile_counters.clear()
     poison = [torch.full((), float("nan"), device="cuda") for _ in range(256)]
     with torch.cuda.stream(side):
         poison += [torch.full((), float("nan"), device="cuda") for _ in range(256)]

@@ -188,6 +188,18 @@ def test_every_autotuned_triton_config_compiles(arch):
             assert int(mma_sync) > 0, row
 
 
+def test_fused_gemm_bench_times_every_configuration_tried(capsys):
+    """bench/fused_gemm.py on the CPU (Triton's interpreter): a row for each baseline and for each
+    configuration that autotuning tries at that shape, split-K ones among them."""
+    kernels = pytest.importorskip("csext.kernels.gated_matmul")
+    assert _load(ROOT / "bench" / "fused_gemm.py").main(["--device", "cpu", "--rows", "8", "--repeats", "1"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| 8 |")]
+    tried = [c for c in kernels.GATED_CONFIGS if kernels.split_allowed(8, 256, 256, c.kwargs["BLOCK_K"], c.kwargs["SPLIT"])]
+    assert any(c.kwargs["SPLIT"] > 1 for c in tried)
+    assert len(rows) == 2 * (2 + len(tried)) and [row[3].strip() for row in rows].count("gate + mm") == 2
+    assert all(float(row[4]) > 0 for row in rows), "a configuration failed"
+
+
 def test_bench_rejects_unknown_names():
     bench = _load(ROOT / "bench" / "run.py")
     with pytest.raises(SystemExit, match="--ops"):

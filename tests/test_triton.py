@@ -5,6 +5,8 @@ by conftest.py): float32 and float16 on small awkward shapes, few enough to keep
 a GPU the same tests run on CUDA and add bfloat16 and autocast (bf16).
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -64,6 +66,51 @@ def test_fused_bias_gradient(frozen, rows):
         results.append(torch.autograd.grad(y, [leaves[name] for name in needs], grad_out))
     for name, got, want in zip(needs, *results):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("split", [3, 5])
+@pytest.mark.parametrize("hard", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_k_gemms_match_torch_backend(monkeypatch, dtype, hard, split):
+    """The forward and input-gradient GEMMs with SPLIT programs per output tile
+    (kernels/gated_matmul.py): K = 200 is 7 BLOCK_K steps, 3, 3 and 1 of them over 3 programs,
+    and 2, 2, 2, 1 and none over 5; several tiles along M and N."""
+    from csext.kernels import gated_matmul as mm
+
+    split_k = {**mm.FIXED_GATED_CONFIG, "SPLIT": split}
+    monkeypatch.setattr(mm, "gated_matmul", functools.partial(mm.gated_matmul, config=split_k))
+    w = torch.randn(75, 200)
+    tensors = [("x", torch.randn(70, 200)), ("w", w), ("s", mask_logits_like(w)), ("b", torch.randn(75))]
+
+    def op(x, w, s, b, backend):
+        return CF.gated_linear(x, w, s, 3.7, b, hard=hard, penalty=0.01, backend=backend)
+
+    _compare(op, tensors, dtype, (70, 75))
+
+
+def test_split_k_is_deterministic_and_leaves_its_counters_at_zero():
+    """Whichever program of a tile comes last adds the partial sums in split order: the same bits
+    on every call, and a one-program-per-tile result to float32 rounding. Each launch leaves the
+    tile counters at zero for the next (the three calls here share them). Split-K is tried for
+    small outputs only."""
+    from csext.kernels import gated_matmul as mm
+
+    x, w = torch.randn(70, 200, device=DEVICE), torch.randn(75, 200, device=DEVICE)
+    s, b, beta = mask_logits_like(w).to(DEVICE), torch.randn(75, device=DEVICE), torch.tensor(2.0, device=DEVICE)
+    outs = []
+    for split in (3, 3, 3, 1):
+        out = torch.full((70, 75), float("nan"), device=DEVICE)
+        mm.gated_matmul(x, w, s, beta, b, out, False, "ieee", torch.float32,
+                        config={**mm.FIXED_GATED_CONFIG, "SPLIT": split})
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    torch.testing.assert_close(outs[0], outs[3], rtol=1e-5, atol=1e-4)
+    assert mm._tile_counters and not any(counters.any() for counters in mm._tile_counters.values())
+    # autotuning tries split-K only where the output has few tiles and the reduction many steps
+    assert mm._workspace_splits(256, 4096, 4096, {}) == mm.MAX_SPLIT
+    assert mm._workspace_splits(8192, 4096, 4096, {}) == mm._workspace_splits(256, 4096, 64, {}) == 1
+    tried = mm._prune_gated(mm.GATED_CONFIGS, {"M": 8192, "N": 4096, "K": 4096})
+    assert tried and all(config.kwargs["SPLIT"] == 1 for config in tried)
 
 
 @pytest.mark.parametrize("fused_max_rows", [0, 4096])

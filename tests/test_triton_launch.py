@@ -132,9 +132,9 @@ def _check_all():
                 strides = (stride, 1) * 4
                 # the GEMM in x's dtype, and in float16 (x's tiles cast, as under autocast)
                 for hard, dot_dtype in ((False, dtype), (True, dtype), (False, torch.float16)):
-                    seen.add(check(mm._launch_matmul, mm._tile_grid(m, n, "BLOCK_X", "BLOCK_W"),
-                                   (x, w, s, o, o, beta), (m, n, k, *strides), HARD=hard, HAS_BIAS=True,
-                                   PRECISION="ieee", DOT_DTYPE=mm._TRITON_DTYPES[dot_dtype], **mm._CONFIG))
+                    seen.add(check(mm._launch_matmul, mm._split_grid(m, n), (x, w, s, o, o, beta, o, o),
+                                   (m, n, k, *strides), HARD=hard, HAS_BIAS=True, PRECISION="ieee",
+                                   DOT_DTYPE=mm._TRITON_DTYPES[dot_dtype], **mm._MATMUL_CONFIG))
                 for hard in (False, True):
                     seen.add(check(mm._launch_weight_grad, mm._tile_grid(n, k, "BLOCK_W", "BLOCK_K"),
                                    (o, x, w, s, w, s, o, beta), (m, n, k, *strides), (1e-4,), HARD=hard,
