@@ -34,6 +34,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.driver import driver
 
 from .gate import mask_of, soft_mask_and_slope
 from .launch import Launcher
@@ -266,7 +267,7 @@ def _zeroed_counters(device: torch.device, size: int) -> torch.Tensor:
     if device.type == "cuda":
         if torch.cuda.is_current_stream_capturing():
             return torch.zeros(size, dtype=torch.int32, device=device)
-        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+        key = (device.index, driver.active.get_current_stream(device.index))  # as the Launcher reads it
     else:
         key = (None, None)
     counters = _tile_counters.get(key)
