@@ -7,8 +7,10 @@ the weight of a linear layer at few rows, where the fused path is taken:
 For each row count M it times the forward y = x @ (w * m)^T and the input gradient
 dx = G @ (w * m), x and G in bf16 with float32 w and s (as under bf16 autocast), and prints one
 table row per configuration tried for that shape (`split_allowed`): its median time (the L2
-cache flushed before each call, triton.testing.do_bench) and its ratio over `gate + mm`, the
-gate kernel writing bf16 w_eff and torch.mm reading it; `mm` alone is the plain layer's GEMM.
+cache flushed before each call, triton.testing.do_bench), its ratio over `gate + mm`, the gate
+kernel writing bf16 w_eff and torch.mm reading it (`mm` alone is the plain layer's GEMM), and
+its largest difference from `gate + mm`'s output, over that output's largest magnitude (both
+round to bf16: a few 2^-8 at most where the configuration is right).
 On the CPU it runs a small shape in Triton's interpreter (TRITON_INTERPRET=1) and float32: a
 check that the script works, with no meaning as timings.
 """
@@ -69,8 +71,8 @@ def main(argv=None) -> int:
     w_eff = torch.empty_like(w, dtype=dtype)
     print(f"torch {torch.__version__} | {torch.cuda.get_device_name() if cuda else 'CPU, Triton interpreter'} "
           f"| K = N = {features} | x, G, w_eff {str(dtype)[6:]}; w, s float32")
-    print("| M | GEMM | configuration (W x X x K, warps, stages, split) | us | / gate + mm |")
-    print("|---|---|---|---|---|")
+    print("| M | GEMM | configuration (W x X x K, warps, stages, split) | us | / gate + mm | max difference |")
+    print("|---|---|---|---|---|---|")
     for m in rows:
         x = torch.randn(m, features, device=args.device, dtype=dtype)
         out = torch.empty(m, features, device=args.device, dtype=dtype)
@@ -80,8 +82,9 @@ def main(argv=None) -> int:
                 gate.gate_forward(w, s, beta, w_eff, False)
                 return x @ (w_eff if transposed else w_eff.T)
 
-            base = timed(gate_then_mm)
-            timings = [("gate + mm", base), ("mm", timed(lambda: x @ (w_eff if transposed else w_eff.T)))]
+            base, expected = timed(gate_then_mm), gate_then_mm().float()
+            scale = expected.abs().max().item()
+            timings = [("gate + mm", base, 0.0), ("mm", timed(lambda: x @ (w_eff if transposed else w_eff.T)), 0.0)]
             for config in mm.GATED_CONFIGS:
                 kw = config.kwargs
                 if not mm.split_allowed(m, features, features, kw["BLOCK_K"], kw["SPLIT"]):
@@ -89,15 +92,16 @@ def main(argv=None) -> int:
                 given = {**kw, "num_warps": config.num_warps, "num_stages": config.num_stages}
                 name = (f"{kw['BLOCK_W']}x{kw['BLOCK_X']}x{kw['BLOCK_K']} w{config.num_warps} "
                         f"s{config.num_stages} split {kw['SPLIT']}")
+                out.fill_(float("nan"))  # an element a configuration leaves unwritten shows
                 try:
                     seconds = timed(lambda: mm.gated_matmul(x, w, s, beta, None, out, False, "ieee", dtype,
                                                             transposed=transposed, config=given))
                 except Exception as error:  # a configuration over the chip's shared memory
-                    print(f"| {m} | {gemm} | {name} | failed: {type(error).__name__} | |")
+                    print(f"| {m} | {gemm} | {name} | failed: {type(error).__name__} | | |")
                     continue
-                timings.append((name, seconds))
-            for name, seconds in timings:
-                print(f"| {m} | {gemm} | {name} | {seconds * 1e6:.1f} | {seconds / base:.2f}x |")
+                timings.append((name, seconds, (out.float() - expected).abs().max().item() / scale))
+            for name, seconds, difference in timings:
+                print(f"| {m} | {gemm} | {name} | {seconds * 1e6:.1f} | {seconds / base:.2f}x | {difference:.1e} |")
     return 0
 
 

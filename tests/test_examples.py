@@ -198,6 +198,7 @@ def test_fused_gemm_bench_times_every_configuration_tried(capsys):
     assert any(c.kwargs["SPLIT"] > 1 for c in tried)
     assert len(rows) == 2 * (2 + len(tried)) and [row[3].strip() for row in rows].count("gate + mm") == 2
     assert all(float(row[4]) > 0 for row in rows), "a configuration failed"
+    assert all(float(row[6]) < 1e-5 for row in rows), "a configuration's output differs (float32 here)"
 
 
 def test_bench_rejects_unknown_names():
