@@ -13,10 +13,11 @@ separate casts of x and of dL/dx give, bit for bit, without those two passes ove
 
 The gated tile is the dot's first operand (the kernels compute y^T tile by tile), the operand
 Hopper's wgmma can take from registers rather than shared memory; compiled for sm_90 it does
-(`python bench/inspect_triton.py` reads the PTX, no GPU needed). One list of configurations, for sm_80 and sm_90, is
-autotuned per (M, N, K) and dtype; under TRITON_INTERPRET=1 (and with CSEXT_TRITON_AUTOTUNE=0)
-one fixed configuration runs instead. Every output element is written once, never accumulated into, so
-autotuning's repeated launches cannot corrupt it.
+(`python bench/inspect_triton.py` reads the PTX, no GPU needed). One list of configurations, for
+sm_80 and sm_90, is autotuned per (M, N, K), dtypes and (the gated GEMM) orientation of w; under
+TRITON_INTERPRET=1 (and with CSEXT_TRITON_AUTOTUNE=0) one fixed configuration runs instead. Every
+output element is written once, never accumulated into, so autotuning's repeated launches cannot
+corrupt it.
 
 Split-K (forward and input gradient, few rows): with M rows of x the forward has only
 cdiv(M, BLOCK_X) * cdiv(N, BLOCK_W) output tiles, 32 for M = 256 and N = 4096 with 128 x 256
@@ -234,7 +235,9 @@ def gated_weight_grad_kernel(
         tl.store(grad_s_ptr + rows_n * stride_sn + offs_k[None, :] * stride_sk, grad_s, mask=inside)
 
 
-gated_matmul_tuned = triton.autotune(GATED_CONFIGS, key=["M", "N", "K"],
+# stride_wk tells the forward (w read along its rows) from the input gradient (along its columns),
+# which may take different configurations at the same M, N, K and dtypes.
+gated_matmul_tuned = triton.autotune(GATED_CONFIGS, key=["M", "N", "K", "stride_wk"],
                                      prune_configs_by={"early_config_prune": _prune_gated})(gated_matmul_kernel)
 gated_weight_grad_tuned = triton.autotune(WEIGHT_GRAD_CONFIGS, key=["M", "N", "K"])(gated_weight_grad_kernel)
 
