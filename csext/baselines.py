@@ -26,10 +26,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ._files import write_atomic
 from .model import gated_modules, gated_weight_name
 from .schedule import capture
-from .search import (TICKET_NETWORK, SearchConfig, accuracies, build_gated, build_plain, default_exclude, epoch_bar,
-                     epoch_generator, make_optimizer, prepare_ticket, save_network, train_epochs, training_module)
+from .search import (HISTORY, HISTORY_COLUMNS, TICKET_NETWORK, TRAINING_PLOT, SearchConfig, accuracies, build_gated,
+                     build_plain, default_exclude, epoch_bar, epoch_generator, history_csv, make_optimizer,
+                     plot_history, prepare_ticket, save_network, train_epochs, training_module)
 
 METHODS = ("cs", "imp", "magnitude", "snip", "l0", "random")
 
@@ -124,6 +126,11 @@ class HardConcreteGate(nn.Module):
             s = torch.sigmoid(self.log_alpha)
         return torch.clamp(s * (L0_ZETA - L0_GAMMA) + L0_GAMMA, 0.0, 1.0)
 
+    @torch.no_grad()
+    def support(self) -> torch.Tensor:
+        """Where the deterministic (eval-mode) gate is above zero: the weights L0 keeps."""
+        return torch.sigmoid(self.log_alpha) * (L0_ZETA - L0_GAMMA) + L0_GAMMA > 0
+
     def expected_l0(self) -> torch.Tensor:
         """sum P(z != 0) = sum sigmoid(log_alpha - beta * log(-gamma / zeta))."""
         return torch.sigmoid(self.log_alpha - L0_BETA * math.log(-L0_GAMMA / L0_ZETA)).sum()
@@ -156,7 +163,9 @@ def add_l0_gates(model: nn.Module, names, generator: torch.Generator | None = No
 class MethodRun:
     """One baseline on the search's setup; `run()` returns its results (SPEC section 3). With
     `progress`, a tqdm bar per training phase; with `out`, each retrained ticket saved there as
-    ticket-R.pt (search.load_network reads it), as a search saves its own."""
+    ticket-R.pt (search.load_network reads it), and at the end the run's history.csv and
+    training.png, as a search writes its own: one row per epoch, phase "dense" (the dense
+    training of imp and magnitude), "search" (l0's gates) or "retrain" (ticket R, round R)."""
 
     def __init__(self, method: str, config: SearchConfig, data, fractions=(0.2, 0.1, 0.05), imp_rounds: int = 10,
                  l0_penalty: float = 0.1, progress: bool = False, out: str | os.PathLike | None = None):
@@ -169,17 +178,25 @@ class MethodRun:
         self.exclude = default_exclude(config)
         self.phase = 1000  # generator streams apart from the search's phases
         self.epochs_spent = 0
+        self.history: list[dict] = []  # a dict of HISTORY_COLUMNS per epoch
 
-    def _train(self, model, epochs: int, desc: str, rewind: dict | None = None, optimizer=None, **hooks) -> None:
-        """Train `model` for `epochs` (`desc` names the phase on its progress bar); with `rewind`,
+    def _train(self, model, epochs: int, desc: str, phase: str, round_: int, remaining, rewind: dict | None = None,
+               optimizer=None, **hooks) -> None:
+        """Train `model` for `epochs` (`desc` names the phase on its progress bar), a history row
+        per epoch (`phase`, `round_`, and remaining(), the fraction of weights kept); with `rewind`,
         keep the rewind point (after k iterations, or the end if training is shorter) in rewind["state"]."""
         def on_step(step):
             if rewind is not None and "state" not in rewind and step == self.config.rewind_iter:
                 rewind["state"] = capture(model)
 
+        def on_epoch(epoch, lr, stats, seconds):
+            row = {"phase": phase, "round": round_, "epoch": epoch + 1, "lr": lr, **stats,
+                   **accuracies(model, self.data, self.config), "remaining": remaining(), "seconds": round(seconds, 3)}
+            self.history.append({column: row.get(column) for column in HISTORY_COLUMNS})
+
         self.phase += 1
         train_epochs(training_module(model, self.config), self.data, optimizer or make_optimizer(model, self.config),
-                     self.config, epochs, self.phase, on_step=on_step,
+                     self.config, epochs, self.phase, on_step=on_step, on_epoch=on_epoch,
                      bar=epoch_bar(f"{self.method}: {desc}", epochs, self.progress), **hooks)
         self.epochs_spent += epochs
         if rewind is not None:
@@ -198,9 +215,10 @@ class MethodRun:
         """Train the ticket `mask` from the weights `rewind`; its results entry and the model."""
         model = build_gated(self.config, self.data, self.exclude)
         prepare_ticket(model, mask, rewind)
-        self._train(model, self.config.retrain_budget, f"ticket {round_} of {self.ticket_count}")
         kept = sum(int(v.sum()) for v in mask.values())
         total = sum(v.numel() for v in mask.values())
+        self._train(model, self.config.retrain_budget, f"ticket {round_} of {self.ticket_count}", "retrain", round_,
+                    lambda: kept / total)
         scores = accuracies(model, self.data, self.config)
         entry = {"round": round_, "remaining": kept / total, **scores,
                  "epochs_spent": self.epochs_spent, "seconds": round(time.perf_counter() - started, 3),
@@ -214,12 +232,17 @@ class MethodRun:
     def run(self) -> dict:
         started = time.perf_counter()
         tickets = getattr(self, f"_run_{self.method}")(started)
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.out / HISTORY, history_csv(self.history).encode())
+            plot_history(self.history, self.out / TRAINING_PLOT,
+                         f"{self.method}: {self.config.model} on {self.config.data}")
         return {"method": self.method, "tickets": tickets}
 
     def _run_imp(self, started) -> list[dict]:
         rewind = {}
         model = self._open_gated()
-        self._train(model, self.config.dense_budget, "dense", rewind)
+        self._train(model, self.config.dense_budget, "dense", "dense", 0, lambda: 1.0, rewind)
         output_layer = gated_modules(model)[-1][0]
         mask = {n: torch.ones_like(m.weight, dtype=torch.bool).cpu() for n, m in gated_modules(model)}
         tickets = []
@@ -232,7 +255,7 @@ class MethodRun:
 
     def _run_magnitude(self, started) -> list[dict]:
         dense = self._open_gated()
-        self._train(dense, self.config.dense_budget, "dense")
+        self._train(dense, self.config.dense_budget, "dense", "dense", 0, lambda: 1.0)
         trained = capture(dense)
         tickets = []
         for i, fraction in enumerate(self.fractions, start=1):
@@ -276,10 +299,13 @@ class MethodRun:
             for g in gates.values():
                 g.clamp_()
 
+        total = sum(g.log_alpha.numel() for g in gates.values())
+
+        def remaining():
+            return sum(int(g.support().sum()) for g in gates.values()) / total
+
         # the schedule sets the weights' learning rate; Adam keeps its own
-        self._train(plain, self.config.epochs, "gates", optimizer=[weights, gate_optimizer], extra_loss=l0_loss,
-                    after_step=after_step)
-        plain.eval()
-        with torch.no_grad():
-            mask = {n: (gates[n].gate() > 0).cpu() for n in names}
+        self._train(plain, self.config.epochs, "gates", "search", 1, remaining, optimizer=[weights, gate_optimizer],
+                    extra_loss=l0_loss, after_step=after_step)
+        mask = {n: gates[n].support().cpu() for n in names}
         return [self._ticket(mask, initial, 1, started)[0]]

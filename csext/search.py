@@ -283,19 +283,24 @@ def train_epoch(model, data: datasets.Dataset, optimizer, config: SearchConfig, 
 
 
 def train_epochs(model, data: datasets.Dataset, optimizer, config: SearchConfig, epochs: int, phase: int,
-                 on_step=None, bar=None, **hooks) -> None:
+                 on_step=None, bar=None, on_epoch=None, **hooks) -> None:
     """`epochs` of train_epoch under the lr schedule (set on the first optimizer), epoch e drawn
-    from (seed, phase, e); on_step gets the number of steps since the first epoch; `bar` (an
-    epoch_bar) advances an epoch at a time."""
+    from (seed, phase, e); on_step gets the number of steps since the first epoch; on_epoch(e, lr,
+    stats, seconds) runs after each epoch, with train_epoch's stats and its training time; `bar`
+    (an epoch_bar) advances an epoch at a time."""
     first = optimizer[0] if isinstance(optimizer, (list, tuple)) else optimizer
     steps_per_epoch = math.ceil(len(data.y_train) / config.batch_size)
     scaler = grad_scaler(config)  # one loss scale across the epochs
     for epoch in range(epochs):
+        lr = learning_rate(config, epoch, epochs)
         for group in first.param_groups:
-            group["lr"] = learning_rate(config, epoch, epochs)
+            group["lr"] = lr
         step_hook = None if on_step is None else (lambda step, epoch=epoch: on_step(epoch * steps_per_epoch + step))
+        started = time.perf_counter()
         stats = train_epoch(model, data, optimizer, config, epoch_generator(config.seed, phase, epoch), step_hook,
                             scaler=scaler, **hooks)
+        if on_epoch is not None:
+            on_epoch(epoch, lr, stats, time.perf_counter() - started)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['train_acc']:.3f}")

@@ -118,7 +118,8 @@ def test_every_method_keeps_pruned_weights_exactly_zero(tmp_path, monkeypatch, m
     monkeypatch.setattr(baselines, "accuracies", checking_accuracies)
     run = baselines.MethodRun(method, config, data, fractions=[0.3, 0.1], imp_rounds=2, l0_penalty=5.0)
     tickets = run.run()["tickets"]
-    assert len(evaluated) == len(tickets) == (1 if method == "l0" else 2)
+    assert len(tickets) == (1 if method == "l0" else 2)
+    assert len(evaluated) == len(run.history) + len(tickets)  # after every epoch, and each ticket at its end
     if method in ("magnitude", "snip", "random"):
         total = sum(v.numel() for v in [m.weight for _, m in csext.gated_modules(evaluated[0])])
         assert [round(t["remaining"] * total) for t in tickets] == [round(0.3 * total), round(0.1 * total)]
@@ -150,6 +151,21 @@ def test_compare_command_end_to_end(tmp_path, capsys):
         last = results["tickets"][-1]
         network = search.load_network(out / method / f"ticket-{last['round']}.pt")
         assert search.evaluate(network, load(str(data)), search.SearchConfig(data=str(data))) == last["test_acc"]
+        # a history row per epoch the method trained, as the search writes: each ticket's retraining
+        # ends at its reported accuracy and fraction kept
+        history = search.read_history(out / method / "history.csv")
+        reference = results["dense"]["epochs"] if method == "cs" else 0  # the search trains its dense reference too
+        assert len(history) == last["epochs_spent"] + reference
+        assert {row["phase"] for row in history} <= {"dense", "search", "retrain"}
+        for ticket in results["tickets"] if method != "cs" else []:
+            rows = [row for row in history if (row["phase"], row["round"]) == ("retrain", ticket["round"])]
+            assert [row["epoch"] for row in rows] == list(range(1, len(rows) + 1)) and rows
+            assert rows[-1]["test_acc"] == pytest.approx(ticket["test_acc"], abs=1e-6)
+            assert [row["remaining"] for row in rows] == pytest.approx([ticket["remaining"]] * len(rows), abs=1e-6)
+        if method == "l0":  # the gates' support after their last epoch is the ticket
+            searched = [row for row in history if row["phase"] == "search"]
+            assert searched[-1]["remaining"] == pytest.approx(last["remaining"], abs=1e-6)
+        assert (out / method / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for plot in ("accuracy_vs_remaining.png", "accuracy_vs_epochs.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit) as exit_info:
