@@ -19,7 +19,6 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -54,8 +53,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import torch
+    import torch  # csext below is the installed package, as in the other scripts here
 
     from csext.kernels import gate, gated_matmul as mm
 
