@@ -17,8 +17,9 @@ check that the script works, with no meaning as timings.
 
 import argparse
 import os
+import statistics
 import sys
-import time
+from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -31,29 +32,26 @@ def parse_args(argv=None):
 
 
 def _timer(device: str, repeats: int):
-    """fn -> median seconds of a call."""
+    """fn -> median seconds of a call: triton's do_bench on CUDA (L2 flushed before each call, as
+    the weights of a layer at few rows come from memory), run.py's clock on the CPU."""
     if device == "cuda":
         from triton.testing import do_bench
 
         return lambda fn: do_bench(fn, rep=repeats, return_mode="median") / 1e3
+    import torch
+    from run import Clock
 
-    def on_cpu(fn):
-        fn()
-        times = []
-        for _ in range(max(repeats, 1)):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-
-    return on_cpu
+    clock = Clock(torch.device("cpu"))
+    return lambda fn: statistics.median(clock.time(fn) for _ in range(max(repeats, 1))) / 1e3
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
-    import torch  # csext below is the installed package, as in the other scripts here
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # run.py; csext is the installed package
+    import torch
+    from run import machine_info
 
     from csext.kernels import gate, gated_matmul as mm
 
@@ -67,8 +65,9 @@ def main(argv=None) -> int:
     s = torch.randn(features, features, device=args.device)
     beta = torch.tensor(4.0, device=args.device)
     w_eff = torch.empty_like(w, dtype=dtype)
-    print(f"torch {torch.__version__} | {torch.cuda.get_device_name() if cuda else 'CPU, Triton interpreter'} "
-          f"| K = N = {features} | x, G, w_eff {str(dtype)[6:]}; w, s float32")
+    info = machine_info(torch.device(args.device))
+    print(" | ".join(str(info[k]) for k in ("machine", "torch", "triton", "commit", "run"))
+          + (" | Triton interpreter" if not cuda else "") + f" | K = N = {features} | x, G, w_eff {str(dtype)[6:]}")
     print("| M | GEMM | configuration (W x X x K, warps, stages, split) | us | / gate + mm | max difference |")
     print("|---|---|---|---|---|---|")
     for m in rows:

@@ -30,6 +30,7 @@ stores the tile and sets the counter back to zero for the next launch. These con
 are tried only for small outputs (`split_allowed`), where the workspace stays small.
 """
 
+import functools
 import os
 
 import torch
@@ -282,8 +283,11 @@ def _zeroed_counters(device: torch.device, size: int) -> torch.Tensor:
 def _workspace_splits(M, N, K, config) -> int:
     """The most programs per output tile the launch may take: the given or fixed configuration's,
     or the most of the autotuned configurations tried for this shape."""
-    if config:
-        return config["SPLIT"]
+    return config["SPLIT"] if config else _most_splits_tried(M, N, K)
+
+
+@functools.lru_cache(maxsize=1024)  # once per shape, not per call: eager calls at few rows are host-bound
+def _most_splits_tried(M, N, K) -> int:
     kwargs = (c.kwargs for c in GATED_CONFIGS)
     return max(kw["SPLIT"] for kw in kwargs if split_allowed(M, N, K, kw["BLOCK_K"], kw["SPLIT"]))
 
