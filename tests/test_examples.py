@@ -167,8 +167,9 @@ SHARED_LIMIT_KIB = {80: 163, 90: 227}
 def test_every_autotuned_triton_config_compiles(arch):
     """Every autotuned configuration of the fused GEMMs compiles for sm_80 and sm_90 here,
     without a GPU, within the architecture's shared memory; on sm_90 each uses wgmma, and the
-    forward takes the gated tile as the register operand (a subprocess: the tests run Triton's
-    interpreter, which does not compile)."""
+    forward takes the gated tile as the register operand; each split-K one hands its partial
+    sums on in the order the memory model needs, which the interpreter cannot show (a
+    subprocess: the tests run Triton's interpreter, which does not compile)."""
     pytest.importorskip("triton")
     kernels = pytest.importorskip("csext.kernels.gated_matmul")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -178,8 +179,9 @@ def test_every_autotuned_triton_config_compiles(arch):
     rows = [line for line in done.stdout.splitlines() if line.startswith(("| forward", "| weight grad"))]
     assert len(rows) == len(kernels.GATED_CONFIGS) + len(kernels.WEIGHT_GRAD_CONFIGS)
     for row in rows:
-        name, _, wgmma, mma_sync, operand, shared, _ = (cell.strip() for cell in row.strip("|").split("|"))
+        name, tile, wgmma, mma_sync, operand, shared, _, handoff = (cell.strip() for cell in row.strip("|").split("|"))
         assert int(shared.split()[0]) <= SHARED_LIMIT_KIB[arch], row
+        assert handoff == ("ordered" if "split" in tile else "-"), row
         if arch == 90:
             assert int(wgmma) > 0 and mma_sync == "0", row
             if name.startswith("forward"):
