@@ -66,7 +66,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["csext", "csext.kernels"],
+    packages=["csext", "csext.backends", "csext.experiments", "csext.kernels"],
     package_dir={"csext": "csext", "csext.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

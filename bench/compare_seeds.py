@@ -19,8 +19,8 @@ sys.path.insert(0, str(HERE))
 
 import run as harness  # noqa: E402  (bench/run.py: the machine line and commit)
 
-from csext import cli  # noqa: E402
-from csext._files import write_atomic  # noqa: E402
+from csext.experiments import cli  # noqa: E402
+from csext.experiments.files import write_atomic  # noqa: E402
 
 
 def within_one_point(summary: dict, method: str):

@@ -24,7 +24,7 @@ import run as harness  # noqa: E402  (bench/run.py: the machine line and commit)
 
 import csext  # noqa: E402
 from csext import export  # noqa: E402
-from csext._files import write_atomic  # noqa: E402
+from csext.experiments.files import write_atomic  # noqa: E402
 
 MODELS = {  # name: (layer widths, batch sizes)
     "lenet300": ([784, 300, 100, 10], [1, 256]),

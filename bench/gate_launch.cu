@@ -1,12 +1,8 @@
 // The CUDA gate kernels of csrc/cuda/gate_kernels.cuh under several launch configurations, on
 // the weights of the GPU benchmarks, without torch: which block size, grid and elements per
-// thread move the most bytes a second. csrc/cuda/gate_cuda.cu launches 256 threads a block, one
-// block for every 256 packs, 16 bytes of the widest operand a thread: the fastest row of this
-// program's first run (an H200, 84ef57b). Until then it capped the grid at 8 blocks a
-// multiprocessor and moved 16 bytes of the narrowest operand, and on an H100 its backward moved
-// 2.8 TB/s where the Triton kernel moved 3.2 (bench/README.md). Float32 w and s, bfloat16 out and
-// G, as under bf16 autocast. Then the widening cast (csext::cast, dL/dx from bf16 to float32),
-// whose grid 84dbf33 uncapped as the gate kernels' without a measurement: these rows make one.
+// thread move the most bytes a second. csrc/cuda/gate_cuda.cu launches the first configuration
+// (256 threads a block, one block for every 256 packs, 16 bytes of the widest operand a
+// thread). Float32 w and s, bfloat16 out and G, as under bf16 autocast.
 //
 //   nvcc -std=c++17 -O3 -arch=sm_90 bench/gate_launch.cu -o /tmp/gate_launch && /tmp/gate_launch
 //
@@ -29,7 +25,6 @@ namespace {
 
 using csext::cuda::gate_backward_kernel;
 using csext::cuda::gate_forward_kernel;
-using csext::cuda::widen_kernel;
 using bf16 = __nv_bfloat16;
 
 #define CHECK(call)                                                                          \
@@ -131,7 +126,7 @@ int main() {
 
   const Config configs[] = {
       {"as csext (256 thr, no cap, half vec)", 256, 0, true},
-      {"until 84ef57b (256 thr, cap 8/SM)", 256, 8, false},
+      {"256 thr, cap 8/SM", 256, 8, false},
       {"256 thr, no cap", 256, 0, false},
       {"128 thr, no cap", 128, 0, false},
       {"512 thr, no cap", 512, 0, false},
@@ -203,43 +198,6 @@ int main() {
     }
   }
 
-  // The widening cast (csext::cast) of dL/dx, bf16 to float32, on the linear benchmarks' inputs:
-  // 16 bytes of bf16 a thread, or 8 (16 of float32, the widest).
-  const Config widen_configs[] = {
-      {"as csext (256 thr, no cap)", 256, 0, false},
-      {"until 84ef57b (256 thr, cap 8/SM)", 256, 8, false},
-      {"256 thr, no cap, half vec", 256, 0, true},
-      {"128 thr, no cap", 128, 0, false},
-  };
-  const Weight inputs[] = {{"dL/dx (8192, 4096)", 8192LL * 4096}, {"dL/dx (2048, 4096)", 2048LL * 4096}};
-  bf16* narrow;
-  float *wide, *ref_wide;
-  CHECK(cudaMalloc(&narrow, inputs[0].n * sizeof(bf16)));
-  CHECK(cudaMalloc(&wide, inputs[0].n * sizeof(float)));
-  CHECK(cudaMalloc(&ref_wide, inputs[0].n * sizeof(float)));
-  fill<<<1024, 256>>>(nullptr, narrow, inputs[0].n, 4u);
-  for (const Weight& input : inputs) {
-    const int64_t n = input.n;
-    for (const Config& c : widen_configs) {
-      const int grid = grid_for(n / (c.half_vec ? 4 : 8) + 1, c, multiprocessors);
-      CHECK(cudaMemset(wide, 0, n * sizeof(float)));
-      const float us = median_us([&] {
-        if (c.half_vec) {
-          widen_kernel<bf16, 4><<<grid, c.threads>>>(narrow, wide, n);
-        } else {
-          widen_kernel<bf16, 8><<<grid, c.threads>>>(narrow, wide, n);
-        }
-      });
-      if (&c == &widen_configs[0]) CHECK(cudaMemcpy(ref_wide, wide, n * sizeof(float), cudaMemcpyDeviceToDevice));
-      count_differences<<<1024, 256>>>(wide, ref_wide, n, differences);
-      if (differed(differences, input.name, c.name)) return 1;
-      // 2 bytes read, 4 written an element
-      std::printf("| %s | widen | %s | %.1f | %.2f |\n", input.name, c.name, us, 6.0 * n / us / 1e6);
-    }
-  }
-  for (void* p : {static_cast<void*>(narrow), static_cast<void*>(wide), static_cast<void*>(ref_wide)}) {
-    CHECK(cudaFree(p));
-  }
   for (void* p : {static_cast<void*>(w), static_cast<void*>(s), static_cast<void*>(dw), static_cast<void*>(ds),
                   static_cast<void*>(g), static_cast<void*>(out), static_cast<void*>(ref_dw),
                   static_cast<void*>(ref_ds), static_cast<void*>(ref_out), static_cast<void*>(differences)}) {

@@ -20,8 +20,8 @@ sys.path.insert(0, str(HERE))
 
 import run as harness  # noqa: E402  (bench/run.py: the machine line and commit)
 
-from csext._files import write_atomic  # noqa: E402
-from csext.search import Search, SearchConfig  # noqa: E402
+from csext.experiments.files import write_atomic  # noqa: E402
+from csext.experiments.search import Search, SearchConfig  # noqa: E402
 
 
 def main(argv=None) -> int:

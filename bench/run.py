@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 import csext
-from csext._files import write_atomic
+from csext.experiments.files import write_atomic
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -165,12 +165,12 @@ class ForcedTritonPath(nn.Module):
         self.layer, self.max_rows = layer, (1 << 62) if fused else -1
 
     def forward(self, x):
-        saved = csext.functional.TRITON_FUSED_MAX_ROWS
-        csext.functional.TRITON_FUSED_MAX_ROWS = self.max_rows
+        triton = csext.backends.triton
+        saved, triton.FUSED_MAX_ROWS = triton.FUSED_MAX_ROWS, self.max_rows
         try:
             return self.layer(x)
         finally:
-            csext.functional.TRITON_FUSED_MAX_ROWS = saved
+            triton.FUSED_MAX_ROWS = saved
 
 
 def make_layers(case: Case, providers: list[str], device: torch.device, dtype: torch.dtype,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import csext
-from csext import nets
+from csext.experiments import nets
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run import Clock, append_rows, machine_info, profile  # noqa: E402

@@ -6,8 +6,7 @@
     python bench/triton_launch.py --device cuda    # real launches of tiny kernels
 
 On CUDA the kernels run on tiny tensors, and each sample times the host issuing its calls to an
-idle GPU, not the kernels (the H100 figures of 4cb087e waited for the kernels too, which
-counted GPU time wherever a tiny kernel outlasted its launch). Without a GPU the script
+idle GPU, not the kernels. Without a GPU the script
 installs a stand-in driver, and a compiled kernel whose launch does nothing but call the
 launch hooks it is given (`install_stand_ins`): what is timed is then Python only, Triton's
 and csext's, up to the binary's C launcher, which is not timed; the layer rows time csext's
@@ -78,12 +77,14 @@ def install_stand_ins(record=None):
             pass
 
     driver.set_active(StandInDriver())
-    # csext.functional routes backend="triton" for CPU tensors, as under the interpreter
-    from csext import _triton, backends, functional
+    # csext.backends routes backend="triton" for CPU tensors, as under the interpreter
+    from csext import backends
+    from csext.backends import triton
 
     backends._TRITON_INTERPRETED = True
     backends._AVAILABLE = tuple(dict.fromkeys((*backends._AVAILABLE, "triton")))
-    functional._triton = _triton
+    backends._MODULES["triton"] = triton
+    backends._RESOLVED.clear()
     binaries = {}
     for kernel in (gate.gate_forward_kernel, gate.gate_backward_kernel, gated_matmul.gated_matmul_kernel,
                    gated_matmul.gated_weight_grad_kernel):
@@ -145,27 +146,25 @@ def launches(device):
     }
 
 
-# The layer rows' settings: (name, launches through the Launcher, the C checks of csext._C)
-SETTINGS = [("Triton, Python checks", False, False), ("Launcher, Python checks", True, False),
-            ("Launcher, C checks", True, True)]
+# The layer rows' settings: (name, launches through the Launcher)
+SETTINGS = [("Triton", False), ("Launcher", True)]
 
 
 def layer_calls(device):
     """name|setting -> forward+backward of csext.functional.gated_linear on the triton backend,
     its two paths, and of gated_conv2d, in each of SETTINGS; and of F.linear (the floor). Then
     the fused linear as the GPU benchmark calls it (a bias, the forward under bf16 autocast, x
-    float32) in the last setting, once more through the autograd.Function that csext._C's node
-    replaced (as without csext._C), and on CUDA F.linear so too (on the CPU autocast's F.linear
+    float32) through the Launcher, and on CUDA F.linear so too (on the CPU autocast's F.linear
     computes in bf16, which is not host time)."""
     import torch.nn.functional as F
 
-    from csext import _triton
     from csext import functional as CF
+    from csext.backends import triton
     from csext.kernels import gate, gated_matmul
 
     launchers = (gate._launch_forward, gate._launch_backward, gated_matmul._launch_matmul,
                  gated_matmul._launch_weight_grad)
-    c_checks, fused_max_rows = CF._EAGER, CF.TRITON_FUSED_MAX_ROWS
+    fused_max_rows = triton.FUSED_MAX_ROWS
     x = torch.randn(4, 8, device=device, requires_grad=True)
     w = torch.randn(8, 8, device=device, requires_grad=True)
     b = torch.randn(8, device=device, requires_grad=True)
@@ -187,30 +186,23 @@ def layer_calls(device):
             y = F.linear(x, w, b)
         y.sum().backward()
 
-    nodes = _triton._C
-
-    def layer(path, use_launcher, use_c_checks, use_node=True):
+    def layer(path, use_launcher):
         def call():
             for launcher in launchers:
                 launcher.compiled = use_launcher  # False: every launch through kernel[grid](...)
-            CF._EAGER = c_checks if use_c_checks else None
-            CF.TRITON_FUSED_MAX_ROWS = fused_max_rows if path.startswith("fused") else 0
-            _triton._C = nodes if use_node else None  # None: the autograd.Functions
+            triton.FUSED_MAX_ROWS = fused_max_rows if path.startswith("fused") else 0
             try:
                 run(path).sum().backward()
             finally:
                 for launcher in launchers:
                     launcher.compiled = True
-                CF._EAGER, CF.TRITON_FUSED_MAX_ROWS, _triton._C = c_checks, fused_max_rows, nodes
+                triton.FUSED_MAX_ROWS = fused_max_rows
         return call
 
     calls = {f"{path}|{setting}": layer(path, *flags)
              for path in ("fused linear", "gate + F.linear", "gate + F.conv2d") for setting, *flags in SETTINGS}
     calls["F.linear (dense)|"] = lambda: F.linear(x, w).sum().backward()
-    calls["fused, autocast, bias|Launcher, C checks"] = layer("fused, autocast, bias", True, True)
-    if nodes is not None:
-        calls["fused, autocast, bias, Function|Launcher, C checks"] = layer("fused, autocast, bias", True, True,
-                                                                           use_node=False)
+    calls["fused, autocast, bias|Launcher"] = layer("fused, autocast, bias", True)
     if device == "cuda":
         calls["F.linear, autocast, bias|"] = dense_autocast_bias
     return calls
@@ -264,8 +256,7 @@ def main(argv=None) -> int:
     print("host time of a forward+backward (median us) on the triton backend: csext.functional.gated_linear's\n"
           "two paths, x (4, 8) and w (8, 8), and gated_conv2d, x (1, 4, 6, 6) and w (4, 4, 3, 3):\n"
           f"{'; '.join(name for name, *_ in SETTINGS)}; and F.linear's. Then with a bias and the forward\n"
-          "under bf16 autocast (x float32), in the last setting, through csext._C's node and through the\n"
-          "autograd.Function it replaced (and, on CUDA, F.linear so too)")
+          "under bf16 autocast (x float32), through the Launcher (and, on CUDA, F.linear so too)")
     times = timed(layer_calls(args.device), args.repeats, max(1, args.calls // 5), args.device)
     for name in dict.fromkeys(key.split("|")[0] for key in times):
         row = [times[key] for key in times if key.split("|")[0] == name]

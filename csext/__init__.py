@@ -2,10 +2,16 @@
 
 Each gated weight w has mask logits s; training uses w * sigmoid(beta * s) with beta annealed
 upwards and a penalty lam * sum(sigmoid(beta * s)); the ticket is the hard mask s > 0.
+
+The library: the gated layers, their functional forms, the model-level helpers, the training
+schedule, exports and the backends. The experiment application (ticket search, baselines, data
+sets, command line) is csext.experiments, which this package does not import.
 """
 
-from . import backends, export, functional, reference, schedule, search
-from .model import (
+__version__ = "0.1.0"
+
+from . import backends, export, functional, reference, schedule  # noqa: E402
+from .model import (  # noqa: E402
     SparsityReport,
     finalize,
     gated_modules,
@@ -16,9 +22,7 @@ from .model import (
     sparsify,
     sparsity_report,
 )
-from .modules import GatedConv1d, GatedConv2d, GatedHFConv1D, GatedLinear, GatedMultiheadAttention
-
-__version__ = "0.1.0"
+from .modules import GatedConv1d, GatedConv2d, GatedHFConv1D, GatedLinear, GatedMultiheadAttention  # noqa: E402
 
 __all__ = [
     "GatedLinear",
@@ -30,7 +34,6 @@ __all__ = [
     "reference",
     "backends",
     "schedule",
-    "search",
     "export",
     "sparsify",
     "set_beta",
@@ -42,3 +45,14 @@ __all__ = [
     "finalize",
     "gated_modules",
 ]
+
+
+def __getattr__(name: str):
+    # csext.search and the application's other old names, imported on first use (with a warning)
+    from ._moved import MOVED
+
+    if name in MOVED:
+        import importlib
+
+        return importlib.import_module(f"csext.{name}")
+    raise AttributeError(f"module 'csext' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""GatedLinear and GatedConv2d: nn.Linear and nn.Conv2d with a learned mask (SPEC section 2);
+"""GatedLinear and GatedConv2d: nn.Linear and nn.Conv2d with a learned mask (docs/contract.md section 2);
 GatedConv1d: the same for nn.Conv1d; GatedMultiheadAttention: nn.MultiheadAttention with both
 projections gated; GatedHFConv1D: transformers' Conv1D (GPT-2's linear layers), without
 importing transformers.
@@ -13,7 +13,7 @@ They take the plain layers' arguments, initialise the same way and keep their pa
                  loss is scaled (GradScaler, gradient accumulation) or the layer is called more
                  than once per forward, leave it 0 and add lam * csext.mask_penalty(model) to the loss
     mask_scale   c, the effective weight is c * w * m (default 1; 1 / sigmoid(s0) reproduces the
-                 paper's code, SPEC section 1 `rescale=True`)
+                 paper's code, docs/contract.md section 1 `rescale=True`)
     backend      "auto", "torch", "cpp", "cuda" or "triton" (csext.backends)
 beta, hard, penalty, mask_init and mask_scale travel in the state_dict (as `_extra_state`, a
 float64 tensor, so that safetensors can hold it).

@@ -1,4 +1,5 @@
-"""The `torch` backend: SPEC section 1 in plain PyTorch, and the oracle of every other backend.
+"""The `torch` backend: the math of Continuous Sparsification in plain PyTorch, and the oracle of
+every other backend (docs/contract.md).
 
     soft mask      m = sigmoid(beta * s)          hard mask  m = 1[s > 0]  (no gradient to s)
     gate           w_eff = w * m, computed in the wider of w's and m's dtype, cast to `dtype`
@@ -9,7 +10,9 @@
 """
 
 import torch
+import torch.nn.functional as F
 from torch.autograd import forward_ad as _forward_ad
+
 
 
 def soft_mask(mask_logits: torch.Tensor, beta: float) -> torch.Tensor:
@@ -128,3 +131,16 @@ def gate_grads(
         return grad_weight, None
     grad_mask_logits = beta * m * (1 - m) * (g * weight + penalty)
     return grad_weight, grad_mask_logits.to(mask_logits.dtype)
+
+
+# The backend interface (csext.backends): the gate, then ATen's layer, in the compute dtype.
+
+
+def linear(x, weight, mask_logits, beta, bias, hard: bool, penalty: float, dtype: torch.dtype) -> torch.Tensor:
+    return F.linear(x.to(dtype), gate(weight, mask_logits, beta, hard, penalty, dtype), bias)
+
+
+def conv2d(x, weight, mask_logits, beta, bias, stride, padding, dilation, groups: int, hard: bool, penalty: float,
+           dtype: torch.dtype) -> torch.Tensor:
+    return F.conv2d(x.to(dtype), gate(weight, mask_logits, beta, hard, penalty, dtype), bias, stride, padding,
+                    dilation, groups)

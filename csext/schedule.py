@@ -1,4 +1,4 @@
-"""The pieces of a CS training loop (SPEC section 1) a user can put in their own loop.
+"""The pieces of a CS training loop (docs/contract.md section 1) a user can put in their own loop.
 
     beta_at(i, n, beta_final)        beta_final ** (i / (n - 1)): epoch i of n, or step i of n
     reset_mask_logits(model, ...)    s <- min(beta_final * s, s0) between rounds (or the paper
@@ -31,7 +31,7 @@ def beta_at(index: int, count: int, beta_final: float = 200.0) -> float:
 
 @torch.no_grad()
 def reset_mask_logits(model: nn.Module, beta_final: float, mask_init: float, reset: str = "paper") -> None:
-    """Between rounds: s <- min(beta_final * s, s0) ("paper", SPEC section 1), or min(s, s0)
+    """Between rounds: s <- min(beta_final * s, s0) ("paper", docs/contract.md section 1), or min(s, s0)
     ("official", the reference code's ordering). Kept weights restart at s0; pruned ones stay
     pruned, scaled by beta_final so that the next round's beta = 1 sees the sharpened logits."""
     if reset not in RESETS:

@@ -1,16 +1,15 @@
 // Autograd of csext::gate and of the gated layers csext::gated_linear / csext::gated_conv2d.
 //
 // A gated layer is one op and one autograd node: its forward gates the weight and runs ATen's
-// linear or convolution (cuBLAS, cuDNN, oneDNN), its backward ATen's matmuls or
-// convolution_backward and then the gate's backward. The nodes are written as ATen writes its
-// own. A small layer on a GPU runs at the speed of its host code; on the 2-core CPU CI machine
-// (bench/host.py, tiny layers, forward+backward; bench/README.md) this took a gated layer's host
-// time over the plain layer's from +61 us (linear) and +72 us (3x3 conv), with the gate as a
-// torch::autograd::Function node beside ATen's node, to +29 us and +43 us.
+// linear or convolution, its backward ATen's matmuls or convolution_backward and then the gate's
+// backward. The nodes are written as ATen writes its own generated ones, on torch's internal
+// autograd headers: a torch::autograd::Function node costs more host time per call than the
+// whole gated layer adds to a small plain layer (bench/host.py). This is the one file of csext
+// that includes torch/csrc/autograd or dynamo headers; everything else uses torch/library.h.
 //
 // Everything is called through the dispatcher, so one registration serves every device's
 // kernels, and torch.compile traces the inner ops (csext::gate through the fake kernels of
-// csext/_ops.py, ATen's own) into its graph.
+// csext/backends/aten.py, ATen's own) into its graph.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
@@ -30,11 +29,46 @@
 #include <utility>
 #include <vector>
 
-#include "nodes.h"
 #include "op_tags.h"
 
 namespace csext {
 namespace {
+
+
+// The pointer type of autograd nodes, which differs between torch releases (shared_ptr, intrusive_ptr).
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <class T>
+auto make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    // As torch makes its shared_ptr nodes: deleteNode frees a long graph without deep recursion.
+    return std::shared_ptr<T>(new T(), [](auto* node) { deleteNode(node); });
+  } else {
+    return c10::make_intrusive<T>();
+  }
+}
+
+// Binds `functional` into compiled autograd's graph and calls it there on `grads` and `args`,
+// as CppNode does for torch::autograd::Function.
+torch::autograd::variable_list call_compiled(
+    const torch::autograd::Node& node, torch::dynamo::autograd::SwapSavedVariables& saved,
+    const std::string& name, torch::autograd::functional_apply_t functional,
+    const torch::autograd::variable_list& grads, const std::vector<at::IValue>& args) {
+  std::vector<at::TypePtr> schema;
+  schema.reserve(args.size());
+  for (const at::IValue& arg : args) {
+    schema.emplace_back(arg.isTensor() ? at::TensorType::get() : arg.type());
+  }
+  const auto output_metadata = torch::dynamo::autograd::IValuePacker<
+      std::vector<std::optional<torch::autograd::InputMetadata>>>::
+      pack(torch::dynamo::autograd::get_input_metadata(node.next_edges()));
+  const auto& compiler = torch::dynamo::autograd::getPyCompilerInterface();
+  const std::string bound =
+      compiler->bind_function(saved.get_py_compiler(), name, std::move(functional), schema,
+                              /*is_custom_function=*/true, /*is_traceable=*/true);
+  return compiler->call_function(saved.get_py_compiler(), "apply_functional", bound, grads, args,
+                                 output_metadata);
+}
 
 using at::ScalarType;
 using torch::autograd::variable_list;
@@ -169,12 +203,9 @@ at::Tensor layer_tangent(const at::Tensor& out, const at::Tensor& input, const a
   return tangent;
 }
 
-// The nodes below are written as ATen writes its generated ones: the generic
-// torch::autograd::Function node (CppNode: saved_data map, argument wrapping) cost ~15 us more
-// per forward+backward on the 2-core CPU CI machine. Each computes its backward in a static
-// function of its saved state, which apply() calls, and which compiled autograd
-// (torch._dynamo.compiled_autograd) gets as a function of IValues (apply_with_saved, through
-// nodes.h's call_compiled).
+// Each node computes its backward in a static function of its saved state, which apply() calls,
+// and which compiled autograd (torch._dynamo.compiled_autograd) gets as a function of IValues
+// (apply_with_saved, through call_compiled).
 
 using torch::autograd::SavedVariable;
 using torch::dynamo::autograd::CompiledNodeArgs;
@@ -553,20 +584,6 @@ at::Tensor gated_conv2d_autograd(const at::Tensor& input, const at::Tensor& weig
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(csext, m) {
-  // linear(input, gate(weight, mask_logits, ...), bias) and conv2d(...) likewise: x and the
-  // gated weight in `dtype` (default weight's), bias cast to it; gradients as the composition's.
-  m.def(
-      "gated_linear(Tensor input, Tensor weight, Tensor mask_logits, Tensor beta, Tensor? bias, "
-      "bool hard=False, float penalty=0.0, ScalarType? dtype=None) -> Tensor",
-      kTags);
-  m.def(
-      "gated_conv2d(Tensor input, Tensor weight, Tensor mask_logits, Tensor beta, Tensor? bias, "
-      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool hard=False, "
-      "float penalty=0.0, ScalarType? dtype=None) -> Tensor",
-      kTags);
-}
-
 TORCH_LIBRARY_IMPL(csext, Autograd, m) {
   m.impl("gate", &gate_autograd);
   m.impl("gate_backward", &gate_backward_autograd);
@@ -580,7 +597,7 @@ TORCH_LIBRARY_IMPL(csext, CompositeExplicitAutograd, m) {
 }
 
 // Under torch.vmap the layer ops are their composition: the gate runs once where the weights are
-// not batched (its own vmap rule, csext/_ops.py, where they are), and ATen's batched linear and
+// not batched (its own vmap rule, csext/backends/aten.py, where they are), and ATen's batched linear and
 // convolution take the rest. vmap's fallback would instead call the op once per batch element,
 // gating the weights each time and, under a torch.func.grad below the vmap, adding the penalty's
 // gradient once per element, where the torch backend adds it once.

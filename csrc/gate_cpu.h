@@ -1,4 +1,4 @@
-// CPU loop bodies of the CS gate (SPEC section 1), free of torch so they read top to bottom:
+// CPU loop bodies of the CS gate (docs/contract.md section 1), free of torch so they read top to bottom:
 //   forward   w_eff = w * m,  m = sigmoid(beta * s)  (soft)  or  m = 1[s > 0]  (hard)
 //   backward  dL/dw = G * m,  dL/ds = beta * m * (1 - m) * (G * w + lam)
 // Each loop is branch-free so that GCC vectorizes it; ops.cpp compiles it once per ISA level.

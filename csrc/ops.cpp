@@ -1,6 +1,9 @@
-// csext::gate and csext::gate_backward: schemas and the CPU kernels (the checks they share
-// with the CUDA kernels of csrc/cuda are in gate_checks.h). Fake registrations live in
-// csext/_ops.py, the autograd in autograd.cpp; the math is SPEC section 1.
+// The schemas of every csext op, the CPU kernels of csext::gate and csext::gate_backward (the
+// checks they share with the CUDA kernels of csrc/cuda are in gate_checks.h), and the Python
+// module csext._C, whose import loads this library. Fake and vmap registrations live in
+// csext/backends/aten.py, the autograd in autograd.cpp; the math is csext/reference.py.
+#include <Python.h>
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -134,7 +137,7 @@ char* at_offset_mut(at::Tensor& t, int64_t i) {
 at::Tensor gate_cpu(const at::Tensor& weight, const at::Tensor& mask_logits,
                     const at::Tensor& beta_tensor, bool hard, double penalty,
                     std::optional<ScalarType> dtype) {
-  (void)penalty;  // used by the backward only (csext/_ops.py)
+  (void)penalty;  // used by the backward only
   const double beta = read_beta("csext::gate", beta_tensor);
   check_gate_args("csext::gate", "weight", weight, mask_logits, beta);
   TORCH_CHECK(weight.device().is_cpu(), "csext::gate: the CPU kernel got a tensor on ",
@@ -176,11 +179,6 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad,
   return {grad_weight, grad_mask_logits};
 }
 
-// csext::cast everywhere but on CUDA (cuda/ops_cuda.cpp): ATen's cast, always a new tensor.
-at::Tensor cast_composite(const at::Tensor& x, at::ScalarType dtype) {
-  return x.to(dtype, /*non_blocking=*/false, /*copy=*/true);
-}
-
 }  // namespace
 
 TORCH_LIBRARY(csext, m) {
@@ -196,18 +194,17 @@ TORCH_LIBRARY(csext, m) {
       "gate_backward(Tensor grad, Tensor weight, Tensor mask_logits, Tensor beta, "
       "float penalty=0.0) -> (Tensor, Tensor)",
       kTags);
-  // x in `dtype`, as x.to(dtype) but never x itself: the backward of a layer's autocast cast of
-  // its input (csrc/input_cast.cpp). It has no autograd of its own.
-  m.def("cast(Tensor x, ScalarType dtype) -> Tensor", {at::Tag::pt2_compliant_tag});
-}
-
-TORCH_LIBRARY_IMPL(csext, CompositeExplicitAutograd, m) {
-  m.impl("cast", &cast_composite);
-}
-
-// Under torch.vmap: ATen's cast, batched, instead of vmap's fallback (a cast per batch element).
-TORCH_LIBRARY_IMPL(csext, FuncTorchBatched, m) {
-  m.impl("cast", &cast_composite);
+  // linear(input, gate(weight, mask_logits, ...), bias) and conv2d(...) likewise: x and the
+  // gated weight in `dtype` (default weight's), bias cast to it; gradients as the composition's.
+  m.def(
+      "gated_linear(Tensor input, Tensor weight, Tensor mask_logits, Tensor beta, Tensor? bias, "
+      "bool hard=False, float penalty=0.0, ScalarType? dtype=None) -> Tensor",
+      kTags);
+  m.def(
+      "gated_conv2d(Tensor input, Tensor weight, Tensor mask_logits, Tensor beta, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] dilation, int groups, bool hard=False, "
+      "float penalty=0.0, ScalarType? dtype=None) -> Tensor",
+      kTags);
 }
 
 TORCH_LIBRARY_IMPL(csext, CPU, m) {
@@ -216,3 +213,9 @@ TORCH_LIBRARY_IMPL(csext, CPU, m) {
 }
 
 }  // namespace csext
+
+// csext._C holds no functions: importing it loads this library, which registers the ops.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

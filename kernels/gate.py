@@ -1,4 +1,4 @@
-"""Elementwise Triton kernels of the CS gate (SPEC section 1), over flat storage:
+"""Elementwise Triton kernels of the CS gate (csext/reference.py), over flat storage:
 
     forward   w_eff = w * m,  m = sigmoid(beta * s)  (soft)  or  m = 1[s > 0]  (hard)
     backward  dL/dw = G * m,  dL/ds = beta * m * (1 - m) * (G * w + lam)

@@ -1,4 +1,4 @@
-"""Fused Triton GEMMs of a gated linear layer y = x @ (w * m)^T + b (SPEC section 1):
+"""Fused Triton GEMMs of a gated linear layer y = x @ (w * m)^T + b (csext/reference.py):
 
     forward      y   = x @ w_eff^T + b   each (w, s) tile is gated as it is loaded
     input grad   dx  = G @ w_eff         the same kernel, on the transposed weight
@@ -329,7 +329,7 @@ def gated_matmul(x, weight, mask_logits, beta, bias, out, hard: bool, precision:
 
 def gated_weight_grad(grad, x, weight, mask_logits, beta, penalty: float, grad_weight, grad_mask_logits,
                       grad_bias, hard: bool, precision: str) -> None:
-    """grad_weight = (grad^T @ x) * m, unless hard grad_mask_logits (SPEC section 1), and
+    """grad_weight = (grad^T @ x) * m, unless hard grad_mask_logits (docs/contract.md section 1), and
     grad_bias = grad.sum(0) (summed in float32); any may be None when not needed. The GEMM runs
     in grad's dtype, whatever x's. The outputs have the strides of weight and mask_logits."""
     (M, N), K = grad.shape, x.shape[1]

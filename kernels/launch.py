@@ -3,25 +3,15 @@
 `kernel[grid](*args)` redoes on every call what the compiled binary needs: it binds the
 arguments, specializes each one (a tensor's dtype and 16-byte alignment, an integer's size and
 divisibility), hashes that into its cache key and, for an autotuned kernel, looks up the tuned
-configuration. On the CI machine that is 6 to 45 us of Python per launch (bench/README.md,
-`python bench/triton_launch.py`), which a small layer on a GPU pays in full, since its kernels
-take less. A `Launcher` pays it once per distinct call: it keeps the compiled kernel Triton
-returns under a key that fixes Triton's specialization (every tensor's dtype and alignment,
-every integer and constexpr by value; floats are never specialized), and later calls with that
-key go straight to the binary, through the entry Triton's own launch uses
-(`CompiledKernel.run`, with the launch hooks, so profilers still see every launch). Where no hook
-is set it passes none, so the binary's launcher calls nothing: an unset hook is an empty
-`HookChain` in Triton's knobs (3.6 and 3.9 here), which Triton's own launch builds the launch
-metadata for and calls, twice, on every launch.
+configuration; a small layer on a GPU pays that in full (bench/triton_launch.py). A `Launcher`
+pays it once per distinct call: it keeps the compiled kernel under a key that fixes Triton's
+specialization (every tensor's dtype and alignment, every integer and constexpr by value; floats
+are never specialized), and later calls with that key go straight to the binary through
+`CompiledKernel.run`, with the launch hooks, so profilers still see every launch.
 
-Every launch asks Triton for FMA contraction (`OPTIONS`), as inductor and nvcc compile: Triton
-3.9 warns on each first compile that its default turns it off in 3.10, which would change the
-kernels' rounding with the Triton installed (from Triton 3.9, TRITON_FORCE_DISABLE_FP_FUSION=1
-still turns it off).
-
-Triton settings changed after a call's first launch (`triton.knobs`, such as its debug mode) do
-not reach the binary kept for it. Under TRITON_INTERPRET=1 there is no binary, and every call
-goes through Triton's interpreter.
+Every launch asks for FMA contraction (`OPTIONS`), as inductor and nvcc compile, whatever
+Triton's default. Triton settings changed after a call's first launch do not reach the binary
+kept for it. Under TRITON_INTERPRET=1 there is no binary: every call goes through Triton.
 """
 
 import threading
@@ -41,7 +31,8 @@ MAX_ENTRIES = 256  # distinct calls kept per kernel (shapes vary at inference); 
 
 
 def _hook(hook):
-    """A launch hook as the binary's launcher takes it: None where it would call nothing."""
+    """A launch hook as the binary's launcher takes it: None where it would call nothing (an unset
+    hook is an empty HookChain, which Triton's own launch would still build metadata for)."""
     if HookChain is not None and isinstance(hook, HookChain) and not hook.calls:
         return None
     return hook

@@ -14,7 +14,7 @@ import csext  # noqa: E402
 # CI sets CSEXT_REQUIRE_EXTENSION=1: a missing C++ extension then fails the run instead of
 # quietly skipping every cpp test.
 if os.environ.get("CSEXT_REQUIRE_EXTENSION") == "1" and "cpp" not in csext.backends.available():
-    raise RuntimeError(f"CSEXT_REQUIRE_EXTENSION=1 but csext._C is missing: {csext._ops.extension_error()}")
+    raise RuntimeError(f"CSEXT_REQUIRE_EXTENSION=1 but csext._C is missing: {csext.backends.aten.load_error()}")
 
 
 def pytest_report_header(config):

@@ -1,4 +1,4 @@
-"""Shared helpers of the tests: random inputs and the comparison rule of SPEC section 4."""
+"""Shared helpers of the tests: random inputs and the comparison rule of docs/contract.md section 4."""
 
 import copy
 
@@ -44,7 +44,7 @@ def poison_allocator(*like: torch.Tensor) -> None:
 
 
 def assert_close_rule(fused: torch.Tensor, plain: torch.Tensor, exact: torch.Tensor, name: str, floor: float = 1e-5):
-    """SPEC section 4: the fused error against the fp64 reference is at most twice the error of
+    """docs/contract.md section 4: the fused error against the fp64 reference is at most twice the error of
     the torch backend in the same dtype, plus a small absolute floor."""
     assert fused.shape == exact.shape, f"{name}: shape {tuple(fused.shape)} != {tuple(exact.shape)}"
     assert fused.dtype == plain.dtype, f"{name}: dtype {fused.dtype} != torch backend's {plain.dtype}"
@@ -78,7 +78,7 @@ def _run(op, tensors, dtype, device, backend, grad_out, channels_last):
 
 
 def compare_with_torch_backend(op, tensors, dtype, out_shape, backend, device="cpu", channels_last=False):
-    """SPEC section 4 for `op(*leaves, backend=...)`: `backend` in `dtype` on `device` against
+    """docs/contract.md section 4 for `op(*leaves, backend=...)`: `backend` in `dtype` on `device` against
     the torch backend there, both against the torch backend in float64 on the CPU; output and
     every gradient, none missing, none NaN."""
     grad_out = torch.randn(out_shape)
@@ -118,7 +118,7 @@ def forward_over_reverse(kind: str, backend: str, inputs: dict, tangents: dict, 
 
 
 def assert_history_close(got: list[dict], expected: list[dict], rtol: float = 1e-3, atol: float = 1e-3) -> None:
-    """Two runs' history.csv rows (csext.search.read_history) agree: the same rows, numbers
+    """Two runs' history.csv rows (csext.experiments.search.read_history) agree: the same rows, numbers
     within float tolerance (an eager and a compiled run round differently), seconds aside."""
     assert len(got) == len(expected), f"{len(got)} rows against {len(expected)}"
     for i, (row, want) in enumerate(zip(got, expected)):

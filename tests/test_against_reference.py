@@ -1,4 +1,4 @@
-"""Fused backends against the torch backend by SPEC section 4, on awkward shapes and dtypes."""
+"""Fused backends against the torch backend by docs/contract.md section 4, on awkward shapes and dtypes."""
 
 import pytest
 import torch
@@ -99,7 +99,7 @@ def test_linear_layers_with_nothing_in_them(backend, x_shape, n):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("hard", [False, True])
 def test_reference_gate_grads_are_what_autograd_derives(dtype, hard):
-    """csext.reference.gate_grads, SPEC section 1's backward written out, against autograd
+    """csext.reference.gate_grads, docs/contract.md section 1's backward written out, against autograd
     through csext.reference.gate, penalty included, the gradient in a narrower dtype."""
     w = torch.randn(6, 7, dtype=dtype, requires_grad=True)
     s = mask_logits_like(w, torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()

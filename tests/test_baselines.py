@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import csext
-from csext import baselines, cli, search
-from csext.data import load
-from csext.search import SearchConfig
+from csext.experiments import baselines, cli, search
+from csext.experiments.data import load
+from csext.experiments.search import SearchConfig
 
 
 def _tiny_npz(path, n_train=128, n_test=48, features=10, classes=3):

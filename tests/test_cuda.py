@@ -1,4 +1,4 @@
-"""The cuda backend (csrc/cuda) against the torch backend by SPEC section 4: float64 gradcheck,
+"""The cuda backend (csrc/cuda) against the torch backend by docs/contract.md section 4: float64 gradcheck,
 and the error rule in float32, float16 and bfloat16. Every test needs a CUDA device and the
 CUDA kernels of csext._C (built by setup.py where CUDA torch is present)."""
 
@@ -7,6 +7,7 @@ import torch
 
 import csext
 from csext import functional as CF
+from csext.backends.common import beta_tensor
 from numerics import compare_with_torch_backend, mask_logits_like
 
 pytestmark = [
@@ -75,7 +76,7 @@ def test_unaligned_views_and_tails(offset, numel):
     w = torch.randn(numel + offset, device="cuda")[offset:]
     s = mask_logits_like(torch.empty(numel + offset)).cuda()[offset:]
     g = torch.randn(numel + offset, device="cuda", dtype=torch.bfloat16)[offset:]
-    beta = csext._ops.beta_tensor(3.0)
+    beta = beta_tensor(3.0)
     out = torch.ops.csext.gate(w, s, beta, False, 0.0, torch.bfloat16)
     torch.testing.assert_close(out, csext.reference.gate(w, s, 3.0, dtype=torch.bfloat16))
     grad_w, grad_s = torch.ops.csext.gate_backward(g, w, s, beta, 0.1)
@@ -84,34 +85,12 @@ def test_unaligned_views_and_tails(offset, numel):
     torch.testing.assert_close(grad_s, 3.0 * m * (1 - m) * (g.float() * w + 0.1), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layout", ["flat", "offset", "channels_last", "transposed", "strided"])
-@pytest.mark.parametrize("numel", [0, 1, 7, 4096 + 5, 2**20 + 3])
-def test_cast_widens_as_aten_does(dtype, layout, numel):
-    """csext::cast's CUDA kernel (dense tensors, half or bfloat16 to float32): ATen's values and
-    strides, bit for bit, aligned or not, with a tail; a tensor that is not dense takes ATen's."""
-    offset = 1 if layout == "offset" else 0
-    x = torch.randn(numel + offset, device="cuda").to(dtype)[offset:]
-    if layout == "channels_last" and numel > 3:
-        x = torch.randn(3, numel // 3 + 1, 1, 1, device="cuda").to(dtype).to(memory_format=torch.channels_last)
-        x = x.expand(3, -1, 2, 2).contiguous(memory_format=torch.channels_last)
-    elif layout == "transposed":
-        x = torch.randn(numel + 1, 3, device="cuda").to(dtype).t()
-    elif layout == "strided":
-        x = torch.randn(2 * numel + 1, device="cuda").to(dtype)[::2]
-    out = torch.ops.csext.cast(x, torch.float32)
-    want = x.to(torch.float32)
-    assert out.dtype == torch.float32 and out.stride() == want.stride()
-    assert torch.equal(out, want)
-
-
 def test_opcheck_on_cuda():
     w = torch.randn(13, 21, device="cuda")
     s = mask_logits_like(w).cuda()
-    beta = csext._ops.beta_tensor(2.0)
+    beta = beta_tensor(2.0)
     torch.library.opcheck(torch.ops.csext.gate.default, (w, s, beta, False, 0.01, torch.bfloat16))
     torch.library.opcheck(torch.ops.csext.gate_backward.default, (torch.randn_like(w), w, s, beta, 0.01))
-    torch.library.opcheck(torch.ops.csext.cast.default, (w.bfloat16(), torch.float32))
 
 
 def test_module_autocast_and_compile():

@@ -21,7 +21,7 @@ BACKENDS = [b for b in ("cuda", "triton") if b in csext.backends.available()]
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not BACKENDS, reason="no fused CUDA backend is built")]
 
 # (layer, input shape); the triton backend's linear layer takes its fused GEMMs up to
-# TRITON_FUSED_MAX_ROWS rows of x and the elementwise gate above: both are captured.
+# FUSED_MAX_ROWS rows of x and the elementwise gate above: both are captured.
 CASES = [
     ("linear", (37, 45), 0),
     ("linear", (37, 45), 1 << 20),
@@ -52,7 +52,8 @@ def _input(kind: str, shape) -> torch.Tensor:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,shape,fused_max_rows", CASES)
 def test_replayed_graph_matches_eager_calls(monkeypatch, backend, kind, shape, fused_max_rows):
-    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", fused_max_rows)
+    if backend == "triton":
+        monkeypatch.setattr(csext.backends.triton, "FUSED_MAX_ROWS", fused_max_rows)
     if kind == "linear, split-K":
         if backend != "triton":
             pytest.skip("split-K is the triton backend's")
@@ -87,7 +88,7 @@ def test_replayed_graph_matches_eager_calls(monkeypatch, backend, kind, shape, f
     captured = (static_y, static_x.grad, layer.weight.grad, layer.mask_logits.grad, layer.bias.grad)
     # The graph must not read csext's cached beta tensors: they may be evicted, and their memory
     # reused (here by NaN-filled ones of the same size, on both streams), while the graph lives.
-    csext._ops._beta_tensors.clear()
+    csext.backends.common._beta_tensors.clear()
     if "triton" in csext.backends.available():  # nor split-K's cached tile counters (kept zeroed)
         from csext.kernels import gated_matmul as mm
 

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 import csext
-from csext import search
+from csext.experiments import search
 from numerics import assert_history_close
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
@@ -86,7 +86,7 @@ def _check_worker(rank, port, results):
     import torch.distributed as dist
     from torch import nn
 
-    from csext import distributed
+    from csext.experiments import distributed
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:

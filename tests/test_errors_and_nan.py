@@ -47,7 +47,7 @@ def test_cpp_op_checks_its_own_arguments():
     if "cpp" not in BACKENDS:
         pytest.skip("the C++ extension is not built")
     w, s = torch.randn(4, 6), torch.randn(4, 6)
-    B = csext._ops.beta_tensor
+    B = csext.backends.common.beta_tensor
     with pytest.raises(ValueError, match="weight and mask_logits must have the same shape"):
         torch.ops.csext.gate(w, s[:3], B(1.0))
     with pytest.raises(TypeError, match="mask_logits must be float32"):

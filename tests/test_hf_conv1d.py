@@ -1,5 +1,6 @@
 """GatedHFConv1D: transformers' Conv1D (GPT-2's linear layers, weight stored (in, out)) gated, its
-math against the SPEC's, and a GPT-2 through sparsify, training, finalize and save_pretrained."""
+math against docs/contract.md's, and a GPT-2 through sparsify, training, finalize and
+save_pretrained."""
 
 import copy
 
@@ -11,7 +12,8 @@ from numerics import CPU_BACKENDS, FUSED_CASES, assert_compiles_as_eager, compar
 
 
 def _explicit(x, weight, mask_logits, bias, beta, hard, lam):
-    """The SPEC's math by autograd: y = x (w * m) + b, loss terms and lam * sum(sigmoid(beta * s))."""
+    """The math of docs/contract.md by autograd: y = x (w * m) + b, loss terms and
+    lam * sum(sigmoid(beta * s))."""
     mask = (mask_logits > 0).to(weight.dtype) if hard else torch.sigmoid(beta * mask_logits)
     y = x @ (weight * mask) + bias
     penalty = 0.0 if hard else lam * torch.sigmoid(beta * mask_logits).sum()
@@ -22,7 +24,7 @@ def _explicit(x, weight, mask_logits, bias, beta, hard, lam):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gated_hf_conv1d_computes_the_spec_math(backend, hard):
     """Forward and every gradient (lam in the backward) of a GatedHFConv1D in float64, on a
-    non-contiguous 3-D input, equal autograd of the SPEC's formulas."""
+    non-contiguous 3-D input, equal autograd of the the contract's formulas (docs/contract.md)."""
     torch.manual_seed(0)
     nf, nx, beta, lam = 7, 5, 2.5, 0.03
     layer = csext.GatedHFConv1D(nf, nx, dtype=torch.float64)
@@ -73,7 +75,7 @@ def test_gated_hf_conv1d_under_autocast_computes_what_conv1d_does(backend):
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("backend,device,dtype", FUSED_CASES)
 def test_gated_hf_conv1d_on_each_fused_backend_follows_the_spec_rule(backend, device, dtype, hard):
-    """SPEC section 4 for functional.gated_hf_conv1d on every fused backend: output and every
+    """docs/contract.md section 4 for functional.gated_hf_conv1d on every fused backend: output and every
     gradient against the torch backend, on an awkward batched shape."""
     w = torch.randn(19, 37)  # (in_features, out_features), as Conv1D stores it
     tensors = [("x", torch.randn(3, 5, 19)), ("w", w), ("s", mask_logits_like(w)), ("b", torch.randn(37))]

@@ -36,7 +36,7 @@ def _gate_samples():
     sb = mask_logits_like(wb).to(memory_format=torch.channels_last).requires_grad_()
     wd = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
     sd = mask_logits_like(wd, torch.float64).requires_grad_()
-    B = csext._ops.beta_tensor
+    B = csext.backends.common.beta_tensor
     return [
         (w, s, B(2.0), False, 0.1, None),
         (w, s, B(2.0), True, 0.0, None),
@@ -59,32 +59,14 @@ def test_opcheck_gate_backward(dtype):
     w = torch.randn(9, 11, dtype=dtype)
     s = mask_logits_like(w, torch.float64 if dtype == torch.float64 else torch.float32)
     g = torch.randn(9, 11, dtype=dtype)
-    torch.library.opcheck(torch.ops.csext.gate_backward.default, (g, w, s, csext._ops.beta_tensor(2.0), 0.1))
+    torch.library.opcheck(torch.ops.csext.gate_backward.default, (g, w, s, csext.backends.common.beta_tensor(2.0), 0.1))
 
-
-@needs_cpp
-@pytest.mark.parametrize("sample", ["widen bf16", "widen fp16", "narrow", "same dtype", "transposed", "sliced"])
-def test_opcheck_cast(sample):
-    """csext::cast is x.to(dtype), always a new tensor (even in x's own dtype), x's strides kept."""
-    base = torch.randn(6, 10)
-    x, dtype = {
-        "widen bf16": (base.bfloat16(), torch.float32),
-        "widen fp16": (base.half(), torch.float32),
-        "narrow": (base, torch.bfloat16),
-        "same dtype": (base, torch.float32),
-        "transposed": (base.bfloat16().t(), torch.float32),
-        "sliced": (base.bfloat16()[:, ::3], torch.float32),
-    }[sample]
-    torch.library.opcheck(torch.ops.csext.cast.default, (x, dtype))
-    out = torch.ops.csext.cast(x, dtype)
-    assert out.dtype == dtype and out.data_ptr() != x.data_ptr()
-    assert torch.equal(out, x.to(dtype)) and out.stride() == x.to(dtype).stride()
 
 
 def _layer_samples():
     """(op, args) for csext::gated_linear and csext::gated_conv2d: bias or not, soft or hard,
     a lower-precision compute dtype, channels_last, float64."""
-    B = csext._ops.beta_tensor
+    B = csext.backends.common.beta_tensor
     w = torch.randn(7, 5, requires_grad=True)
     s = mask_logits_like(w).requires_grad_()
     b = torch.randn(7, requires_grad=True)
@@ -183,7 +165,7 @@ def test_functorch_transforms_match_torch_backend(device):
     """torch.func's grad (nested too), jacrev, jacfwd and vmap (over x, over the weights, over
     the bias, per-sample gradients, and a grad over a vmap) through the C++ layer ops give the
     torch backend's results, penalty included, each op running batched (csrc/autograd.cpp and
-    csext/_ops.py register their vmap rules), not once per batch element through vmap's
+    csext/backends/aten.py register their vmap rules), not once per batch element through vmap's
     fallback. Under a grad over a vmap, unbatched weights are gated once and the penalty's
     gradient added once, as on the torch backend (the fallback added it once per element)."""
     F64 = torch.float64
@@ -233,13 +215,6 @@ def test_functorch_transforms_match_torch_backend(device):
         torch.testing.assert_close(got, want, msg=lambda m: f"result {i}: {m}")
 
 
-@needs_cpp
-def test_cast_under_vmap_is_atens_cast():
-    x = torch.randn(3, 4, 5).bfloat16()
-    with no_vmap_fallback():
-        got = torch.vmap(lambda x: torch.ops.csext.cast(x, torch.float32), in_dims=1)(x)
-    torch.testing.assert_close(got, x.float().movedim(1, 0), rtol=0, atol=0)
-
 
 @needs_cpp
 @pytest.mark.parametrize("batched", ["weight", "mask_logits", "grad", "beta"])
@@ -272,15 +247,14 @@ def test_gate_ops_under_vmap_match_a_loop(batched):
 @needs_cpp
 @pytest.mark.parametrize("where", ["torch.func.grad", "FakeTensorMode"])
 def test_beta_cache_keeps_only_plain_tensors(monkeypatch, where):
-    """The cached beta tensors (csext._ops.beta_tensor) are plain: one first made under
+    """The cached beta tensors (csext.backends.common.beta_tensor) are plain: one first made under
     torch.func.grad (a wrapper whose level ends with the transform) or under a fake mode (a fake
     tensor) is used for that call only, and the next eager call at that beta runs."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from csext import _ops
+    from csext.backends import common
 
-    monkeypatch.setattr(_ops, "_beta_tensors", {})
-    monkeypatch.setattr(csext.functional, "_EAGER", None)  # the Python path, which takes the cache
+    monkeypatch.setattr(common, "_beta_tensors", {})
     beta = 3.0625
     w, x = torch.randn(4, 5), torch.randn(3, 5)
     s = mask_logits_like(w)
@@ -294,7 +268,7 @@ def test_beta_cache_keeps_only_plain_tensors(monkeypatch, where):
     else:
         torch.func.grad(lambda w: layer(x, w, s).sum())(w)
     assert all(type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t)
-               for t in _ops._beta_tensors.values())
+               for t in common._beta_tensors.values())
     torch.testing.assert_close(layer(x, w, s), csext.functional.gated_linear(x, w, s, beta, backend="torch"))
 
 
@@ -487,7 +461,7 @@ def test_compile_fullgraph_matches_eager(backend):
 @pytest.mark.parametrize("backend", [b for b in csext.backends.available() if csext.backends.runs_on(b, "cpu")])
 def test_torch_export_with_a_dynamic_batch_saves_loads_and_trains(backend):
     """torch.export.export with an unbounded batch dimension (the triton backend's fused linear
-    path, up to TRITON_FUSED_MAX_ROWS rows, must not bound it), run above that bound, through
+    path, up to FUSED_MAX_ROWS rows, must not bound it), run above that bound, through
     torch.export.save / load, and backpropagated. An exported program holds the forward: lam,
     which acts in the backward alone, is not in it (README), so the gradients are compared at 0."""
     import io
@@ -507,7 +481,7 @@ def test_torch_export_with_a_dynamic_batch_saves_loads_and_trains(backend):
     torch.export.save(program, buffer)
     buffer.seek(0)
     loaded = torch.export.load(buffer).module()
-    x = torch.randn(csext.functional.TRITON_FUSED_MAX_ROWS + 3, 3, 8, 8)
+    x = torch.randn(1024 + 3, 3, 8, 8)  # above the triton backend's FUSED_MAX_ROWS
     torch.testing.assert_close(loaded(x), eager(x), rtol=1e-5, atol=1e-5)
     x = torch.randn(5, 3, 8, 8)
     loaded(x).square().mean().backward()

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 import csext
-from csext import cli, nets, schedule, search
-from csext.data import DataError, load
+from csext import schedule
+from csext.experiments import cli, nets, search
+from csext.experiments import data as csext_data
+from csext.experiments.data import DataError, load
 from numerics import assert_history_close
 
 
@@ -370,11 +372,11 @@ def test_a_ticket_that_closes_a_layer_is_named_in_a_warning(tmp_path, capsys):
 def test_validation_split_is_held_out_of_training_and_reported_beside_test_accuracy(tmp_path, capsys):
     data = _write_npz(tmp_path / "small.npz", n_train=100)
     whole = load(str(data))
-    split = csext.data.with_validation(whole, 0.2)
+    split = csext_data.with_validation(whole, 0.2)
     assert (len(split.y_train), len(split.y_val)) == (80, 20)
     rows = torch.cat([split.x_train, split.x_val])  # every training sample once, in one part or the other
     assert sorted(map(tuple, rows.tolist())) == sorted(map(tuple, whole.x_train.tolist()))
-    assert torch.equal(csext.data.with_validation(whole, 0.2).x_val, split.x_val)  # the same draw each time
+    assert torch.equal(csext_data.with_validation(whole, 0.2).x_val, split.x_val)  # the same draw each time
     assert torch.equal(split.x_test, whole.x_test)
 
     out = tmp_path / "run"
@@ -394,7 +396,7 @@ def test_validation_split_is_held_out_of_training_and_reported_beside_test_accur
 
 
 def test_files_are_written_whole_with_the_permissions_open_gives(tmp_path):
-    from csext._files import write_atomic
+    from csext.experiments.files import write_atomic
 
     target = tmp_path / "results.json"
     write_atomic(target, b"old")
@@ -563,7 +565,7 @@ def test_cifar10_and_mnist_readers(tmp_path):
         records.astype(np.uint8).tofile(folder / name)
     cifar = load("cifar10", str(tmp_path))
     assert cifar.x_train.shape == (20, 3, 32, 32) and cifar.num_classes == 10 and cifar.augment
-    crop = csext.data.augment_batch(cifar.x_train[:3], torch.Generator().manual_seed(0))
+    crop = csext_data.augment_batch(cifar.x_train[:3], torch.Generator().manual_seed(0))
     assert crop.shape == (3, 3, 32, 32)
 
     def idx(path, array, magic):
@@ -652,7 +654,7 @@ def test_download_checks_md5_and_takes_only_the_expected_files(tmp_path, monkeyp
     rng = np.random.default_rng(3)
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
-        for name in csext.data.CIFAR10_FILES + ("../outside.bin",):
+        for name in csext_data.CIFAR10_FILES + ("../outside.bin",):
             records = np.concatenate([rng.integers(0, 10, (2, 1)), rng.integers(0, 256, (2, 3072))], axis=1)
             payload = records.astype(np.uint8).tobytes()
             info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
@@ -672,7 +674,7 @@ def test_download_checks_md5_and_takes_only_the_expected_files(tmp_path, monkeyp
     monkeypatch.setattr(csext.data, "CIFAR10_MD5", hashlib.md5(payload).hexdigest())
     cifar = load("cifar10", str(tmp_path / "data"), download=True)
     assert cifar.x_train.shape == (10, 3, 32, 32) and len(fetched) == 2
-    assert sorted(p.name for p in (tmp_path / "data" / "cifar-10-batches-bin").iterdir()) == sorted(csext.data.CIFAR10_FILES)
+    assert sorted(p.name for p in (tmp_path / "data" / "cifar-10-batches-bin").iterdir()) == sorted(csext_data.CIFAR10_FILES)
     load("cifar10", str(tmp_path / "data"), download=True)  # already there: not fetched again
     assert len(fetched) == 2
 

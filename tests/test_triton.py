@@ -1,4 +1,4 @@
-"""The triton backend against the torch backend by SPEC section 4.
+"""The triton backend against the torch backend by docs/contract.md section 4.
 
 On a machine without a GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set
 by conftest.py): float32 and float16 on small awkward shapes, few enough to keep CI quick. With
@@ -12,7 +12,7 @@ import torch
 
 import csext
 from csext import functional as CF
-from numerics import compare_with_torch_backend, forward_over_reverse, mask_logits_like
+from numerics import compare_with_torch_backend, mask_logits_like
 
 pytestmark = pytest.mark.skipif("triton" not in csext.backends.available(), reason="Triton is not installed")
 
@@ -117,7 +117,7 @@ def test_split_k_is_deterministic_and_leaves_its_counters_at_zero():
 @pytest.mark.parametrize("mask_scale", [1.0, 1.7])
 def test_both_linear_paths_with_bias_and_mask_scale(monkeypatch, fused_max_rows, mask_scale):
     """Both linear paths (fused GEMMs; elementwise gate + library GEMM), with mask_scale."""
-    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", fused_max_rows)
+    monkeypatch.setattr(csext.backends.triton, "FUSED_MAX_ROWS", fused_max_rows)
     w = torch.randn(19, 33)
     tensors = [("x", torch.randn(21, 33)), ("w", w), ("s", mask_logits_like(w)), ("b", torch.randn(19))]
 
@@ -125,60 +125,6 @@ def test_both_linear_paths_with_bias_and_mask_scale(monkeypatch, fused_max_rows,
         return CF.gated_linear(x, w, s, 2.0, b, penalty=0.05, backend=backend, mask_scale=mask_scale)
 
     _compare(op, tensors, torch.float32, (21, 19))
-
-
-@pytest.mark.parametrize("kind,variant", [
-    ("linear", "bias"), ("linear", "no bias"), ("linear", "hard"), ("linear", "autocast"), ("linear", "3-D x"),
-    ("linear", "autocast, gate path"), ("conv", "bias"), ("conv", "hard"), ("conv", "autocast"), ("conv", "groups"),
-])
-def test_checks_in_c_match_the_checked_path(monkeypatch, kind, variant):
-    """A valid call takes csext._C's checks (linear_input, conv2d_input) and autocast's cast in
-    place of the Python ones, and gives the checked path's output and gradients, bit for bit.
-    Where x is cast (the convolution, the linear layer's gate path), the fast path casts it with
-    csext's node (csrc/input_cast.cpp), the checked path with x.to."""
-    if CF._EAGER is None:
-        pytest.skip("the C++ extension is not built")
-    if variant == "autocast, gate path":
-        monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", 0)
-    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)  # bit for bit, twice
-    autocast_dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter has no bf16
-    groups = 2 if variant == "groups" else 1
-    w = torch.randn(*((5, 7) if kind == "linear" else (4, 6 // groups, 3, 2)), device=DEVICE, requires_grad=True)
-    s = mask_logits_like(w).to(DEVICE).requires_grad_()
-    b = torch.randn(w.shape[0], device=DEVICE, requires_grad=True) if variant != "no bias" else None
-    x_shape = ((2, 3) if variant == "3-D x" else (3,)) + (7,) if kind == "linear" else (2, 6, 9, 8)
-    x = torch.randn(x_shape, device=DEVICE, requires_grad=True)
-    layer_args = () if kind == "linear" else ((2, 1), [1, 0], 1, groups)  # stride, padding, dilation, groups
-    args = (x, w, s, 3.0, b, variant == "hard", 1e-3, *layer_args)
-    results = []
-    for eager in (CF._EAGER, None):
-        monkeypatch.setattr(CF, "_EAGER", eager)
-        with torch.autocast(DEVICE, dtype=autocast_dtype, enabled=variant.startswith("autocast")):
-            if eager is not None:
-                checks = eager.linear_input if kind == "linear" else eager.conv2d_input
-                assert checks(*args) is not None, "a valid call was handed back"
-            layer = CF.gated_linear if kind == "linear" else CF.gated_conv2d
-            y = layer(*args[:5], *layer_args, hard=args[5], penalty=args[6], backend="triton")
-        if variant == "autocast, gate path" or (kind, variant) == ("conv", "autocast"):
-            cast = "csext::InputCastBackward" if eager is not None else "ToCopyBackward0"
-            assert cast in _node_names(y)
-        leaves = [t for t in (x, w, s, b) if t is not None]
-        results.append([y, *torch.autograd.grad(y.float().square().sum(), leaves, allow_unused=True)])
-    for fast, checked in zip(*results):
-        assert (fast is None) == (checked is None)
-        if fast is not None:
-            torch.testing.assert_close(fast, checked, rtol=0, atol=0)
-
-
-def _node_names(y):
-    """The names of the autograd nodes behind y."""
-    seen, todo = set(), [y.grad_fn]
-    while todo:
-        node = todo.pop()
-        if node is not None and node not in seen:
-            seen.add(node)
-            todo.extend(next_node for next_node, _ in node.next_functions)
-    return {node.name() for node in seen}
 
 
 def test_non_contiguous_input_and_gradient():
@@ -206,56 +152,39 @@ def _fused_layer_leaves(requires=("x", "w", "s", "b"), x_shape=(6, 13)):
     return {name: t.requires_grad_(name in requires) for name, t in leaves.items()}
 
 
-@pytest.mark.skipif(not csext._ops.extension_loaded(), reason="csext._C is not built")
 @pytest.mark.parametrize("op", ["fused linear", "fused linear, batched x", "gate"])
 @pytest.mark.parametrize("needs", ["xwsb", "xw", "s", "b"])
 @pytest.mark.parametrize("hard", [False, True])
-def test_nodes_match_the_functions(monkeypatch, op, needs, hard):
-    """In eager mode the gate and the fused layer are nodes of csext._C (csrc/triton_node.cpp),
-    their backwards in Python; without csext._C, autograd.Functions. Both give the same outputs
-    and gradients, a batched x included. Under the hard mask s takes no gradient, and has no edge
-    in the node."""
-    from csext import _triton
-
-    edges = "ws" if op == "gate" else "xwsb"
+def test_gradients_of_any_subset_of_leaves(op, needs, hard):
+    """The gate and the fused layer compute the gradients their leaves need, and those are the
+    torch backend's, a batched x included; under the hard mask s takes none."""
     results = {}
-    for route in ("node", "function"):
-        if route == "function":
-            monkeypatch.setattr(_triton, "_C", None)
+    for backend in ("triton", "torch"):
         torch.manual_seed(0)
         leaves = _fused_layer_leaves(needs, x_shape=(2, 3, 13) if op.endswith("batched x") else (6, 13))
         if op != "gate":
             y = CF.gated_linear(leaves["x"], leaves["w"], leaves["s"], 2.5, leaves["b"], hard=hard, penalty=0.1,
-                                backend="triton")
+                                backend=backend)
         else:
-            y = CF.gate(leaves["w"], leaves["s"], 2.5, hard=hard, penalty=0.1, backend="triton")
-        if route == "node":
-            wanted = [name in needs and not (hard and name == "s") for name in edges]
-            assert y.requires_grad == any(wanted)
-            # (with a batched x the layer's output is a view of the node's)
-            if any(wanted) and not op.endswith("batched x"):
-                name = "csext::TritonGateBackward" if op == "gate" else "csext::TritonGatedLinearBackward"
-                assert y.grad_fn.name() == name
-                assert [f is not None for f, _ in y.grad_fn.next_functions] == wanted
+            y = CF.gate(leaves["w"], leaves["s"], 2.5, hard=hard, penalty=0.1, backend=backend)
+        edges = "ws" if op == "gate" else "xwsb"
+        assert y.requires_grad == any(name in needs and not (hard and name == "s") for name in edges)
         if y.requires_grad:
             y.square().sum().backward()
-        results[route] = [y.detach()] + [leaves[name].grad for name in "xwsb"]
-    for i, (a, b) in enumerate(zip(results["node"], results["function"])):
+        results[backend] = [y.detach()] + [leaves[name].grad for name in "xwsb"]
+    for i, (a, b) in enumerate(zip(results["triton"], results["torch"])):
         assert (a is None) == (b is None), i
         if a is not None:
-            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.skipif(not csext._ops.extension_loaded(), reason="csext._C is not built")
-def test_fused_layer_node_keeps_autograd_contracts(monkeypatch):
-    """The fused layer's node saves x, w and s as save_for_backward does: through saved-tensor
-    hooks, checked for in-place changes, freed after the backward; an error in its Python
-    backward reaches the caller; forward-mode AD, which the node refuses by name, takes the
-    Function instead and gives the torch backend's tangent. (The gate's node is the same C++
-    template.)"""
+def test_fused_layer_keeps_autograd_contracts(monkeypatch):
+    """The fused layer saves x, w and s through save_for_backward: through saved-tensor hooks,
+    checked for in-place changes, freed after the backward; an error in its backward reaches the
+    caller; forward-mode AD, which the triton backend does not have, is refused."""
     from torch.autograd import forward_ad
 
-    from csext import _triton
+    from csext.backends import triton
 
     def call(leaves, **kwargs):
         return CF.gated_linear(leaves["x"], leaves["w"], leaves["s"], 2.0, leaves["b"], penalty=0.1,
@@ -265,7 +194,7 @@ def test_fused_layer_node_keeps_autograd_contracts(monkeypatch):
     leaves = _fused_layer_leaves()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
         y = call(leaves)
-    assert sorted(id(t) for t in packed) == sorted(id(leaves[name]) for name in "xws")
+    assert {id(leaves[name]) for name in "xws"} <= {id(t) for t in packed}
     y.sum().backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         y.sum().backward()
@@ -279,23 +208,15 @@ def test_fused_layer_node_keeps_autograd_contracts(monkeypatch):
     def fail(*args):
         raise ValueError("from the backward")
 
-    monkeypatch.setattr(_triton, "_linear_grads", fail)
+    monkeypatch.setattr(triton, "triton_gated_linear_grad_input", fail)
     with pytest.raises(ValueError, match="from the backward"):
         call(leaves).sum().backward()
 
-    # Forward-mode AD takes the Function with a jvp (csext/_triton.py); the node would refuse it.
     leaves = _fused_layer_leaves(requires=())
-    tangents = {name: torch.randn_like(t) for name, t in leaves.items()}
     with forward_ad.dual_level():
-        duals = {name: forward_ad.make_dual(t, tangents[name]) for name, t in leaves.items()}
-        got = forward_ad.unpack_dual(call(duals)).tangent
-        want = forward_ad.unpack_dual(CF.gated_linear(duals["x"], duals["w"], duals["s"], 2.0, duals["b"],
-                                                      backend="torch")).tangent
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * max(want.abs().max().item(), 1.0))
-        beta = _triton.device_beta(2.0, leaves["x"].device)
-        y = _triton._linear_impl(leaves["x"], leaves["w"], leaves["s"], beta, leaves["b"], False, 0.0, torch.float32)
-        with pytest.raises(NotImplementedError, match="fused linear layer has no forward-mode AD"):
-            csext._C.triton_linear_node(y, duals["x"], leaves["w"], leaves["s"], beta, leaves["b"], False, 0.0)
+        duals = {name: forward_ad.make_dual(t, torch.randn_like(t)) for name, t in leaves.items()}
+        with pytest.raises(NotImplementedError, match="jvp"):
+            call(duals)
 
 
 @pytest.fixture
@@ -323,7 +244,7 @@ def test_repeated_calls_with_fresh_data_and_unaligned_tensors(monkeypatch, fused
     needs another one, which Triton compiles for unaligned pointers."""
     from csext.kernels import gate, gated_matmul
 
-    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", fused_max_rows)
+    monkeypatch.setattr(csext.backends.triton, "FUSED_MAX_ROWS", fused_max_rows)
     for shift in (0, 0, 2):
         w = torch.randn(19, 37)
         tensors = [("x", torch.randn(21, 37)), ("w", w), ("s", mask_logits_like(w)), ("b", torch.randn(19))]
@@ -344,7 +265,7 @@ def test_repeated_calls_with_fresh_data_and_unaligned_tensors(monkeypatch, fused
 def test_double_backward(monkeypatch, full_fp32, layer, hard, of):
     """create_graph=True: a loss on a gradient (of x: a gradient penalty; of w or s) differentiates
     back to x, w, s and b as on the torch backend, penalty included."""
-    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", 4096 if layer.startswith("fused linear") else 0)
+    monkeypatch.setattr(csext.backends.triton, "FUSED_MAX_ROWS", 4096 if layer.startswith("fused linear") else 0)
     if layer == "conv2d":
         x, w = torch.randn(2, 4, 5, 6, device=DEVICE), torch.randn(6, 2, 3, 3, device=DEVICE)
         call = lambda x, w, s, b, backend: CF.gated_conv2d(  # noqa: E731
@@ -370,36 +291,31 @@ def test_double_backward(monkeypatch, full_fp32, layer, hard, of):
 
 
 @pytest.mark.parametrize("kind", ["gate", "fused linear", "gate + linear", "conv2d"])
-def test_forward_over_reverse_matches_torch_backend(monkeypatch, full_fp32, kind):
-    """A backward without create_graph inside a forward-mode dual level gives gradients whose
-    tangents are the torch backend's (it builds them from csext.reference there, as with
-    create_graph; the kernels' gradients carry no tangents), penalty included."""
-    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", 4096 if kind == "fused linear" else 0)
+def test_forward_mode_ad_is_refused(monkeypatch, kind):
+    """The triton backend has no forward-mode AD (torch.func.jvp, jacfwd, hessian; a dual level):
+    each layer says so instead of returning a wrong tangent. The torch and cpp backends have it."""
+    monkeypatch.setattr(csext.backends.triton, "FUSED_MAX_ROWS", 4096 if kind == "fused linear" else 0)
+    w = torch.randn(4, 5, device=DEVICE)
+    s = mask_logits_like(w).to(DEVICE)
     if kind == "conv2d":
-        x, w = torch.randn(2, 4, 5, 6), torch.randn(6, 2, 3, 3)
+        x, w = torch.randn(2, 4, 5, 6, device=DEVICE), torch.randn(6, 2, 3, 3, device=DEVICE)
+        s = mask_logits_like(w).to(DEVICE)
+        call = lambda w: CF.gated_conv2d(x, w, s, 2.0, None, 1, 1, 1, 2, backend="triton")  # noqa: E731
+    elif kind == "gate":
+        call = lambda w: CF.gate(w, s, 2.0, backend="triton")  # noqa: E731
     else:
-        x, w = torch.randn(3, 5), torch.randn(4, 5)
-    inputs = {"x": x, "w": w, "s": mask_logits_like(w), "b": torch.randn(w.shape[0])}
-    if kind == "gate":
-        del inputs["x"], inputs["b"]
-    inputs = {name: t.to(DEVICE).requires_grad_(name != "x") for name, t in inputs.items()}
-    tangents = {name: torch.randn_like(t) for name, t in inputs.items()}
-    op = "gate" if kind == "gate" else "conv2d" if kind == "conv2d" else "linear"
-    got = forward_over_reverse(op, "triton", inputs, tangents)
-    want = forward_over_reverse(op, "torch", inputs, tangents)
-    for i, (g, r) in enumerate(zip(got, want, strict=True)):
-        assert g is not None, f"result {i}: no tangent"
-        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * max(r.abs().max().item(), 1.0),
-                                   msg=lambda m: f"result {i}: {m}")
+        x = torch.randn(3, 5, device=DEVICE)
+        call = lambda w: CF.gated_linear(x, w, s, 2.0, backend="triton")  # noqa: E731
+    with pytest.raises(NotImplementedError, match="jvp"):
+        torch.func.jvp(call, (w,), (torch.randn_like(w),))
 
 
 @pytest.mark.parametrize("path", ["fused", "gate"])
 def test_torch_func_transforms_match_torch_backend(monkeypatch, full_fp32, path):
     """torch.func's grad (nested too), jacrev and vmap (over x, over the weights, per-sample
     gradients, a grad over a vmap) through the triton layers give the torch backend's results,
-    penalty included; and jvp, jacfwd and hessian (forward over reverse) through the Functions'
-    jvp rules."""
-    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", 4096 if path == "fused" else 0)
+    penalty included."""
+    monkeypatch.setattr(csext.backends.triton, "FUSED_MAX_ROWS", 4096 if path == "fused" else 0)
     x, w = torch.randn(3, 5, device=DEVICE), torch.randn(4, 5, device=DEVICE)
     s, b = mask_logits_like(w).to(DEVICE), torch.randn(4, device=DEVICE)
     xs, ws, bs = torch.randn(6, 3, 5, device=DEVICE), torch.randn(6, 4, 5, device=DEVICE), torch.randn(4, 6, device=DEVICE)
@@ -427,11 +343,6 @@ def test_torch_func_transforms_match_torch_backend(monkeypatch, full_fp32, path)
             *func.vmap(func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0))(w, s, xs),
             *func.grad(lambda w, s: func.vmap(layer, in_dims=(0, None, None))(xs, w, s).sum(), argnums=(0, 1))(w, s),
             func.vmap(conv)(wc),
-            *func.jvp(layer, (x, w, s), (xs[0], ws[0], ws[1])),
-            *func.jvp(lambda w, s: CF.gate(w, s, 2.0, hard=True, backend=backend), (w, s), (ws[2], ws[3])),
-            *func.jacfwd(layer, argnums=(0, 1, 2))(x, w, s),
-            *func.jacfwd(conv)(wc[0]),
-            *(h for row in func.hessian(lambda w, s: layer(x, w, s).tanh().sum(), argnums=(0, 1))(w, s) for h in row),
         ]
     for i, (got, want) in enumerate(zip(results["triton"], results["torch"], strict=True)):
         scale = max(want.abs().max().item(), 1.0)
@@ -444,15 +355,15 @@ def test_eager_calls_after_torch_func_grad_at_the_same_beta(monkeypatch, full_fp
     the transform. The beta cache must not keep it: the kernels read beta by pointer, and on CUDA
     a later eager call at that beta failed ("Cannot access data pointer of Tensor that doesn't
     have storage")."""
-    from csext import _ops
+    from csext.backends import common
 
-    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", 4096 if path == "fused" else 0)
-    monkeypatch.setattr(_ops, "_beta_tensors", {})
+    monkeypatch.setattr(csext.backends.triton, "FUSED_MAX_ROWS", 4096 if path == "fused" else 0)
+    monkeypatch.setattr(common, "_beta_tensors", {})
     beta = 3.0625
     x, w = torch.randn(3, 5, device=DEVICE), torch.randn(4, 5, device=DEVICE)
     s = mask_logits_like(w).to(DEVICE)
     torch.func.grad(lambda w: CF.gated_linear(x, w, s, beta, backend="triton").sum())(w)
-    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in _ops._beta_tensors.values())
+    assert not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in common._beta_tensors.values())
     w_ref = w.clone().requires_grad_()
     w.requires_grad_()
     got, want = (CF.gated_linear(x, weight, s, beta, backend=b) for weight, b in ((w, "triton"), (w_ref, "torch")))
@@ -544,7 +455,7 @@ def test_fused_gemms_cast_x_as_autocast_would(x_shape, hard):
 
 
 def test_compiled_route_under_autocast_matches_eager():
-    """torch.compile's route (the custom ops) takes float32 x under autocast as the eager one does."""
+    """torch.compile takes float32 x under autocast as eager mode does."""
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
     layer = csext.GatedLinear(45, 29, device=DEVICE)
     layer.backend, layer.penalty = "triton", 0.01
@@ -612,11 +523,11 @@ def test_compile_fullgraph_without_recompiling_for_beta_or_penalty():
 @pytest.mark.parametrize("fused_max_rows", [0, 4096])
 @pytest.mark.parametrize("hard", [False, True])
 def test_compiled_autograd_matches_eager(monkeypatch, full_fp32, fused_max_rows, hard):
-    """torch._dynamo.compiled_autograd traces the triton layers' backwards through the custom
-    ops (it cannot trace the Launcher's launches) and gets eager's gradients."""
+    """torch._dynamo.compiled_autograd traces the triton layers' backwards (the custom ops,
+    opaque: it cannot trace the Launcher's launches) and gets eager's gradients."""
     from torch import nn
 
-    monkeypatch.setattr(CF, "TRITON_FUSED_MAX_ROWS", fused_max_rows)
+    monkeypatch.setattr(csext.backends.triton, "FUSED_MAX_ROWS", fused_max_rows)
     torch._dynamo.reset()
     model = nn.Sequential(csext.GatedConv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
                           csext.GatedLinear(4 * 25, 2)).to(DEVICE)
@@ -642,7 +553,7 @@ def test_compiled_autograd_matches_eager(monkeypatch, full_fp32, fused_max_rows,
 
 
 def test_opcheck_triton_ops():
-    from csext import _triton
+    from csext.backends import triton as _triton
 
     w = torch.randn(13, 21, device=DEVICE)
     s = mask_logits_like(w).to(DEVICE)

@@ -1,5 +1,4 @@
-// Host side of the CUDA gate kernels and of the widening cast: dtype dispatch, alignment choice
-// and launch.
+// Host side of the CUDA gate kernels: dtype dispatch, alignment choice and launch.
 #include <algorithm>
 #include <cstdint>
 
@@ -17,10 +16,8 @@ bool aligned(const void* p, int vec) {
   return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * vec) == 0;
 }
 
-// One block for every kThreads packs; the kernels' grid-stride loops only cover grids past
-// gridDim.x's limit. On an H200 the gate kernels ran up to 12% faster so than with the grid
-// capped at 8 blocks a multiprocessor, as it was until 84ef57b (bench/gate_launch.cu,
-// bench/README.md); the widening cast, not measured so, takes the same rule.
+// One block for every kThreads packs (faster than a capped grid: bench/gate_launch.cu); the
+// kernels' grid-stride loops only cover grids past gridDim.x's limit.
 int blocks_for(int64_t work) {
   constexpr int64_t kMaxGrid = 0x7fffffff;
   const int64_t wanted = (work + kThreads - 1) / kThreads;
@@ -29,9 +26,7 @@ int blocks_for(int64_t work) {
 
 template <typename A, typename B, typename C>
 constexpr int gate_vec_width() {
-  // 16 bytes of the widest operand per access, 8 or 4 of the narrower ones: on an H200 the
-  // backward (float32 w and s, bf16 G) ran faster so than with 16 bytes of the narrowest
-  // (bench/gate_launch.cu's "half vec"), and no slower forward.
+  // 16 bytes of the widest operand per access, 8 or 4 of the narrower ones (bench/gate_launch.cu).
   constexpr size_t widest = std::max(sizeof(A), std::max(sizeof(B), sizeof(C)));
   return static_cast<int>(16 / widest);
 }
@@ -87,28 +82,7 @@ cudaError_t with_half_or_float(DType t, const Fn& fn) {
   }
 }
 
-template <typename T>
-cudaError_t launch_widen(const void* in, float* out, int64_t n, cudaStream_t stream) {
-  constexpr int VEC = 16 / sizeof(T);
-  const T* x = static_cast<const T*>(in);
-  if (aligned<T>(x, VEC) && aligned<float>(out, VEC)) {
-    widen_kernel<T, VEC><<<blocks_for(n / VEC + 1), kThreads, 0, stream>>>(x, out, n);
-  } else {
-    widen_kernel<T, 1><<<blocks_for(n), kThreads, 0, stream>>>(x, out, n);
-  }
-  return cudaGetLastError();
-}
-
 }  // namespace
-
-cudaError_t widen_to_float(DType in_type, const void* in, float* out, int64_t n, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  switch (in_type) {
-    case DType::Float16: return launch_widen<__half>(in, out, n, stream);
-    case DType::BFloat16: return launch_widen<__nv_bfloat16>(in, out, n, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
 
 cudaError_t gate_forward(DType weight_type, DType out_type, const void* weight,
                          const void* mask_logits, void* out, int64_t n, double beta, bool hard,

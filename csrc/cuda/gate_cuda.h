@@ -1,7 +1,6 @@
 // Host entry points of the CUDA gate kernels (gate_cuda.cu). Free of torch headers, so that the
 // kernels compile with a bare nvcc (`.ci/run` builds them for sm_80 and sm_90 on every commit);
-// csrc/cuda/ops_cuda.cpp wraps them as the CUDA kernels of csext::gate, csext::gate_backward and
-// csext::cast.
+// csrc/cuda/ops_cuda.cpp wraps them as the CUDA kernels of csext::gate and csext::gate_backward.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -27,10 +26,6 @@ cudaError_t gate_backward(DType weight_type, DType grad_type, const void* grad,
                           const void* weight, const void* mask_logits, void* grad_weight,
                           void* grad_mask_logits, int64_t n, double beta, double penalty,
                           cudaStream_t stream);
-
-// out = float(in) over n elements of flat storage, in float16 or bfloat16 (the CUDA kernel of
-// csext::cast where it widens); cudaErrorInvalidValue for another dtype.
-cudaError_t widen_to_float(DType in_type, const void* in, float* out, int64_t n, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace csext

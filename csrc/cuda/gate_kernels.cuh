@@ -1,9 +1,8 @@
-// CUDA kernels of the CS gate (SPEC section 1), free of torch:
+// CUDA kernels of the CS gate (docs/contract.md section 1), free of torch:
 //   forward   w_eff = w * m,  m = sigmoid(beta * s)  (soft)  or  m = 1[s > 0]  (hard)
 //   backward  dL/dw = G * m,  dL/ds = beta * m * (1 - m) * (G * w + lam)
-// and beside them the widening of a layer input's gradient to float32 (csext::cast). Each is
-// one pass over flat storage; each thread moves VEC elements per operand with one access of up
-// to 16 bytes where the pointers allow it. The math mirrors csrc/gate_cpu.h.
+// Each is one pass over flat storage; each thread moves VEC elements per operand with one access
+// of up to 16 bytes where the pointers allow it. The math mirrors csrc/gate_cpu.h.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -138,24 +137,6 @@ __global__ void gate_backward_kernel(const G* __restrict__ grad, const W* __rest
     gate_backward_one<Acc, W, G>(grad[i], weight[i], mask_logits[i], beta, penalty, grad_weight[i],
                                  grad_mask_logits[i]);
   }
-}
-
-// out = float(in) over n elements, in half or bfloat16: the gradient of a float32 layer input
-// that autocast cast down. ATen's copy widens these element by element (its vectorized casts
-// only narrow to half and bfloat16); this one reads 16 bytes a thread per access.
-template <typename T, int VEC>
-__global__ void widen_kernel(const T* __restrict__ in, float* __restrict__ out, int64_t n) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t packs = n / VEC;
-  for (int64_t i = first; i < packs; i += stride) {
-    const Pack<T, VEC> x = load_pack<T, VEC>(in, i);
-    Pack<float, VEC> y;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) y.v[j] = load_as<float>(x.v[j]);
-    store_pack<float, VEC>(out, i, y);
-  }
-  for (int64_t i = packs * VEC + first; i < n; i += stride) out[i] = load_as<float>(in[i]);
 }
 
 }  // namespace cuda

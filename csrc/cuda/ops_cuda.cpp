@@ -1,7 +1,6 @@
-// The CUDA kernels of csext::gate, csext::gate_backward and csext::cast: the same schemas,
-// checks, fake and autograd registrations as the CPU kernels (ops.cpp, autograd.cpp,
-// csext/_ops.py), with the kernel bodies in gate_kernels.cuh. Built only where CUDA torch is
-// present (setup.py).
+// The CUDA kernels of csext::gate and csext::gate_backward: the same schemas, checks, fake and
+// autograd registrations as the CPU kernels (ops.cpp, autograd.cpp, csext/backends/aten.py), with
+// the kernel bodies in gate_kernels.cuh. Built only where CUDA torch is present (setup.py).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -76,30 +75,11 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cuda(const at::Tensor& grad,
   return {grad_weight, grad_mask_logits};
 }
 
-// csext::cast: float16 or bfloat16 to float32 by csext's kernel where the tensor is dense (any
-// strides, kept), anything else as ATen casts it.
-at::Tensor cast_cuda(const at::Tensor& x, at::ScalarType dtype) {
-  const at::ScalarType from = x.scalar_type();
-  const bool widens = dtype == at::ScalarType::Float &&
-                      (from == at::ScalarType::Half || from == at::ScalarType::BFloat16);
-  if (!widens || !x.is_non_overlapping_and_dense()) {
-    return x.to(dtype, /*non_blocking=*/false, /*copy=*/true);
-  }
-  const c10::cuda::CUDAGuard device_guard(x.device());
-  at::Tensor out = at::empty_like(x, x.options().dtype(dtype));  // x's strides: one flat pass
-  check_launch(cuda::widen_to_float(to_kernel_dtype(from), x.const_data_ptr(),
-                                    out.mutable_data_ptr<float>(), x.numel(),
-                                    c10::cuda::getCurrentCUDAStream()),
-               "csext::cast");
-  return out;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(csext, CUDA, m) {
   m.impl("gate", &gate_cuda);
   m.impl("gate_backward", &gate_backward_cuda);
-  m.impl("cast", &cast_cuda);
 }
 
 }  // namespace csext

@@ -3,7 +3,7 @@ and an atomic save."""
 
 import io
 
-from ._files import write_atomic
+from .files import write_atomic
 
 
 def pyplot():

@@ -1,0 +1,230 @@
+"""python -m csext search ... (docs/contract.md section 3). Bad input: one error line, exit code 2."""
+
+import argparse
+import sys
+import warnings
+
+import torch
+
+from .. import __version__, backends
+from . import data as datasets
+from . import distributed
+from . import nets
+from .baselines import METHODS
+from .compare import compare
+from .search import AMP, ConfigError, DivergedError, Search, SearchConfig, SearchWarning
+from .sweep import run_sweep
+
+# The paper's setups (docs/contract.md section 1; Savarese et al., section 5). They need the CIFAR-10 files
+# in --data-dir and, to finish in hours rather than days, a GPU.
+PRESETS = {
+    "resnet20-cifar10": dict(data="cifar10", model="resnet20", epochs=85, lr=0.1, lr_milestones=[56, 71],
+                             batch_size=128, weight_decay=1e-4, penalty=1e-8, beta_final=200.0,
+                             rewind_iter=2 * 391, rounds=3),  # 2 epochs of 391 steps
+    "vgg16-cifar10": dict(data="cifar10", model="vgg16", epochs=160, lr=0.1, lr_milestones=[80, 120],
+                          batch_size=64, weight_decay=1e-4, penalty=1e-8, beta_final=200.0,
+                          rewind_iter=2 * 782, rounds=3),
+}
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Each option's default after its help, unless the help says it or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.required or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m csext", description="Continuous Sparsification")
+    built = ", ".join(backends.available())
+    parser.add_argument("--version", action="version", help="csext's version, torch's and the backends built",
+                        version=f"csext {__version__} (torch {torch.__version__}; backends: {built})")
+    commands = parser.add_subparsers(dest="command", required=True)
+    search = commands.add_parser("search", help="CS ticket search, results in DIR/results.json",
+                                 formatter_class=_HelpFormatter)
+    _add_run_options(search)
+    search.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    search.add_argument("--sweep-mask-init", default=None,
+                        help="comma-separated s0 values: one independent search per (s0, lam), spread over the ranks")
+    search.add_argument("--sweep-penalty", default=None, help="comma-separated lam values for the sweep")
+    compare = commands.add_parser("compare", help="CS against IMP, magnitude, SNIP, L0 and random pruning",
+                                  formatter_class=_HelpFormatter)
+    _add_run_options(compare)
+    compare.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
+    compare.add_argument("--fractions", default="0.2,0.1,0.05",
+                         help="remaining fractions for magnitude, snip and random when cs is not compared "
+                              "(with cs: the fractions its tickets reached)")
+    compare.add_argument("--imp-rounds", type=int, default=10, help="IMP rounds, each removing 20%% of the weights")
+    compare.add_argument("--l0-penalty", type=float, default=0.1, help="lam of L0: lam / N * expected L0")
+    compare.add_argument("--resume", action="store_true",
+                         help="continue the comparison in --out: the cs search from its checkpoint, methods "
+                              "that finished kept, the others run")
+    return parser
+
+
+def _add_run_options(s: argparse.ArgumentParser) -> None:
+    d = SearchConfig()
+    s.add_argument("--preset", choices=sorted(PRESETS), help="the paper's setup; explicit options override it")
+    s.add_argument("--data", default=d.data, help=f"{', '.join(datasets.NAMES)} or PATH.npz")
+    s.add_argument("--data-dir", default=None, help="folder of the cifar10 / mnist files")
+    s.add_argument("--download", action="store_true", help="fetch missing cifar10 / mnist files into --data-dir")
+    s.add_argument("--model", default=d.model,
+                   help=f"{', '.join(nets.NAMES)}, or MODULE:FACTORY, your function (or class) called as "
+                        f"FACTORY(input_shape, num_classes) that returns an nn.Module, imported from the working "
+                        f"directory or PYTHONPATH")
+    s.add_argument("--rounds", type=int, default=d.rounds, help="R, search rounds, one ticket each")
+    s.add_argument("--epochs", type=int, default=d.epochs, help="T, epochs of each search round")
+    s.add_argument("--mask-init", type=float, default=d.mask_init, help="s0; negative values give sparser tickets")
+    s.add_argument("--penalty", type=float, default=d.penalty, help="lam, weight of sum(sigmoid(beta * s))")
+    s.add_argument("--beta-final", type=float, default=d.beta_final,
+                   help="beta_T, the temperature at the end of a round")
+    s.add_argument("--beta-per-step", action="store_true", help="anneal beta every step instead of every epoch")
+    s.add_argument("--rewind-iter", type=int, default=d.rewind_iter, help="k: the rewind point is after k iterations of round 1")
+    s.add_argument("--reset", choices=["paper", "official"], default=d.reset,
+                   help="between rounds s <- min(beta_final*s, s0) (paper) or min(s, s0) (the reference code)")
+    s.add_argument("--rescale", action="store_true", help="multiply the mask by 1 / sigmoid(s0), as the paper's code")
+    s.add_argument("--target-remaining", type=float, default=None,
+                   help="steer lam (then the mask threshold) so the last ticket keeps this fraction")
+    s.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
+    s.add_argument("--lr-milestones", type=lambda v: [int(x) for x in v.split(",") if x], default=None,
+                   help="comma-separated epochs at which lr is divided by 10 (default: 1/2 and 3/4 of each phase)")
+    s.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
+    s.add_argument("--weight-decay", type=float, default=d.weight_decay, help="not applied to mask logits")
+    s.add_argument("--batch-size", type=int, default=d.batch_size, help="training mini-batch size")
+    s.add_argument("--dense-epochs", type=int, default=None, help="epochs of the dense baseline (default: --epochs)")
+    s.add_argument("--retrain-epochs", type=int, default=None, help="epochs of each ticket's retraining (default: the dense budget)")
+    s.add_argument("--exclude", default=None, help="comma-separated layer names or globs left dense (default: the paper's)")
+    s.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation and every epoch's data order")
+    s.add_argument("--out", required=True, help="DIR for the results, checkpoints and plots")
+    s.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
+    s.add_argument("--amp", choices=AMP, default=d.amp,
+                   help="forward and loss under torch.autocast in bfloat16 (bf16) or float16 (fp16, with "
+                        "loss scaling and lam's term in the loss); weights and mask logits stay float32")
+    s.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="hold out this fraction of the training set (the same draw for every run) and report "
+                        "validation accuracy beside test accuracy, to choose settings without the test set")
+    s.add_argument("--compile", action="store_true",
+                   help="train under torch.compile: each phase's first steps compile (seconds to minutes), the "
+                        "later ones may run faster; evaluation stays eager. A run may resume with or without it")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parse(argv) -> tuple[argparse.Namespace, SearchConfig]:
+    """The command's arguments, and the run's settings: a preset's, overridden by options given."""
+    argv = list(argv)
+    args = _parser().parse_args(argv)
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    settings = dict(PRESETS[args.preset]) if args.preset else {}
+    for name in SearchConfig.__dataclass_fields__:
+        if "--" + name.replace("_", "-") in given or name not in settings:
+            settings[name] = getattr(args, name)
+    if isinstance(settings["exclude"], str):
+        settings["exclude"] = [x for x in settings["exclude"].split(",") if x]
+    return args, SearchConfig(**settings)
+
+
+def main(argv=None) -> int:
+    parser = _parser()
+    args, config = parse(sys.argv[1:] if argv is None else argv)
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def one_line(message, category, *where, **kw):  # csext's own warnings as the command's lines
+            if issubclass(category, SearchWarning):
+                print(f"python -m csext {args.command}: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, *where, **kw)
+
+        warnings.showwarning = one_line
+        return _main(parser, args, config)
+
+
+def _main(parser, args, config: SearchConfig) -> int:
+    try:
+        if args.command == "compare":
+            return _compare(args, config)
+        config.device = distributed.init_from_env(config.device)  # under torchrun: join the group
+        try:
+            if args.sweep_mask_init or args.sweep_penalty:
+                return _sweep(args, config)
+            results = Search(config, args.out, resume=args.resume, progress=not args.quiet).run()
+            main_rank = distributed.is_main()
+        finally:
+            distributed.close()
+    except (ConfigError, datasets.DataError) as error:
+        parser.exit(2, f"python -m csext {args.command}: error: {error}\n")
+    except DivergedError as error:
+        parser.exit(1, f"python -m csext {args.command}: error: {error}\n")
+    except KeyboardInterrupt:  # Ctrl-C: one line saying how to go on, not a traceback
+        parser.exit(130, f"python -m csext {args.command}: interrupted; the same command with --resume continues "
+                         f"from what {args.out} holds (a search from its last finished epoch)\n")
+    if not main_rank:  # rank 0 reports
+        return 0
+    dense = results["dense"]
+    print(f"dense: test accuracy {dense['test_acc']:.4f}{_validation(dense)} ({dense['epochs']} epochs, "
+          f"{dense['seconds']:.1f} s)")
+    for t in results["tickets"]:
+        print(f"round {t['round']}: {t['remaining']:.2%} of the weights remain, test accuracy {t['test_acc']:.4f}"
+              f"{_validation(t)}, {t['epochs_spent']} epochs spent, {t['seconds']:.1f} s")
+    print(f"results: {args.out}/results.json")
+    return 0
+
+
+def _print_sparsest(prefix: str, entry: dict) -> None:
+    """The lines for a summary's sparsest tickets within 1 point of dense (on test; on validation)."""
+    for key, within in (("sparsest_within_1_point", "within 1 point of dense"),
+                        ("sparsest_within_1_point_on_validation", "within 1 point of dense on validation")):
+        if key not in entry:
+            continue
+        best = entry[key]
+        if best is None:
+            print(f"{prefix}no ticket {within}")
+            continue
+        setting = (f"mask_init {best['mask_init']:g}, lam {best['penalty']:g}, round {best['round']}: "
+                   if "mask_init" in best else "")
+        print(f"{prefix}sparsest ticket {within}: {setting}{best['remaining']:.2%} of the weights at "
+              f"{best['test_acc']:.4f}{_validation(best)}, {best['epochs_spent']} epochs spent")
+
+
+def _validation(entry: dict) -> str:
+    return f" (validation {entry['val_acc']:.4f})" if "val_acc" in entry else ""
+
+
+def _compare(args, config: SearchConfig) -> int:
+    try:
+        fractions = [float(f) for f in args.fractions.split(",") if f]
+    except ValueError:
+        raise ConfigError(f"--fractions must be comma-separated numbers, got {args.fractions!r}") from None
+    methods = [m for m in args.methods.split(",") if m]
+    summary = compare(config, methods, args.out, fractions=fractions, imp_rounds=args.imp_rounds,
+                      l0_penalty=args.l0_penalty, progress=not args.quiet, resume=args.resume)
+    print(f"dense: test accuracy {summary['dense']['test_acc']:.4f}{_validation(summary['dense'])}")
+    for method, entry in summary["methods"].items():
+        _print_sparsest(f"{method}: ", entry)
+    print(f"summary: {args.out}/summary.json")
+    return 0
+
+
+def _floats(text, option: str) -> list[float]:
+    try:
+        return [float(v) for v in (text or "").split(",") if v]
+    except ValueError:
+        raise ConfigError(f"{option} must be comma-separated numbers, got {text!r}") from None
+
+
+def _sweep(args, config: SearchConfig) -> int:
+    summary = run_sweep(config, _floats(args.sweep_mask_init, "--sweep-mask-init"),
+                        _floats(args.sweep_penalty, "--sweep-penalty"), args.out, resume=args.resume,
+                        progress=not args.quiet)
+    if summary is None:  # not rank 0
+        return 0
+    for run in summary["runs"]:
+        last = run["tickets"][-1]
+        print(f"mask_init {run['mask_init']:g}, lam {run['penalty']:g}: round {last['round']} keeps "
+              f"{last['remaining']:.2%} at test accuracy {last['test_acc']:.4f}{_validation(last)}")
+    _print_sparsest("all runs: ", summary)
+    print(f"summary: {args.out}/summary.json")
+    return 0

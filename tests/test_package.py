@@ -1,0 +1,138 @@
+"""The package's layout: the library apart from the experiment application, one path from a
+layer to its backend, and the application's old import paths still working."""
+
+import ast
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import csext
+from csext import functional as CF
+
+PACKAGE = Path(csext.__file__).resolve().parent
+APPLICATION = ("search", "compare", "baselines", "sweep", "cli", "data", "nets", "distributed")
+
+
+def _python(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_import_csext_loads_no_part_of_the_application():
+    loaded = _python("import sys, csext; print(' '.join(m for m in sys.modules if m.startswith('csext')))").split()
+    assert "csext.experiments" not in loaded
+    assert not [m for m in loaded if m.startswith("csext.experiments.") or m.split(".")[-1] in APPLICATION]
+
+
+def test_the_library_imports_nothing_of_the_application():
+    """No module of the library names csext.experiments (read from the source, so that an import
+    inside a function counts too); only `python -m csext` (__main__.py) and the old names of the
+    application's modules, which redirect to it, do."""
+    offenders = []
+    for path in [*PACKAGE.glob("*.py"), *PACKAGE.glob("backends/*.py")]:
+        if path.name in ("_moved.py", "__main__.py") or path.stem in APPLICATION:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if any("experiments" in name for name in names):
+                offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders
+
+
+@pytest.mark.parametrize("name", APPLICATION)
+def test_old_import_paths_are_the_moved_modules_with_a_warning(name):
+    code = (f"import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+            f"try:\n    import csext.{name}\nexcept DeprecationWarning as w:\n    print(w)\n")
+    assert f"csext.{name} moved to csext.experiments.{name}" in _python(code)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = getattr(csext, name)  # as `import csext; csext.search.load_network(...)` reads it
+    import importlib
+
+    assert old is importlib.import_module(f"csext.experiments.{name}")
+
+
+def test_every_module_imports_on_its_own():
+    """No import cycle: each module imports first, in a fresh interpreter."""
+    modules = ["csext.experiments." + m for m in APPLICATION + ("plots", "files")]
+    modules += ["csext.functional", "csext.modules", "csext.model", "csext.export", "csext.schedule",
+                "csext.backends", "csext.reference"]
+    for module in modules:
+        _python(f"import {module}")
+
+
+def test_functional_takes_one_backend_module_per_call(monkeypatch):
+    """gated_linear, gated_conv2d and gate reach the backend module's function of the same name,
+    once, with the arguments checked and the compute dtype chosen."""
+    from csext import reference
+
+    calls = []
+    for name in ("gate", "linear", "conv2d"):
+        original = getattr(reference, name)
+
+        def spy(*args, _name=name, _original=original):
+            calls.append((_name, args[-1]))
+            return _original(*args)
+
+        monkeypatch.setattr(reference, name, spy)
+    w, s = torch.randn(3, 4), torch.randn(3, 4)
+    CF.gated_linear(torch.randn(2, 4), w, s, 2.0, backend="torch")
+    CF.gated_conv2d(torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3), torch.randn(3, 2, 3, 3), 2.0, backend="torch")
+    CF.gate(w, s, 2.0, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        CF.gated_linear(torch.randn(2, 4), w, s, 2.0, backend="torch")
+    # the reference's layers call its gate themselves
+    assert calls == [("linear", torch.float32), ("gate", torch.float32), ("conv2d", torch.float32),
+                     ("gate", torch.float32), ("gate", torch.float32), ("linear", torch.bfloat16),
+                     ("gate", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("padding", ["same", "valid", 1, (0, 2)])
+@pytest.mark.parametrize("kernel_size,dilation", [(3, 1), ((2, 3), 1), (4, 2), ((2, 2), (1, 3))])
+def test_conv2d_padding_strings_as_numbers(padding, kernel_size, dilation):
+    """'same' and 'valid' reach every backend as numbers (an odd 'same' padded on the right and
+    bottom, as F.conv2d pads it), batched or not: F.conv2d's results."""
+    x = torch.randn(2, 3, 7, 8)
+    w = torch.randn(4, 3, *((kernel_size,) * 2 if isinstance(kernel_size, int) else kernel_size))
+    s = torch.randn_like(w)
+    want = torch.nn.functional.conv2d(x, w * torch.sigmoid(2.0 * s), None, 1, padding, dilation)
+    for backend in [b for b in csext.backends.available() if csext.backends.runs_on(b, "cpu")]:
+        got = CF.gated_conv2d(x, w, s, 2.0, None, 1, padding, dilation, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend}: {m}")
+        got = CF.gated_conv2d(x[0], w, s, 2.0, None, 1, padding, dilation, backend=backend)
+        torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend}, unbatched: {m}")
+
+
+def test_conv2d_padding_strings_are_checked():
+    x, w = torch.randn(1, 2, 5, 5), torch.randn(3, 2, 3, 3)
+    with pytest.raises(ValueError, match="padding must be 'valid', 'same' or numbers, got 'full'"):
+        CF.gated_conv2d(x, w, torch.randn_like(w), 1.0, padding="full")
+    with pytest.raises(ValueError, match="padding='same' is not supported for strided convolutions"):
+        CF.gated_conv2d(x, w, torch.randn_like(w), 1.0, stride=2, padding="same")
+
+
+def test_docs_link_only_inside_the_repository():
+    """README.md, docs/ and bench/README.md: every link is a path in the repository that exists."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", root / "bench" / "README.md", *sorted((root / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#")[0]
+            if "://" in target or (path and not (page.parent / path).exists()):
+                broken.append(f"{page.relative_to(root)}: {target}")
+    assert not broken
+    assert len((root / "README.md").read_text().splitlines()) <= 250, "README.md is a guide: details go to docs/"
