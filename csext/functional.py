@@ -25,6 +25,8 @@ _WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def check_beta(beta) -> None:
+    if type(beta) is float and 1.0 <= beta < math.inf:  # the common case first: a call's cost counts
+        return
     if isinstance(beta, bool) or not isinstance(beta, (int, float)):
         raise TypeError(f"beta must be a float, got {type(beta).__name__}")
     # Comparisons, not math.isfinite: torch.compile traces them without a graph break.
@@ -33,6 +35,8 @@ def check_beta(beta) -> None:
 
 
 def check_penalty(penalty) -> None:
+    if type(penalty) is float and 0.0 <= penalty < math.inf:
+        return
     if isinstance(penalty, bool) or not isinstance(penalty, (int, float)):
         raise TypeError(f"penalty must be a float, got {type(penalty).__name__}")
     if not 0.0 <= penalty < math.inf:
@@ -56,12 +60,13 @@ def check_gate_args(weight: torch.Tensor, mask_logits: torch.Tensor, beta, penal
     if _sizes_differ(weight.shape, mask_logits.shape):
         raise ValueError(f"weight and mask_logits must have the same shape, got weight {tuple(weight.shape)} "
                          f"and mask_logits {tuple(mask_logits.shape)}")
-    if weight.dtype not in _WEIGHT_DTYPES:
-        raise TypeError(f"weight must be float32, float64, bfloat16 or float16, got {weight.dtype}")
-    wanted = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    if mask_logits.dtype != wanted:
+    weight_dtype = weight.dtype
+    if weight_dtype not in _WEIGHT_DTYPES:
+        raise TypeError(f"weight must be float32, float64, bfloat16 or float16, got {weight_dtype}")
+    if mask_logits.dtype is not (torch.float64 if weight_dtype is torch.float64 else torch.float32):
+        wanted = torch.float64 if weight_dtype is torch.float64 else torch.float32
         raise TypeError(f"mask_logits must be {wanted} (float32, or float64 beside a float64 weight), "
-                        f"got {mask_logits.dtype} with a {weight.dtype} weight")
+                        f"got {mask_logits.dtype} with a {weight_dtype} weight")
     if weight.device != mask_logits.device:
         raise ValueError(f"weight and mask_logits must be on the same device, got {weight.device} and "
                          f"{mask_logits.device}")
@@ -69,19 +74,20 @@ def check_gate_args(weight: torch.Tensor, mask_logits: torch.Tensor, beta, penal
     check_penalty(penalty)
 
 
-def _autocast_applies(weight: torch.Tensor) -> bool:
-    """Autocast is on for weight's device and would cast it (it never casts float64; the meta
-    device has no autocast and would raise)."""
-    device_type = weight.device.type
-    return weight.dtype != torch.float64 and device_type != "meta" and torch.is_autocast_enabled(device_type)
+def _autocast_dtype(weight: torch.Tensor, device_type: str) -> torch.dtype | None:
+    """Autocast's dtype where it is on for weight's device and would cast it (it never casts
+    float64; the meta device has no autocast and would raise), else None."""
+    if weight.dtype is torch.float64 or device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype the matmul or convolution runs in: autocast's where it is on, else weight's."""
-    return torch.get_autocast_dtype(weight.device.type) if _autocast_applies(weight) else weight.dtype
+    return _autocast_dtype(weight, weight.device.type) or weight.dtype
 
 
-def _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale) -> torch.dtype:
+def _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, device_type: str) -> torch.dtype:
     """The checks every gated layer makes beside its shape checks; returns the compute dtype.
     Under autocast x may come in any float dtype autocast casts; outside it, x and bias must have
     weight's dtype, as F.linear and F.conv2d demand."""
@@ -91,16 +97,17 @@ def _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale) -> tor
         raise ValueError(f"x must be on the device of weight ({device}), got {x.device}")
     if bias is not None and bias.device != device:
         raise ValueError(f"bias must be on the device of weight ({device}), got {bias.device}")
-    check_mask_scale(mask_scale)
-    if _autocast_applies(weight):
-        dtype = torch.get_autocast_dtype(device.type)
-        if x.is_floating_point() and x.dtype != torch.float64:
+    if mask_scale != 1.0:
+        check_mask_scale(mask_scale)
+    dtype = _autocast_dtype(weight, device_type)
+    if dtype is not None:
+        if x.is_floating_point() and x.dtype is not torch.float64:
             return dtype
     else:
         dtype = weight.dtype
-        if bias is not None and bias.dtype != dtype:
+        if bias is not None and bias.dtype is not dtype:
             raise TypeError(f"bias must have the dtype of weight ({dtype}), got {bias.dtype}")
-    if x.dtype != dtype:
+    if x.dtype is not dtype:
         raise TypeError(f"x must have the dtype of weight ({dtype}), got {x.dtype}")
     return dtype
 
@@ -114,10 +121,10 @@ def _exporting_to_onnx() -> bool:
 
 
 def _backend(backend: str, weight: torch.Tensor):
-    """The backend module for a call on weight's device; the torch reference instead while
-    torch.onnx.export traces: ONNX has its ops (sigmoid, mul), not csext's."""
-    impl = backends.module(backend, weight.device.type)
-    return reference if impl is not reference and _exporting_to_onnx() else impl
+    """(backend module, device type) for a call on weight's device; the torch reference instead
+    while torch.onnx.export traces: ONNX has its ops (sigmoid, mul), not csext's."""
+    impl, device_type = backends.module(backend, weight.device)
+    return (reference if impl is not reference and _exporting_to_onnx() else impl), device_type
 
 
 def _penalty_as_graph_input(impl, mask_logits, beta, hard: bool, penalty: float):
@@ -126,8 +133,6 @@ def _penalty_as_graph_input(impl, mask_logits, beta, hard: bool, penalty: float)
     Dynamo's recompile limit, an error under fullgraph=True), for a node on the mask logits that
     adds its gradient with lam a graph input, as beta is. The torch reference keeps lam symbolic
     itself; in ONNX exports lam, which acts in the backward alone, is left out."""
-    if not penalty:
-        return mask_logits, penalty
     if impl is reference:
         return mask_logits, 0.0 if _exporting_to_onnx() else penalty
     if not torch.compiler.is_compiling():
@@ -168,8 +173,9 @@ def gate(
     lam * sum(sigmoid(beta * mask_logits)).
     """
     check_gate_args(weight, mask_logits, beta, penalty)
-    impl = _backend(backend, weight)
-    mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
+    impl, _ = _backend(backend, weight)
+    if penalty:
+        mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
     return impl.gate(weight, mask_logits, beta, bool(hard), float(penalty), dtype or weight.dtype)
 
 
@@ -190,20 +196,19 @@ def gated_linear(
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() < 1 or _sizes_differ(x.shape[-1], weight.shape[1]):
         raise ValueError(f"x must have shape (..., {weight.shape[1]}) to match in_features, got {tuple(x.shape)}")
-    dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale)
-    impl = _backend(backend, weight)
-    mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
+    impl, device_type = _backend(backend, weight)
+    dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, device_type)
+    if penalty:
+        mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
     if mask_scale == 1.0:
         return impl.linear(x, weight, mask_logits, beta, bias, bool(hard), float(penalty), dtype)
     y = impl.linear(x, weight, mask_logits, beta, None, bool(hard), float(penalty), dtype)
     return _scale_output(y, mask_scale, bias, channel_dim=-1)
 
 
-def _numeric_padding(x: torch.Tensor, padding, kernel_size, stride, dilation):
+def _numeric_padding(x: torch.Tensor, padding: str, kernel_size, stride, dilation):
     """(x, padding) with padding as numbers, as F.conv2d would pad for 'valid' or 'same': 'same'
     pads symmetrically where it can and puts the odd element on the right and bottom, in x."""
-    if not isinstance(padding, str):
-        return x, padding
     if padding == "valid":
         return x, 0
     if padding != "same":
@@ -240,13 +245,15 @@ def gated_conv2d(
     if x.dim() not in (3, 4) or _sizes_differ(x.shape[-3], in_channels):
         raise ValueError(f"x must have shape (N, {in_channels}, H, W) or ({in_channels}, H, W) to match "
                          f"in_channels, got {tuple(x.shape)}")
-    dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale)
-    impl = _backend(backend, weight)
-    mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
+    impl, device_type = _backend(backend, weight)
+    dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, device_type)
+    if penalty:
+        mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
-    x, padding = _numeric_padding(x, padding, weight.shape[2:], stride, dilation)
+    if isinstance(padding, str):
+        x, padding = _numeric_padding(x, padding, weight.shape[2:], stride, dilation)
     layer_bias = bias if mask_scale == 1.0 else None
     y = impl.conv2d(x, weight, mask_logits, beta, layer_bias, stride, padding, dilation, groups, bool(hard),
                     float(penalty), dtype)
@@ -258,9 +265,10 @@ def gated_conv2d(
 def _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale):
     """(compute dtype, c * w * m) for the layers that gate their weight with the backend's gate
     and then call ATen (gated_conv1d, gated_hf_conv1d), after the checks every gated layer makes."""
-    dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale)
-    impl = _backend(backend, weight)
-    mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
+    impl, device_type = _backend(backend, weight)
+    dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, device_type)
+    if penalty:
+        mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
     w_eff = impl.gate(weight, mask_logits, beta, bool(hard), float(penalty), dtype)
     return dtype, (w_eff if mask_scale == 1.0 else w_eff * mask_scale)
 

@@ -1,9 +1,7 @@
-// The schemas of every csext op, the CPU kernels of csext::gate and csext::gate_backward (the
-// checks they share with the CUDA kernels of csrc/cuda are in gate_checks.h), and the Python
-// module csext._C, whose import loads this library. Fake and vmap registrations live in
-// csext/backends/aten.py, the autograd in autograd.cpp; the math is csext/reference.py.
-#include <Python.h>
-
+// The schemas of every csext op and the CPU kernels of csext::gate and csext::gate_backward (the
+// checks they share with the CUDA kernels of csrc/cuda are in gate_checks.h). Fake and vmap
+// registrations live in csext/backends/aten.py, the autograd in autograd.cpp, the Python module in
+// fast_path.cpp; the math is csext/reference.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -214,8 +212,3 @@ TORCH_LIBRARY_IMPL(csext, CPU, m) {
 
 }  // namespace csext
 
-// csext._C holds no functions: importing it loads this library, which registers the ops.
-PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
-}

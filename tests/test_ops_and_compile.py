@@ -525,3 +525,57 @@ def test_compile_does_not_recompile_for_each_beta_or_penalty(backend):
         csext.set_penalty(model, penalty)
         compiled(x).sum().backward()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
+
+
+@needs_cpp
+@pytest.mark.parametrize("kind", ["gate", "linear", "conv2d"])
+def test_eager_calls_enter_the_ops_unboxed_with_torch_ops_results(monkeypatch, kind):
+    """In eager mode the cpp backend calls its ops through csext._C's typed entry
+    (csrc/fast_path.cpp): the same op, so the same output and gradients, bit for bit, as through
+    torch.ops; a __torch_function__ mode sees the call as torch.ops."""
+    from torch.overrides import TorchFunctionMode
+
+    from csext.backends import aten
+
+    w = torch.randn(4, 3, 3, 3) if kind == "conv2d" else torch.randn(5, 7)
+    s = mask_logits_like(w)
+    x = torch.randn(2, 3, 6, 6) if kind == "conv2d" else torch.randn(2, 3, 7)
+    b = torch.randn(w.shape[0])
+
+    def run():
+        leaves = [t.clone().requires_grad_() for t in (x, w, s, b)]
+        if kind == "gate":
+            y = csext.functional.gate(leaves[1], leaves[2], 3.0, penalty=0.01, backend="cpp")
+        elif kind == "linear":
+            y = csext.functional.gated_linear(*leaves[:3], 3.0, leaves[3], penalty=0.01, backend="cpp")
+        else:
+            y = csext.functional.gated_conv2d(*leaves[:3], 3.0, leaves[3], (2, 1), 1, penalty=0.01, backend="cpp")
+        y.square().sum().backward()
+        return [y] + [t.grad for t in leaves]
+
+    calls = []
+    original = aten._C
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(original, name)
+
+    op_name = {"gate": "gate", "linear": "gated_linear", "conv2d": "gated_conv2d"}[kind]
+    monkeypatch.setattr(aten, "_C", Spy())
+    unboxed = run()
+    assert calls == [op_name]
+
+    class Seen(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    calls.clear()
+    with Seen():
+        through_torch_ops = run()
+    assert op_name not in calls and f"csext.{op_name}.default" in calls
+    for a, b in zip(unboxed, through_torch_ops):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

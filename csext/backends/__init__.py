@@ -50,7 +50,7 @@ _AVAILABLE = tuple(
 _MODULES = {"torch": reference, "cpp": aten, "cuda": aten}
 if _TRITON_USABLE:
     _MODULES["triton"] = triton
-_RESOLVED: dict = {}  # (backend, device type) -> module, for the names that resolve
+_RESOLVED: dict = {}  # (backend, device) -> (module, device type), for the names that resolve
 
 
 def triton_interpreted() -> bool:
@@ -102,12 +102,12 @@ def resolve(backend: str, device_type: str) -> str:
     return backend
 
 
-def module(backend: str, device_type: str) -> ModuleType:
-    """The module that implements `backend` (or "auto") for tensors on `device_type`."""
+def module(backend: str, device: torch.device) -> tuple[ModuleType, str]:
+    """(the module that implements `backend` (or "auto") for tensors on `device`, device's type)."""
     if torch.compiler.is_compiling():  # a cache that fills while Dynamo traces would recompile
-        return _MODULES[resolve(backend, device_type)]
-    key = (backend, device_type)
+        return _MODULES[resolve(backend, device.type)], device.type
+    key = (backend, device)
     found = _RESOLVED.get(key) if isinstance(backend, str) else None
     if found is None:
-        found = _RESOLVED[key] = _MODULES[resolve(backend, device_type)]
+        found = _RESOLVED[key] = (_MODULES[resolve(backend, device.type)], device.type)
     return found

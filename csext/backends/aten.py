@@ -9,20 +9,27 @@ Their schemas are in csrc/ops.cpp and their autograd (forward-mode too) in csrc/
 This module loads the library and registers what torch.compile and torch.func need in Python:
 the fake (shape) kernels of the gate ops and their vmap rules; the layer ops call the gate ops
 and ATen's layers through the dispatcher, so they need none of their own.
+
+Each call goes to the op through the dispatcher. In eager mode on plain tensors it enters through
+csext._C's typed call (csrc/fast_path.cpp), which skips the boxing of torch.ops' arguments; under
+torch.compile, torch.export and torch.jit.trace, for tensor subclasses (fake, functional and
+distributed tensors among them) and under __torch_function__ modes, through torch.ops.
 """
 
 import warnings
 
 import torch
+from torch.nn.modules.utils import _pair
+from torch.overrides import has_torch_function
 
 from .common import beta_tensor, kernel_layout
 
 try:
-    from .. import _C  # noqa: F401  (loading the library registers the ops)
+    from .. import _C  # loading the library registers the ops
 
     _LOAD_ERROR = None
 except (ImportError, OSError) as error:  # not built (CSEXT_NO_EXTENSION=1), or built for another torch
-    _LOAD_ERROR = error
+    _C, _LOAD_ERROR = None, error
     warnings.warn(f"csext: the C++ extension csext._C is not available ({error}); using the torch backend",
                   RuntimeWarning, stacklevel=2)
 
@@ -40,20 +47,43 @@ def cuda_kernels_built() -> bool:
     return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("csext::gate", "CUDA")
 
 
+def _pairs(value):
+    return value if type(value) is tuple else _pair(value)  # the layers pass tuples already
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _unboxed(x, weight, mask_logits, bias=None) -> bool:
+    """Whether a call may take csext._C's typed entry: eager mode on plain tensors (not fake,
+    functional or distributed ones, whose modes must make beta too), with nothing that must see
+    the call as torch.ops (a tracer, a __torch_function__ mode)."""
+    return (type(x) in _PLAIN and type(weight) in _PLAIN and type(mask_logits) in _PLAIN
+            and (bias is None or type(bias) in _PLAIN) and not has_torch_function((x,))
+            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()))
+
+
 def gate(weight, mask_logits, beta: float, hard: bool, penalty: float, dtype: torch.dtype) -> torch.Tensor:
+    if _unboxed(weight, weight, mask_logits):
+        return _C.gate(weight, mask_logits, beta, hard, penalty, dtype)
     return torch.ops.csext.gate.default(weight, mask_logits, beta_tensor(beta), hard, penalty, dtype)
 
 
 def linear(x, weight, mask_logits, beta: float, bias, hard: bool, penalty: float, dtype: torch.dtype) -> torch.Tensor:
-    if x.dtype != dtype:  # autocast's cast of the input
+    if x.dtype is not dtype:  # autocast's cast of the input
         x = x.to(dtype)
+    if _unboxed(x, weight, mask_logits, bias):
+        return _C.gated_linear(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
     return torch.ops.csext.gated_linear.default(x, weight, mask_logits, beta_tensor(beta), bias, hard, penalty, dtype)
 
 
 def conv2d(x, weight, mask_logits, beta: float, bias, stride, padding, dilation, groups: int, hard: bool,
            penalty: float, dtype: torch.dtype) -> torch.Tensor:
-    if x.dtype != dtype:
+    if x.dtype is not dtype:
         x = x.to(dtype)
+    if _unboxed(x, weight, mask_logits, bias):
+        return _C.gated_conv2d(x, weight, mask_logits, beta, bias, _pairs(stride), _pairs(padding),
+                               _pairs(dilation), groups, hard, penalty, dtype)
     return torch.ops.csext.gated_conv2d.default(x, weight, mask_logits, beta_tensor(beta), bias, stride, padding,
                                                 dilation, groups, hard, penalty, dtype)
 
