@@ -1,7 +1,7 @@
 """Functional forms of the gated layers. Each one checks its arguments (here, and nowhere else),
 picks a backend module from csext.backends, and calls it:
 
-    gated_linear(x, ...)  ->  _check_linear  ->  backends.module(backend, device)  ->  impl.linear
+    gated_linear(x, ...)  ->  checks  ->  _backend: backends.module(backend, device)  ->  impl.linear
 
 The checks read shapes, dtypes and devices only, never tensor values: no call costs a device
 synchronisation, and NaN in the mask logits flows through to outputs and gradients. Three

@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.SGD([{"params": weights}, {"params": masks}], lr=0.1, momentum=0.9)
 
     def anneal(epoch: int) -> None:
-        csext.set_beta(model, args.beta_final ** (epoch / (args.epochs - 1)))  # SPEC section 1 schedule
+        csext.set_beta(model, args.beta_final ** (epoch / (args.epochs - 1)))  # docs/contract.md section 1 schedule
 
     train(model, x_train, y_train, args.epochs, optimizer, on_epoch=anneal, desc="CS round")
     soft_acc = accuracy(model, x_test, y_test)

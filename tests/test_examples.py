@@ -24,7 +24,7 @@ def _load(path: Path):
     return module
 
 
-def test_readme_training_loop_runs_and_prunes():
+def test_readme_training_loop_runs_and_prunes(capsys):
     """README, "The layers in your own training loop": its code as written, on a small loader."""
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## The layers in your own training loop"):]
@@ -35,9 +35,11 @@ def test_readme_training_loop_runs_and_prunes():
     loader = [(x[i:i + 64], y[i:i + 64]) for i in range(0, 256, 64)]
     scope = {"epochs": 4, "loader": loader}
     exec(compile(code, "README.md", "exec"), scope)
-    report, dense = scope["csext"].sparsity_report(scope["model"]), scope["dense"]
-    assert 0.0 < report.remaining < 1.0
+    assert "total" in capsys.readouterr().out  # the sparsity report
+    dense = scope["dense"]
     assert [type(m).__name__ for m in dense] == ["Linear", "ReLU", "Linear"]
+    kept = sum(int(m.weight.count_nonzero()) for m in dense if hasattr(m, "weight"))
+    assert 0 < kept < sum(m.weight.numel() for m in dense if hasattr(m, "weight"))
 
 
 def test_quickstart_sparsifies_and_keeps_accuracy(capsys):
