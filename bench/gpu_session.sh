@@ -49,9 +49,9 @@ PARALLEL=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
 cd /tmp && CSEXT_TRITON_AUTOTUNE=0 within "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -rfEs $PARALLEL \
   "$REPO/tests/test_cuda_graphs.py" "$REPO/tests/test_cuda.py" "$REPO/tests/test_triton.py" \
   "$REPO/tests/test_triton_launch.py" "$REPO/tests/test_package.py" \
-  "$REPO/tests/test_hf_conv1d.py::test_gated_hf_conv1d_on_each_fused_backend_follows_the_spec_rule" \
-  "$REPO/tests/test_conv1d.py::test_gated_conv1d_on_each_fused_backend_follows_the_spec_rule" \
-  "$REPO/tests/test_attention.py::test_gated_attention_on_each_fused_backend_follows_the_spec_rule" \
+  "$REPO/tests/test_hf_conv1d.py::test_gated_hf_conv1d_on_each_fused_backend_follows_the_comparison_rule" \
+  "$REPO/tests/test_conv1d.py::test_gated_conv1d_on_each_fused_backend_follows_the_comparison_rule" \
+  "$REPO/tests/test_attention.py::test_gated_attention_on_each_fused_backend_follows_the_comparison_rule" \
   "$REPO/tests/test_ops_and_compile.py::test_functorch_transforms_match_torch_backend" \
   "$REPO/tests/test_ops_and_compile.py::test_double_backward" \
   "$REPO/tests/test_ops_and_compile.py::test_hessian_matches_torch_backend" \

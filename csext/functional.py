@@ -14,7 +14,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.nn.modules.utils import _pair
 
 from . import backends, reference
 
@@ -97,7 +96,7 @@ def _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, device
         raise ValueError(f"x must be on the device of weight ({device}), got {x.device}")
     if bias is not None and bias.device != device:
         raise ValueError(f"bias must be on the device of weight ({device}), got {bias.device}")
-    if mask_scale != 1.0:
+    if type(mask_scale) is not float or mask_scale != 1.0:
         check_mask_scale(mask_scale)
     dtype = _autocast_dtype(weight, device_type)
     if dtype is not None:
@@ -122,8 +121,13 @@ def _exporting_to_onnx() -> bool:
 
 def _backend(backend: str, weight: torch.Tensor):
     """(backend module, device type) for a call on weight's device; the torch reference instead
-    while torch.onnx.export traces: ONNX has its ops (sigmoid, mul), not csext's."""
+    while torch.onnx.export traces: ONNX has its ops (sigmoid, mul), not csext's. Refuses a weight
+    dtype the backend lacks (the other dtypes are left to the checks, which name them)."""
     impl, device_type = backends.module(backend, weight.device)
+    if weight.dtype not in impl.WEIGHT_DTYPES and weight.dtype in _WEIGHT_DTYPES:
+        name = backends.resolve(backend, device_type)
+        raise TypeError(f"backend {name!r} takes {', '.join(str(d) for d in impl.WEIGHT_DTYPES)} weights, got "
+                        f"{weight.dtype}; use backend 'torch', 'cpp' or 'cuda' for it")
     return (reference if impl is not reference and _exporting_to_onnx() else impl), device_type
 
 
@@ -173,6 +177,10 @@ def gate(
     lam * sum(sigmoid(beta * mask_logits)).
     """
     check_gate_args(weight, mask_logits, beta, penalty)
+    if dtype is not None and (dtype not in _WEIGHT_DTYPES
+                              or (dtype is torch.float64) != (weight.dtype is torch.float64)):
+        raise TypeError(f"dtype must be float32, bfloat16 or float16 (float64 only for a float64 weight), "
+                        f"got {dtype} for a {weight.dtype} weight")
     impl, _ = _backend(backend, weight)
     if penalty:
         mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
@@ -206,6 +214,20 @@ def gated_linear(
     return _scale_output(y, mask_scale, bias, channel_dim=-1)
 
 
+def _pair_of_ints(name: str, value) -> tuple[int, int]:
+    """stride, padding or dilation as the (height, width) pair every backend takes."""
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return value  # the layers pass pairs already
+    if isinstance(value, (tuple, list)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        return tuple(value)
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+
+
 def _numeric_padding(x: torch.Tensor, padding: str, kernel_size, stride, dilation):
     """(x, padding) with padding as numbers, as F.conv2d would pad for 'valid' or 'same': 'same'
     pads symmetrically where it can and puts the odd element on the right and bottom, in x."""
@@ -213,9 +235,9 @@ def _numeric_padding(x: torch.Tensor, padding: str, kernel_size, stride, dilatio
         return x, 0
     if padding != "same":
         raise ValueError(f"padding must be 'valid', 'same' or numbers, got {padding!r}")
-    if _pair(stride) != (1, 1):
+    if _pair_of_ints("stride", stride) != (1, 1):
         raise ValueError("padding='same' is not supported for strided convolutions")
-    totals = [d * (k - 1) for d, k in zip(_pair(dilation), kernel_size)]
+    totals = [d * (k - 1) for d, k in zip(_pair_of_ints("dilation", dilation), kernel_size)]
     if any(t % 2 for t in totals):
         x = F.pad(x, (0, totals[1] % 2, 0, totals[0] % 2))
     return x, tuple(t // 2 for t in totals)
@@ -254,6 +276,8 @@ def gated_conv2d(
         x = x.unsqueeze(0)
     if isinstance(padding, str):
         x, padding = _numeric_padding(x, padding, weight.shape[2:], stride, dilation)
+    stride, padding = _pair_of_ints("stride", stride), _pair_of_ints("padding", padding)
+    dilation = _pair_of_ints("dilation", dilation)
     layer_bias = bias if mask_scale == 1.0 else None
     y = impl.conv2d(x, weight, mask_logits, beta, layer_bias, stride, padding, dilation, groups, bool(hard),
                     float(penalty), dtype)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad as _forward_ad
 
+WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
 
 
 def soft_mask(mask_logits: torch.Tensor, beta: float) -> torch.Tensor:

@@ -5,7 +5,8 @@
 // backward. The nodes are written as ATen writes its own generated ones, on torch's internal
 // autograd headers: a torch::autograd::Function node costs more host time per call than the
 // whole gated layer adds to a small plain layer (bench/host.py). This is the one file of csext
-// that includes torch/csrc/autograd or dynamo headers; everything else uses torch/library.h.
+// on torch's internal autograd and dynamo headers; the rest uses torch/library.h, ATen and
+// (fast_path.cpp) torch/extension.h.
 //
 // Everything is called through the dispatcher, so one registration serves every device's
 // kernels, and torch.compile traces the inner ops (csext::gate through the fake kernels of
@@ -28,8 +29,6 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
-
-#include "op_tags.h"
 
 namespace csext {
 namespace {

@@ -4,69 +4,52 @@
 // more host time than the gate itself (bench/host.py); these functions take the arguments through
 // pybind11 (torch/extension.h) and call the same op through the same dispatcher, typed. Only
 // csext/backends/aten.py calls them, once csext.functional has checked the arguments, and only in
-// eager mode (torch.compile, torch.export and torch.jit.trace see torch.ops).
+// eager mode on plain tensors (torch.compile, torch.export and torch.jit.trace see torch.ops).
+// The same arguments as the ops' schemas (csrc/ops.cpp), stride, padding and dilation as pairs.
 #include <torch/extension.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <array>
-#include <mutex>
 #include <optional>
-#include <utility>
-#include <vector>
 
 namespace csext {
 namespace {
 
 using at::ScalarType;
 
-// beta as the ops take it, a 0-dim float64 CPU tensor, one per value in use (as
-// csext/backends/common.py keeps them), so that a call allocates none.
-at::Tensor beta_tensor(double beta) {
-  static std::mutex mutex;
-  static auto* cache = new std::vector<std::pair<double, at::Tensor>>();  // never freed: no exit-order issue
-  std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& [value, tensor] : *cache) {
-    if (value == beta) return tensor;
-  }
-  if (cache->size() >= 64) cache->clear();
-  // Made without the dispatcher: under torch.func.grad, at::scalar_tensor would give a wrapper
-  // whose level dies with the transform.
-  cache->emplace_back(beta, at::detail::scalar_tensor_static(beta, ScalarType::Double, at::kCPU));
-  return cache->back().second;
-}
-
-at::Tensor gate(const at::Tensor& weight, const at::Tensor& mask_logits, double beta, bool hard, double penalty,
-                ScalarType dtype) {
+at::Tensor gate(const at::Tensor& weight, const at::Tensor& mask_logits, const at::Tensor& beta, bool hard,
+                double penalty, ScalarType dtype) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("csext::gate", "")
                              .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool,
                                                double, std::optional<ScalarType>)>();
-  return op.call(weight, mask_logits, beta_tensor(beta), hard, penalty, dtype);
+  return op.call(weight, mask_logits, beta, hard, penalty, dtype);
 }
 
-at::Tensor gated_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_logits, double beta,
-                        const std::optional<at::Tensor>& bias, bool hard, double penalty, ScalarType dtype) {
+at::Tensor gated_linear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_logits,
+                        const at::Tensor& beta, const std::optional<at::Tensor>& bias, bool hard, double penalty,
+                        ScalarType dtype) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("csext::gated_linear", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const std::optional<at::Tensor>&, bool, double, std::optional<ScalarType>)>();
-  return op.call(x, weight, mask_logits, beta_tensor(beta), bias, hard, penalty, dtype);
+  return op.call(x, weight, mask_logits, beta, bias, hard, penalty, dtype);
 }
 
-at::Tensor gated_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_logits, double beta,
-                        const std::optional<at::Tensor>& bias, const std::array<int64_t, 2>& stride,
-                        const std::array<int64_t, 2>& padding, const std::array<int64_t, 2>& dilation,
-                        int64_t groups, bool hard, double penalty, ScalarType dtype) {
+at::Tensor gated_conv2d(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mask_logits,
+                        const at::Tensor& beta, const std::optional<at::Tensor>& bias,
+                        const std::array<int64_t, 2>& stride, const std::array<int64_t, 2>& padding,
+                        const std::array<int64_t, 2>& dilation, int64_t groups, bool hard, double penalty,
+                        ScalarType dtype) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("csext::gated_conv2d", "")
           .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                             const std::optional<at::Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
                             int64_t, bool, double, std::optional<ScalarType>)>();
-  return op.call(x, weight, mask_logits, beta_tensor(beta), bias, stride, padding, dilation, groups, hard, penalty,
-                 dtype);
+  return op.call(x, weight, mask_logits, beta, bias, stride, padding, dilation, groups, hard, penalty, dtype);
 }
 
 }  // namespace
@@ -76,11 +59,8 @@ at::Tensor gated_conv2d(const at::Tensor& x, const at::Tensor& weight, const at:
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Without the GIL, as ATen's own bindings run their ops.
   const auto no_gil = py::call_guard<py::gil_scoped_release>();
-  m.def("gate", &csext::gate, "csext::gate(weight, mask_logits, beta, hard, penalty, dtype), beta a float", no_gil);
-  m.def("gated_linear", &csext::gated_linear,
-        "csext::gated_linear(x, weight, mask_logits, beta, bias, hard, penalty, dtype), beta a float", no_gil);
-  m.def("gated_conv2d", &csext::gated_conv2d,
-        "csext::gated_conv2d(x, weight, mask_logits, beta, bias, stride, padding, dilation, groups, hard, penalty, "
-        "dtype), beta a float",
+  m.def("gate", &csext::gate, "csext::gate, called typed", no_gil);
+  m.def("gated_linear", &csext::gated_linear, "csext::gated_linear, called typed", no_gil);
+  m.def("gated_conv2d", &csext::gated_conv2d, "csext::gated_conv2d, called typed (stride, padding, dilation: pairs)",
         no_gil);
 }

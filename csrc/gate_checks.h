@@ -1,6 +1,6 @@
 // Argument checks and layout rule shared by the CPU (ops.cpp) and CUDA (cuda/ops_cuda.cpp)
 // kernels of csext::gate and csext::gate_backward; messages name the argument and what was
-// expected. csext/backends/aten.py mirrors common_layout in the fake kernels.
+// expected. csext/backends/common.py mirrors common_layout (kernel_layout) for the fake kernels.
 #pragma once
 
 #include <ATen/ATen.h>

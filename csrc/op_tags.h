@@ -1,4 +1,4 @@
-// The tags every csext op is defined with (ops.cpp, autograd.cpp).
+// The tags every csext op is defined with (ops.cpp).
 #pragma once
 
 #include <torch/library.h>

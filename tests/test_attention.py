@@ -139,7 +139,7 @@ def test_gated_attention_under_autocast_computes_what_torchs_attention_does(back
 
 
 @pytest.mark.parametrize("backend,device,dtype", FUSED_CASES)
-def test_gated_attention_on_each_fused_backend_follows_the_spec_rule(backend, device, dtype):
+def test_gated_attention_on_each_fused_backend_follows_the_comparison_rule(backend, device, dtype):
     """docs/contract.md section 4 for a GatedMultiheadAttention (self-attention, soft masks, lam) on every
     fused backend: output and every gradient against the torch backend."""
     attention = csext.GatedMultiheadAttention(16, 4, batch_first=True, device=device)

@@ -20,7 +20,7 @@ CASES = [  # (x shape, out_channels, kernel, stride, padding, dilation, groups)
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend,device,dtype", FUSED_CASES)
-def test_gated_conv1d_on_each_fused_backend_follows_the_spec_rule(backend, device, dtype, case, hard):
+def test_gated_conv1d_on_each_fused_backend_follows_the_comparison_rule(backend, device, dtype, case, hard):
     x_shape, cout, kernel, stride, padding, dilation, groups = case
     w = torch.randn(cout, x_shape[-2] // groups, kernel)
     tensors = [("x", torch.randn(x_shape)), ("w", w), ("s", mask_logits_like(w)), ("b", torch.randn(cout))]

@@ -37,6 +37,13 @@ def test_bad_arguments_are_named(backend):
         (lambda: CF.gated_conv2d(torch.randn(2, 2, 3, 8, 8), cw, cs, 1.0, backend=backend), ValueError, "x must have shape"),
         (lambda: CF.gated_conv2d(torch.randn(2, 3, 8, 8), cw, cs[:4], 1.0, backend=backend), ValueError, "same shape"),
         (lambda: CF.gated_conv2d(torch.randn(2, 3, 8, 8).bfloat16(), cw, cs, 1.0, backend=backend), TypeError, "x must have the dtype"),
+        (lambda: CF.gated_conv2d(torch.randn(2, 3, 8, 8), cw, cs, 1.0, stride=(1, 1, 1), backend=backend), ValueError,
+         r"stride must be an int or a pair of ints, got \(1, 1, 1\)"),
+        (lambda: CF.gated_conv2d(torch.randn(2, 3, 8, 8), cw, cs, 1.0, dilation=1.5, backend=backend), ValueError,
+         "dilation must be an int or a pair of ints"),
+        (lambda: CF.gated_linear(x, w, s, 1.0, mask_scale=True, backend=backend), ValueError, "mask_scale must be"),
+        (lambda: CF.gate(w, s, 1.0, dtype=torch.int32, backend=backend), TypeError, "dtype must be float32"),
+        (lambda: CF.gate(w, s, 1.0, dtype=torch.float64, backend=backend), TypeError, "float64 only for a float64"),
     ]
     for call, error, message in cases:
         with pytest.raises(error, match=message):

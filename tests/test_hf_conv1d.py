@@ -74,7 +74,7 @@ def test_gated_hf_conv1d_under_autocast_computes_what_conv1d_does(backend):
 
 @pytest.mark.parametrize("hard", [False, True])
 @pytest.mark.parametrize("backend,device,dtype", FUSED_CASES)
-def test_gated_hf_conv1d_on_each_fused_backend_follows_the_spec_rule(backend, device, dtype, hard):
+def test_gated_hf_conv1d_on_each_fused_backend_follows_the_comparison_rule(backend, device, dtype, hard):
     """docs/contract.md section 4 for functional.gated_hf_conv1d on every fused backend: output and every
     gradient against the torch backend, on an awkward batched shape."""
     w = torch.randn(19, 37)  # (in_features, out_features), as Conv1D stores it

@@ -52,9 +52,13 @@ def test_the_library_imports_nothing_of_the_application():
 
 @pytest.mark.parametrize("name", APPLICATION)
 def test_old_import_paths_are_the_moved_modules_with_a_warning(name):
-    code = (f"import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
-            f"try:\n    import csext.{name}\nexcept DeprecationWarning as w:\n    print(w)\n")
-    assert f"csext.{name} moved to csext.experiments.{name}" in _python(code)
+    """Each old spelling warns at the user's own line, which Python's default filters show."""
+    for spelling in (f"import csext.{name}", f"from csext import {name}", f"import csext; csext.{name}"):
+        done = subprocess.run([sys.executable, "-c", spelling], capture_output=True, text=True, timeout=120,
+                              cwd=Path(__file__).parent)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"<string>:1: DeprecationWarning: csext.{name} moved to csext.experiments.{name}" in done.stderr, (
+            spelling, done.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         old = getattr(csext, name)  # as `import csext; csext.search.load_network(...)` reads it
@@ -136,3 +140,14 @@ def test_docs_link_only_inside_the_repository():
                 broken.append(f"{page.relative_to(root)}: {target}")
     assert not broken
     assert len((root / "README.md").read_text().splitlines()) <= 250, "README.md is a guide: details go to docs/"
+
+
+@pytest.mark.parametrize("stride,padding,dilation", [(1, 0, 1), ([2], (1,), [1, 2]), ((2, 1), [0, 1], (2,))])
+def test_conv2d_takes_ints_and_pairs_on_every_backend(stride, padding, dilation):
+    """stride, padding and dilation as an int, a 1-sequence or a pair, as F.conv2d takes them."""
+    x, w = torch.randn(2, 3, 9, 8), torch.randn(4, 3, 3, 3)
+    s = torch.randn_like(w)
+    want = torch.nn.functional.conv2d(x, w * torch.sigmoid(2.0 * s), None, stride, padding, dilation)
+    for backend in [b for b in csext.backends.available() if csext.backends.runs_on(b, "cpu")]:
+        got = CF.gated_conv2d(x, w, s, 2.0, None, stride, padding, dilation, backend=backend)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend}: {m}")

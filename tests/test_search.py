@@ -667,11 +667,11 @@ def test_download_checks_md5_and_takes_only_the_expected_files(tmp_path, monkeyp
         fetched.append(url)
         return io.BytesIO(payload)
 
-    monkeypatch.setattr(csext.data, "urlopen", fake_urlopen)
+    monkeypatch.setattr(csext_data, "urlopen", fake_urlopen)
     with pytest.raises(DataError, match="is not the published"):
         load("cifar10", str(tmp_path / "data"), download=True)
     assert not (tmp_path / "data" / "cifar-10-batches-bin").exists()  # nothing written
-    monkeypatch.setattr(csext.data, "CIFAR10_MD5", hashlib.md5(payload).hexdigest())
+    monkeypatch.setattr(csext_data, "CIFAR10_MD5", hashlib.md5(payload).hexdigest())
     cifar = load("cifar10", str(tmp_path / "data"), download=True)
     assert cifar.x_train.shape == (10, 3, 32, 32) and len(fetched) == 2
     assert sorted(p.name for p in (tmp_path / "data" / "cifar-10-batches-bin").iterdir()) == sorted(csext_data.CIFAR10_FILES)

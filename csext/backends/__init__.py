@@ -15,7 +15,8 @@ float >= 1, penalty a float >= 0, dtype the compute dtype; padding is numeric an
     conv2d(x, weight, mask_logits, beta, bias, stride, padding, dilation, groups, hard, penalty,
            dtype) -> conv2d(x, w * m, b)
 
-x may come in a float dtype that autocast casts to `dtype`; the output is in `dtype`.
+x may come in a float dtype that autocast casts to `dtype`; the output is in `dtype`. Each module
+also lists the weight dtypes it takes (WEIGHT_DTYPES).
 
 `auto` takes the fastest backend available for the tensors' device: on the CPU `cpp`; on CUDA
 `cuda`, then `triton`; `torch` where no extension is built.

@@ -10,19 +10,16 @@ This module loads the library and registers what torch.compile and torch.func ne
 the fake (shape) kernels of the gate ops and their vmap rules; the layer ops call the gate ops
 and ATen's layers through the dispatcher, so they need none of their own.
 
-Each call goes to the op through the dispatcher. In eager mode on plain tensors it enters through
-csext._C's typed call (csrc/fast_path.cpp), which skips the boxing of torch.ops' arguments; under
-torch.compile, torch.export and torch.jit.trace, for tensor subclasses (fake, functional and
-distributed tensors among them) and under __torch_function__ modes, through torch.ops.
+Each call goes to the op through the dispatcher: in eager mode on plain tensors through csext._C's
+typed call (csrc/fast_path.cpp), which skips the boxing of torch.ops' arguments, else through
+torch.ops (common.plain_eager_call says which).
 """
 
 import warnings
 
 import torch
-from torch.nn.modules.utils import _pair
-from torch.overrides import has_torch_function
 
-from .common import beta_tensor, kernel_layout
+from .common import beta_tensor, kernel_layout, plain_eager_call
 
 try:
     from .. import _C  # loading the library registers the ops
@@ -33,6 +30,8 @@ except (ImportError, OSError) as error:  # not built (CSEXT_NO_EXTENSION=1), or 
     warnings.warn(f"csext: the C++ extension csext._C is not available ({error}); using the torch backend",
                   RuntimeWarning, stacklevel=2)
 
+
+WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def loaded() -> bool:
@@ -47,45 +46,24 @@ def cuda_kernels_built() -> bool:
     return loaded() and torch._C._dispatch_has_kernel_for_dispatch_key("csext::gate", "CUDA")
 
 
-def _pairs(value):
-    return value if type(value) is tuple else _pair(value)  # the layers pass tuples already
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
-def _unboxed(x, weight, mask_logits, bias=None) -> bool:
-    """Whether a call may take csext._C's typed entry: eager mode on plain tensors (not fake,
-    functional or distributed ones, whose modes must make beta too), with nothing that must see
-    the call as torch.ops (a tracer, a __torch_function__ mode)."""
-    return (type(x) in _PLAIN and type(weight) in _PLAIN and type(mask_logits) in _PLAIN
-            and (bias is None or type(bias) in _PLAIN) and not has_torch_function((x,))
-            and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()))
-
-
 def gate(weight, mask_logits, beta: float, hard: bool, penalty: float, dtype: torch.dtype) -> torch.Tensor:
-    if _unboxed(weight, weight, mask_logits):
-        return _C.gate(weight, mask_logits, beta, hard, penalty, dtype)
-    return torch.ops.csext.gate.default(weight, mask_logits, beta_tensor(beta), hard, penalty, dtype)
+    op = _C.gate if plain_eager_call(weight, mask_logits) else torch.ops.csext.gate.default
+    return op(weight, mask_logits, beta_tensor(beta), hard, penalty, dtype)
 
 
 def linear(x, weight, mask_logits, beta: float, bias, hard: bool, penalty: float, dtype: torch.dtype) -> torch.Tensor:
     if x.dtype is not dtype:  # autocast's cast of the input
         x = x.to(dtype)
-    if _unboxed(x, weight, mask_logits, bias):
-        return _C.gated_linear(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
-    return torch.ops.csext.gated_linear.default(x, weight, mask_logits, beta_tensor(beta), bias, hard, penalty, dtype)
+    op = _C.gated_linear if plain_eager_call(x, weight, mask_logits, bias) else torch.ops.csext.gated_linear.default
+    return op(x, weight, mask_logits, beta_tensor(beta), bias, hard, penalty, dtype)
 
 
 def conv2d(x, weight, mask_logits, beta: float, bias, stride, padding, dilation, groups: int, hard: bool,
            penalty: float, dtype: torch.dtype) -> torch.Tensor:
     if x.dtype is not dtype:
         x = x.to(dtype)
-    if _unboxed(x, weight, mask_logits, bias):
-        return _C.gated_conv2d(x, weight, mask_logits, beta, bias, _pairs(stride), _pairs(padding),
-                               _pairs(dilation), groups, hard, penalty, dtype)
-    return torch.ops.csext.gated_conv2d.default(x, weight, mask_logits, beta_tensor(beta), bias, stride, padding,
-                                                dilation, groups, hard, penalty, dtype)
+    op = _C.gated_conv2d if plain_eager_call(x, weight, mask_logits, bias) else torch.ops.csext.gated_conv2d.default
+    return op(x, weight, mask_logits, beta_tensor(beta), bias, stride, padding, dilation, groups, hard, penalty, dtype)
 
 
 if loaded():

@@ -1,6 +1,8 @@
-"""What the fused backends share: beta as a tensor, and the memory layout their kernels run in."""
+"""What the fused backends share: beta as a tensor, when a call may skip torch.library's Python
+dispatch, and the memory layout their kernels run in."""
 
 import torch
+from torch.overrides import has_torch_function
 
 _beta_tensors: dict = {}
 
@@ -26,6 +28,20 @@ def beta_tensor(beta: float, device=None, dtype: torch.dtype = torch.float64) ->
                 _beta_tensors.clear()
             _beta_tensors[key] = tensor
     return tensor
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def plain_eager_call(*tensors) -> bool:
+    """Whether a call may enter its kernels directly rather than through torch.library's op: eager
+    mode on plain tensors (not fake, functional or distributed ones, which need the op's own
+    handling), and nothing that must see the op (a tracer, a __torch_function__ mode)."""
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return not (has_torch_function(tensors[:1]) or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                or torch.jit.is_tracing())
 
 
 def kernel_layout(*tensors: torch.Tensor) -> torch.memory_format:

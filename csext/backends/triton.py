@@ -5,11 +5,13 @@ on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
     linear   up to FUSED_MAX_ROWS rows of x, fused GEMMs that gate each weight tile as they load
              it (kernels/gated_matmul.py); above, the elementwise gate and ATen's matmul
 
-Each kernel launch is a torch.library custom op with a fake (shape) kernel, opaque to
-torch.compile and torch.export. Each differentiable op has one setup and one backward, used by
-its torch.autograd.Function (setup_context, a vmap rule), the one route of eager mode,
-torch.compile (fullgraph), torch.export and torch.func's grad, vjp, jacrev and vmap; they are
-also the op's registered autograd, for a graph that holds the op itself (an exported program).
+Each kernel launch is also a torch.library custom op with a fake (shape) kernel, opaque to
+torch.compile and torch.export; in eager mode on plain tensors the launch is called directly
+(common.plain_eager_call), since a custom op's Python dispatch costs a small layer more host time
+than its kernels. Each differentiable op has one setup and one backward, used by its
+torch.autograd.Function (setup_context, a vmap rule), the one route of eager mode, torch.compile
+(fullgraph), torch.export and torch.func's grad, vjp, jacrev and vmap; they are also the op's
+registered autograd, for a graph that holds the op itself (torch.jit.trace, an exported program).
 There is no forward-mode AD (torch.func.jvp, jacfwd, hessian): Dynamo cannot trace a Function
 that defines one. Where the backward itself must be differentiable (create_graph=True,
 torch.func), it is written in torch ops (csext.reference) instead of the kernels, whose outputs
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 from .. import reference
 from ..kernels import gate as gate_kernels
 from ..kernels import gated_matmul as matmul_kernels
-from .common import beta_tensor, kernel_layout
+from .common import beta_tensor, kernel_layout, plain_eager_call
 
 
 # Up to this many rows of x a gated linear layer runs as fused GEMMs; above, the elementwise
@@ -49,12 +51,11 @@ def _precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
-# --- the kernels as custom ops ---------------------------------------------------------------------
+# --- the kernels' launches, and each as a custom op ---------------------------------------------
 
 
-@torch.library.custom_op("csext::triton_gate", mutates_args=())
-def triton_gate(weight: torch.Tensor, mask_logits: torch.Tensor, beta: torch.Tensor, hard: bool, penalty: float,
-                dtype: torch.dtype) -> torch.Tensor:
+def _launch_gate(weight: torch.Tensor, mask_logits: torch.Tensor, beta: torch.Tensor, hard: bool, penalty: float,
+                 dtype: torch.dtype) -> torch.Tensor:
     """w * m in `dtype`; `penalty` (lam) is for the backward."""
     layout = kernel_layout(weight, mask_logits)
     w, s = weight.contiguous(memory_format=layout), mask_logits.contiguous(memory_format=layout)
@@ -63,19 +64,24 @@ def triton_gate(weight: torch.Tensor, mask_logits: torch.Tensor, beta: torch.Ten
     return out
 
 
+triton_gate = torch.library.custom_op("csext::triton_gate", _launch_gate, mutates_args=())
+
+
 @triton_gate.register_fake
 def _(weight, mask_logits, beta, hard, penalty, dtype):
     return torch.empty_like(weight, dtype=dtype, memory_format=kernel_layout(weight, mask_logits))
 
 
-@torch.library.custom_op("csext::triton_gate_backward", mutates_args=())
-def triton_gate_backward(grad: torch.Tensor, weight: torch.Tensor, mask_logits: torch.Tensor,
-                         beta: torch.Tensor, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_gate_backward(grad: torch.Tensor, weight: torch.Tensor, mask_logits: torch.Tensor,
+                          beta: torch.Tensor, penalty: float) -> tuple[torch.Tensor, torch.Tensor]:
     layout = kernel_layout(grad, weight, mask_logits)
     g, w, s = (t.contiguous(memory_format=layout) for t in (grad, weight, mask_logits))
     grad_weight, grad_mask_logits = torch.empty_like(w), torch.empty_like(s)
     gate_kernels.gate_backward(g, w, s, beta, penalty, grad_weight, grad_mask_logits)
     return grad_weight, grad_mask_logits
+
+
+triton_gate_backward = torch.library.custom_op("csext::triton_gate_backward", _launch_gate_backward, mutates_args=())
 
 
 @triton_gate_backward.register_fake
@@ -84,9 +90,8 @@ def _(grad, weight, mask_logits, beta, penalty):
     return torch.empty_like(weight, memory_format=layout), torch.empty_like(mask_logits, memory_format=layout)
 
 
-@torch.library.custom_op("csext::triton_gated_linear", mutates_args=())
-def triton_gated_linear(x: torch.Tensor, weight: torch.Tensor, mask_logits: torch.Tensor, beta: torch.Tensor,
-                        bias: torch.Tensor | None, hard: bool, penalty: float, dtype: torch.dtype) -> torch.Tensor:
+def _launch_linear(x: torch.Tensor, weight: torch.Tensor, mask_logits: torch.Tensor, beta: torch.Tensor,
+                   bias: torch.Tensor | None, hard: bool, penalty: float, dtype: torch.dtype) -> torch.Tensor:
     """x (M, K) @ (w * m)^T + bias in the compute dtype `dtype`; x may have another float dtype
     (autocast's input): the kernel casts its tiles, in place of a pass over x. `penalty` (lam) is
     for the backward."""
@@ -95,14 +100,16 @@ def triton_gated_linear(x: torch.Tensor, weight: torch.Tensor, mask_logits: torc
     return out
 
 
+triton_gated_linear = torch.library.custom_op("csext::triton_gated_linear", _launch_linear, mutates_args=())
+
+
 @triton_gated_linear.register_fake
 def _(x, weight, mask_logits, beta, bias, hard, penalty, dtype):
     return x.new_empty((x.shape[0], weight.shape[0]), dtype=dtype)
 
 
-@torch.library.custom_op("csext::triton_gated_linear_grad_input", mutates_args=())
-def triton_gated_linear_grad_input(grad: torch.Tensor, weight: torch.Tensor, mask_logits: torch.Tensor,
-                                   beta: torch.Tensor, hard: bool, dtype: torch.dtype) -> torch.Tensor:
+def _launch_linear_grad_input(grad: torch.Tensor, weight: torch.Tensor, mask_logits: torch.Tensor,
+                              beta: torch.Tensor, hard: bool, dtype: torch.dtype) -> torch.Tensor:
     """dL/dx = G (M, N) @ (w * m) (N, K), computed in G's dtype and stored in x's, `dtype`."""
     out = grad.new_empty((grad.shape[0], weight.shape[1]), dtype=dtype)
     matmul_kernels.gated_matmul(grad, weight, mask_logits, beta, None, out, hard,
@@ -110,16 +117,18 @@ def triton_gated_linear_grad_input(grad: torch.Tensor, weight: torch.Tensor, mas
     return out
 
 
+triton_gated_linear_grad_input = torch.library.custom_op("csext::triton_gated_linear_grad_input",
+                                                         _launch_linear_grad_input, mutates_args=())
+
+
 @triton_gated_linear_grad_input.register_fake
 def _(grad, weight, mask_logits, beta, hard, dtype):
     return grad.new_empty((grad.shape[0], weight.shape[1]), dtype=dtype)
 
 
-@torch.library.custom_op("csext::triton_gated_linear_grad_weight", mutates_args=())
-def triton_gated_linear_grad_weight(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                                    mask_logits: torch.Tensor, beta: torch.Tensor, hard: bool, penalty: float,
-                                    need_mask_grad: bool, need_bias_grad: bool
-                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _launch_linear_grad_weight(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mask_logits: torch.Tensor,
+                               beta: torch.Tensor, hard: bool, penalty: float, need_mask_grad: bool,
+                               need_bias_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dL/dw, dL/ds, dL/db) from the epilogue of G^T @ x, dL/db in float32; dL/ds is empty where
     it is not needed (or the mask is hard), dL/db where need_bias_grad is False."""
     weight, mask_logits = weight.contiguous(), mask_logits.contiguous()
@@ -131,6 +140,10 @@ def triton_gated_linear_grad_weight(grad: torch.Tensor, x: torch.Tensor, weight:
                                      grad_mask_logits if need_mask_grad else None,
                                      grad_bias if need_bias_grad else None, hard, _precision(grad.dtype, grad.device))
     return grad_weight, grad_mask_logits, grad_bias
+
+
+triton_gated_linear_grad_weight = torch.library.custom_op("csext::triton_gated_linear_grad_weight",
+                                                          _launch_linear_grad_weight, mutates_args=())
 
 
 @triton_gated_linear_grad_weight.register_fake
@@ -171,9 +184,12 @@ def _gate_backward(ctx, grad):
     if _differentiable_backward():
         grad_weight, grad_mask_logits = reference.gate_grads(grad, weight, mask_logits, beta, ctx.hard, ctx.penalty)
     elif ctx.hard or not need_mask_logits:  # dL/dw = G * m is the forward with G in place of w
-        grad_weight = triton_gate(grad, mask_logits, beta, ctx.hard, 0.0, weight.dtype) if need_weight else None
+        if need_weight:
+            gate = _launch_gate if plain_eager_call(grad, mask_logits) else triton_gate
+            grad_weight = gate(grad, mask_logits, beta, ctx.hard, 0.0, weight.dtype)
     else:
-        grad_weight, grad_mask_logits = triton_gate_backward(grad, weight, mask_logits, beta, ctx.penalty)
+        gate_backward = _launch_gate_backward if plain_eager_call(grad, weight) else triton_gate_backward
+        grad_weight, grad_mask_logits = gate_backward(grad, weight, mask_logits, beta, ctx.penalty)
     return (grad_weight if need_weight else None, grad_mask_logits if need_mask_logits else None,
             None, None, None, None)
 
@@ -198,11 +214,14 @@ def _linear_backward(ctx, grad):
         if need_b:
             grad_bias = grad.sum(0, dtype=torch.float32)
     else:
+        eager = plain_eager_call(grad, x, weight, mask_logits)
         if need_x:
-            grad_x = triton_gated_linear_grad_input(grad, weight, mask_logits, beta, hard, x.dtype)
+            grad_input = _launch_linear_grad_input if eager else triton_gated_linear_grad_input
+            grad_x = grad_input(grad, weight, mask_logits, beta, hard, x.dtype)
         if need_w or (need_s and not hard):  # dL/db beside them, from the G tiles the GEMM loads
-            grad_weight, grad_mask_logits, grad_bias = triton_gated_linear_grad_weight(
-                grad, x, weight, mask_logits, beta, hard, penalty, need_s, need_b)
+            grad_weights = _launch_linear_grad_weight if eager else triton_gated_linear_grad_weight
+            grad_weight, grad_mask_logits, grad_bias = grad_weights(grad, x, weight, mask_logits, beta, hard, penalty,
+                                                                    need_s, need_b)
         elif need_b:
             grad_bias = grad.sum(0, dtype=torch.float32)
     if need_b and grad_bias.dtype != ctx.bias_dtype:  # summed in float32
@@ -220,7 +239,8 @@ class _Gate(torch.autograd.Function):
 
     @staticmethod
     def forward(weight, mask_logits, beta, hard: bool, penalty: float, dtype: torch.dtype):
-        return triton_gate(weight, mask_logits, beta, hard, penalty, dtype)
+        gate = _launch_gate if plain_eager_call(weight, mask_logits) else triton_gate
+        return gate(weight, mask_logits, beta, hard, penalty, dtype)
 
     setup_context = staticmethod(_gate_setup)
     backward = staticmethod(_gate_backward)
@@ -240,7 +260,8 @@ class _FusedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, mask_logits, beta, bias, hard: bool, penalty: float, dtype: torch.dtype):
-        return triton_gated_linear(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
+        linear = _launch_linear if plain_eager_call(x, weight, mask_logits, bias) else triton_gated_linear
+        return linear(x, weight, mask_logits, beta, bias, hard, penalty, dtype)
 
     setup_context = staticmethod(_linear_setup)
     backward = staticmethod(_linear_backward)
@@ -263,22 +284,17 @@ class _FusedLinear(torch.autograd.Function):
 
 # --- the backend interface -----------------------------------------------------------------------
 
-
-def _check_dtype(weight: torch.Tensor) -> None:
-    if weight.dtype == torch.float64:
-        raise TypeError("backend 'triton' takes float32, bfloat16 or float16 weights, got float64; "
-                        "use backend 'torch', 'cpp' or 'cuda' for float64")
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def gate(weight, mask_logits, beta: float, hard: bool, penalty: float, dtype: torch.dtype) -> torch.Tensor:
-    _check_dtype(weight)
     if hard:  # the ticket mask passes s no gradient: no edge to it
         mask_logits = mask_logits.detach()
-    return _Gate.apply(weight, mask_logits, device_beta(beta, weight.device), hard, penalty, dtype)
+    apply = triton_gate if torch.jit.is_tracing() else _Gate.apply  # a traced graph holds ops, not Functions
+    return apply(weight, mask_logits, device_beta(beta, weight.device), hard, penalty, dtype)
 
 
 def linear(x, weight, mask_logits, beta: float, bias, hard: bool, penalty: float, dtype: torch.dtype) -> torch.Tensor:
-    _check_dtype(weight)
     rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (-1, K) fails for K = 0
     # A traced or symbolic row count takes the path that suits every size: a branch on it would
     # bake it in, or bound a dynamic batch to FUSED_MAX_ROWS (an error in torch.export).
