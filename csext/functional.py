@@ -136,10 +136,8 @@ def _penalty_as_graph_input(impl, mask_logits, beta, hard: bool, penalty: float)
     where it is a float argument and each new value would recompile (a schedule of lam soon hits
     Dynamo's recompile limit, an error under fullgraph=True), for a node on the mask logits that
     adds its gradient with lam a graph input, as beta is. The torch reference keeps lam symbolic
-    itself; in ONNX exports lam, which acts in the backward alone, is left out."""
-    if impl is reference:
-        return mask_logits, 0.0 if _exporting_to_onnx() else penalty
-    if not torch.compiler.is_compiling():
+    itself."""
+    if impl is reference or not torch.compiler.is_compiling():
         return mask_logits, penalty
     if hard:  # no gradient reaches the mask logits: lam has nothing to act on
         return mask_logits, 0.0

@@ -16,7 +16,6 @@ from torch.autograd import forward_ad as _forward_ad
 WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
-
 def soft_mask(mask_logits: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.sigmoid(beta * mask_logits)
 

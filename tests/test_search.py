@@ -674,7 +674,8 @@ def test_download_checks_md5_and_takes_only_the_expected_files(tmp_path, monkeyp
     monkeypatch.setattr(csext_data, "CIFAR10_MD5", hashlib.md5(payload).hexdigest())
     cifar = load("cifar10", str(tmp_path / "data"), download=True)
     assert cifar.x_train.shape == (10, 3, 32, 32) and len(fetched) == 2
-    assert sorted(p.name for p in (tmp_path / "data" / "cifar-10-batches-bin").iterdir()) == sorted(csext_data.CIFAR10_FILES)
+    unpacked = sorted(p.name for p in (tmp_path / "data" / "cifar-10-batches-bin").iterdir())
+    assert unpacked == sorted(csext_data.CIFAR10_FILES)
     load("cifar10", str(tmp_path / "data"), download=True)  # already there: not fetched again
     assert len(fetched) == 2
 
