@@ -49,11 +49,13 @@ def _rows(checkout: Path, script: str, args: list[str]) -> list[dict]:
             return list(csv.DictReader(f))
 
 
-def one_round(checkout: Path, repeats: int) -> dict:
+def one_round(checkout: Path, repeats: int, host_only: bool) -> dict:
     """(bench, case, provider) -> ratio to the plain layer, for one build."""
     ratios = {}
     for row in _rows(checkout, "host.py", ["--device", "cpu", "--repeats", str(repeats)]):
         ratios["host", row["layer"], row["provider"]] = float(row["ratio_to_dense"])
+    if host_only:
+        return ratios
     for row in _rows(checkout, "run.py", ["--device", "cpu", "--modes", "full", "--providers", "dense,cpp",
                                           "--repeats", str(repeats)]):
         ratios["layer", f"{row['op']} {row['shape']}", row["provider"]] = float(row["ratio_to_dense"])
@@ -66,6 +68,7 @@ def main(argv=None) -> int:
     parser.add_argument("after", type=Path)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=15, help="samples per provider within each bench run")
+    parser.add_argument("--host-only", action="store_true", help="the tiny layers of bench/host.py alone")
     parser.add_argument("--csv", type=Path, default=HERE / "results" / "builds.csv")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args(argv)
@@ -77,7 +80,7 @@ def main(argv=None) -> int:
     for r in range(args.rounds):
         order = list(builds) if r % 2 == 0 else list(builds)[::-1]
         for name in order:
-            samples[name].append(one_round(builds[name], args.repeats))
+            samples[name].append(one_round(builds[name], args.repeats, args.host_only))
             print(f"round {r + 1}/{args.rounds}: {name} done", flush=True)
     import torch
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from . import backends, reference
 
 _WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 # --- checks --------------------------------------------------------------------------------------
@@ -47,28 +48,31 @@ def check_mask_scale(mask_scale) -> None:
         raise ValueError(f"mask_scale must be a finite number > 0, got {mask_scale!r}")
 
 
-def _sizes_differ(a, b) -> bool:
-    """a != b, for sizes; False under torch.jit.trace, where sizes are traced values and each
-    comparison would print a TracerWarning (a mismatch then fails in the op itself)."""
-    return not torch.jit.is_tracing() and a != b
-
-
-def check_gate_args(weight: torch.Tensor, mask_logits: torch.Tensor, beta, penalty) -> None:
-    if not isinstance(weight, torch.Tensor) or not isinstance(mask_logits, torch.Tensor):
-        raise TypeError("weight and mask_logits must be tensors")
-    if _sizes_differ(weight.shape, mask_logits.shape):
+def _check_weight_and_mask(weight: torch.Tensor, mask_logits: torch.Tensor, tracing: bool) -> None:
+    """weight and mask_logits: tensors of one shape and one device, in dtypes the kernels take.
+    Under torch.jit.trace (`tracing`) sizes are traced values, and comparing them would print a
+    TracerWarning each time: a mismatch then fails in the op itself."""
+    if type(weight) not in _PLAIN_TENSORS or type(mask_logits) not in _PLAIN_TENSORS:  # isinstance costs more
+        if not isinstance(weight, torch.Tensor) or not isinstance(mask_logits, torch.Tensor):
+            raise TypeError("weight and mask_logits must be tensors")
+    if not tracing and weight.shape != mask_logits.shape:
         raise ValueError(f"weight and mask_logits must have the same shape, got weight {tuple(weight.shape)} "
                          f"and mask_logits {tuple(mask_logits.shape)}")
     weight_dtype = weight.dtype
     if weight_dtype not in _WEIGHT_DTYPES:
         raise TypeError(f"weight must be float32, float64, bfloat16 or float16, got {weight_dtype}")
-    if mask_logits.dtype is not (torch.float64 if weight_dtype is torch.float64 else torch.float32):
-        wanted = torch.float64 if weight_dtype is torch.float64 else torch.float32
+    wanted = torch.float64 if weight_dtype is torch.float64 else torch.float32
+    if mask_logits.dtype is not wanted:
         raise TypeError(f"mask_logits must be {wanted} (float32, or float64 beside a float64 weight), "
                         f"got {mask_logits.dtype} with a {weight_dtype} weight")
     if weight.device != mask_logits.device:
         raise ValueError(f"weight and mask_logits must be on the same device, got {weight.device} and "
                          f"{mask_logits.device}")
+
+
+def check_gate_args(weight: torch.Tensor, mask_logits: torch.Tensor, beta, penalty) -> None:
+    """The checks of gate's arguments: weight and mask_logits, beta, penalty."""
+    _check_weight_and_mask(weight, mask_logits, torch.jit.is_tracing())
     check_beta(beta)
     check_penalty(penalty)
 
@@ -86,49 +90,54 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return _autocast_dtype(weight, weight.device.type) or weight.dtype
 
 
-def _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, device_type: str) -> torch.dtype:
-    """The checks every gated layer makes beside its shape checks; returns the compute dtype.
-    Under autocast x may come in any float dtype autocast casts; outside it, x and bias must have
-    weight's dtype, as F.linear and F.conv2d demand."""
-    check_gate_args(weight, mask_logits, beta, penalty)
+def _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend: str, tracing: bool):
+    """The checks every gated layer makes beside its shape checks; returns (backend module,
+    compute dtype). Under autocast x may come in any float dtype autocast casts; outside it, x and
+    bias must have weight's dtype, as F.linear and F.conv2d demand."""
+    _check_weight_and_mask(weight, mask_logits, tracing)
+    check_beta(beta)
+    check_penalty(penalty)
+    if type(mask_scale) is not float or mask_scale != 1.0:
+        check_mask_scale(mask_scale)
     device = weight.device
     if x.device != device:
         raise ValueError(f"x must be on the device of weight ({device}), got {x.device}")
     if bias is not None and bias.device != device:
         raise ValueError(f"bias must be on the device of weight ({device}), got {bias.device}")
-    if type(mask_scale) is not float or mask_scale != 1.0:
-        check_mask_scale(mask_scale)
+    impl, device_type = _backend(backend, weight, device, tracing)
     dtype = _autocast_dtype(weight, device_type)
     if dtype is not None:
         if x.is_floating_point() and x.dtype is not torch.float64:
-            return dtype
+            return impl, dtype
     else:
         dtype = weight.dtype
         if bias is not None and bias.dtype is not dtype:
             raise TypeError(f"bias must have the dtype of weight ({dtype}), got {bias.dtype}")
     if x.dtype is not dtype:
         raise TypeError(f"x must have the dtype of weight ({dtype}), got {x.dtype}")
-    return dtype
+    return impl, dtype
 
 
 # --- the three things done once ------------------------------------------------------------------
 
 
-def _exporting_to_onnx() -> bool:
-    """torch.onnx.export is tracing the model, with torch.jit (dynamo=False) or torch.export."""
-    return (torch.jit.is_tracing() or torch.compiler.is_exporting()) and torch.onnx.is_in_onnx_export()
+def _exporting_to_onnx(tracing: bool) -> bool:
+    """torch.onnx.export is tracing the model, with torch.jit (`tracing`; dynamo=False) or torch.export."""
+    return (tracing or torch.compiler.is_exporting()) and torch.onnx.is_in_onnx_export()
 
 
-def _backend(backend: str, weight: torch.Tensor):
+def _backend(backend: str, weight: torch.Tensor, device: torch.device, tracing: bool):
     """(backend module, device type) for a call on weight's device; the torch reference instead
     while torch.onnx.export traces: ONNX has its ops (sigmoid, mul), not csext's. Refuses a weight
     dtype the backend lacks (the other dtypes are left to the checks, which name them)."""
-    impl, device_type = backends.module(backend, weight.device)
+    impl, device_type = backends.module(backend, device)
+    if impl is reference:
+        return impl, device_type
     if weight.dtype not in impl.WEIGHT_DTYPES and weight.dtype in _WEIGHT_DTYPES:
         name = backends.resolve(backend, device_type)
         raise TypeError(f"backend {name!r} takes {', '.join(str(d) for d in impl.WEIGHT_DTYPES)} weights, got "
                         f"{weight.dtype}; use backend 'torch', 'cpp' or 'cuda' for it")
-    return (reference if impl is not reference and _exporting_to_onnx() else impl), device_type
+    return (reference if _exporting_to_onnx(tracing) else impl), device_type
 
 
 def _penalty_as_graph_input(impl, mask_logits, beta, hard: bool, penalty: float):
@@ -179,7 +188,7 @@ def gate(
                               or (dtype is torch.float64) != (weight.dtype is torch.float64)):
         raise TypeError(f"dtype must be float32, bfloat16 or float16 (float64 only for a float64 weight), "
                         f"got {dtype} for a {weight.dtype} weight")
-    impl, _ = _backend(backend, weight)
+    impl, _ = _backend(backend, weight, weight.device, torch.jit.is_tracing())
     if penalty:
         mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
     return impl.gate(weight, mask_logits, beta, bool(hard), float(penalty), dtype or weight.dtype)
@@ -198,12 +207,12 @@ def gated_linear(
     mask_scale: float = 1.0,
 ) -> torch.Tensor:
     """y = x @ (c * w * m)^T + b, for x of shape (..., in_features), with c = mask_scale."""
+    tracing = torch.jit.is_tracing()
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
-    if x.dim() < 1 or _sizes_differ(x.shape[-1], weight.shape[1]):
+    if x.dim() < 1 or (not tracing and x.shape[-1] != weight.shape[1]):
         raise ValueError(f"x must have shape (..., {weight.shape[1]}) to match in_features, got {tuple(x.shape)}")
-    impl, device_type = _backend(backend, weight)
-    dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, device_type)
+    impl, dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend, tracing)
     if penalty:
         mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
     if mask_scale == 1.0:
@@ -258,15 +267,15 @@ def gated_conv2d(
     mask_scale: float = 1.0,
 ) -> torch.Tensor:
     """conv2d(x, c * w * m, b) for x of shape (N, C_in, H, W) or (C_in, H, W), c = mask_scale."""
+    tracing = torch.jit.is_tracing()
     if weight.dim() != 4:
         raise ValueError(
             f"weight must be 4-D (out_channels, in_channels/groups, kH, kW), got shape {tuple(weight.shape)}")
     in_channels = weight.shape[1] * groups
-    if x.dim() not in (3, 4) or _sizes_differ(x.shape[-3], in_channels):
+    if x.dim() not in (3, 4) or (not tracing and x.shape[-3] != in_channels):
         raise ValueError(f"x must have shape (N, {in_channels}, H, W) or ({in_channels}, H, W) to match "
                          f"in_channels, got {tuple(x.shape)}")
-    impl, device_type = _backend(backend, weight)
-    dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, device_type)
+    impl, dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend, tracing)
     if penalty:
         mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
     unbatched = x.dim() == 3
@@ -284,11 +293,10 @@ def gated_conv2d(
     return y.squeeze(0) if unbatched else y
 
 
-def _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale):
+def _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale, tracing):
     """(compute dtype, c * w * m) for the layers that gate their weight with the backend's gate
     and then call ATen (gated_conv1d, gated_hf_conv1d), after the checks every gated layer makes."""
-    impl, device_type = _backend(backend, weight)
-    dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, device_type)
+    impl, dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend, tracing)
     if penalty:
         mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
     w_eff = impl.gate(weight, mask_logits, beta, bool(hard), float(penalty), dtype)
@@ -313,14 +321,15 @@ def gated_conv1d(
 ) -> torch.Tensor:
     """conv1d(x, c * w * m, b) for x of shape (N, C_in, L) or (C_in, L), c = mask_scale: the
     backend's gate (lam in its backward), then ATen's convolution."""
+    tracing = torch.jit.is_tracing()
     if weight.dim() != 3:
         raise ValueError(f"weight must be 3-D (out_channels, in_channels/groups, kernel_size), got shape "
                          f"{tuple(weight.shape)}")
     in_channels = weight.shape[1] * groups
-    if x.dim() not in (2, 3) or _sizes_differ(x.shape[-2], in_channels):
+    if x.dim() not in (2, 3) or (not tracing and x.shape[-2] != in_channels):
         raise ValueError(f"x must have shape (N, {in_channels}, L) or ({in_channels}, L) to match in_channels, "
                          f"got {tuple(x.shape)}")
-    dtype, w_eff = _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale)
+    dtype, w_eff = _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale, tracing)
     return F.conv1d(x.to(dtype), w_eff, bias, stride, padding, dilation, groups)
 
 
@@ -339,12 +348,13 @@ def gated_hf_conv1d(
     """transformers' Conv1D (GPT-2's linear layers) with its weight gated: x (c * w * m) + b, the
     weight stored (in_features, out_features), for x of shape (..., in_features). The backend's
     gate (lam in its backward), then torch.addmm as Conv1D computes."""
+    tracing = torch.jit.is_tracing()
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D (in_features, out_features), as Conv1D stores it, got shape "
                          f"{tuple(weight.shape)}")
-    if x.dim() < 1 or _sizes_differ(x.shape[-1], weight.shape[0]):
+    if x.dim() < 1 or (not tracing and x.shape[-1] != weight.shape[0]):
         raise ValueError(f"x must have shape (..., {weight.shape[0]}) to match in_features, got {tuple(x.shape)}")
-    dtype, w_eff = _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale)
+    dtype, w_eff = _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale, tracing)
     flat = x.to(dtype).reshape(-1, x.shape[-1])
     y = flat @ w_eff if bias is None else torch.addmm(bias.to(w_eff.dtype), flat, w_eff)
     return y.view(*x.shape[:-1], weight.shape[1])

@@ -72,6 +72,17 @@ class _Gated:
             with torch.no_grad():
                 self.mask_logits.fill_(self.mask_init)
 
+    def _gated_parameters(self) -> tuple:
+        """(weight, mask_logits, bias) for the forward: read from _parameters, where
+        nn.Module.__getattr__ would find them at several times the cost (a small layer's call
+        counts it), or as attributes where they are not there (torch.nn.utils.parametrize and
+        prune move them)."""
+        params = self._parameters
+        try:
+            return params["weight"], params["mask_logits"], params["bias"]
+        except KeyError:
+            return self.weight, self.mask_logits, self.bias
+
     def mask(self) -> torch.Tensor:
         """The current mask (soft, or hard in ticket mode), detached from autograd."""
         with torch.no_grad():
@@ -169,8 +180,9 @@ class GatedLinear(_Gated, nn.Linear):
         return cls._from_dense(module, mask_init, in_features=module.in_features, out_features=module.out_features)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, mask_logits, bias = self._gated_parameters()
         return gated_linear(
-            input, self.weight, self.mask_logits, self.beta, self.bias,
+            input, weight, mask_logits, self.beta, bias,
             hard=self.hard, penalty=self.penalty, backend=self.backend, mask_scale=self.mask_scale,
         )
 
@@ -221,8 +233,9 @@ class GatedConv2d(_GatedConv, nn.Conv2d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         input, padding = self._padded(input)
+        weight, mask_logits, bias = self._gated_parameters()
         return gated_conv2d(
-            input, self.weight, self.mask_logits, self.beta, self.bias,
+            input, weight, mask_logits, self.beta, bias,
             self.stride, padding, self.dilation, self.groups,
             hard=self.hard, penalty=self.penalty, backend=self.backend, mask_scale=self.mask_scale,
         )
@@ -235,8 +248,9 @@ class GatedConv1d(_GatedConv, nn.Conv1d):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         input, padding = self._padded(input)
+        weight, mask_logits, bias = self._gated_parameters()
         return gated_conv1d(
-            input, self.weight, self.mask_logits, self.beta, self.bias,
+            input, weight, mask_logits, self.beta, bias,
             self.stride, padding, self.dilation, self.groups,
             hard=self.hard, penalty=self.penalty, backend=self.backend, mask_scale=self.mask_scale,
         )
@@ -271,8 +285,9 @@ class GatedHFConv1D(_Gated, nn.Module):
         return cls._from_dense(module, mask_init, nf=module.nf, nx=module.weight.shape[0])
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        weight, mask_logits, bias = self._gated_parameters()
         return gated_hf_conv1d(
-            input, self.weight, self.mask_logits, self.beta, self.bias,
+            input, weight, mask_logits, self.beta, bias,
             hard=self.hard, penalty=self.penalty, backend=self.backend, mask_scale=self.mask_scale,
         )
 

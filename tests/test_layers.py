@@ -285,3 +285,46 @@ def test_fx_symbolic_trace_records_each_layer_as_one_call():
     torch.testing.assert_close(traced(x), model(x), rtol=0, atol=0)
     traced(x).square().sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("make", [lambda: csext.GatedLinear(6, 5), lambda: csext.GatedConv2d(2, 3, 3, padding=1),
+                                  lambda: csext.GatedConv1d(2, 3, 3), lambda: csext.GatedHFConv1D(5, 6)],
+                         ids=["linear", "conv2d", "conv1d", "hf_conv1d"])
+def test_forward_reads_parametrized_pruned_and_swapped_parameters(make):
+    """The forward reads weight, mask_logits and bias from _parameters where they are there, and
+    as attributes where torch.nn.utils.parametrize or prune moved them; torch.func.functional_call
+    swaps them in _parameters."""
+    torch.manual_seed(0)
+    layer = make()
+    layer.beta = 3.0
+    layer.mask_logits.data.normal_()
+    x = torch.randn(4, 6) if isinstance(layer, (csext.GatedLinear, csext.GatedHFConv1D)) else (
+        torch.randn(2, 2, 5, 5) if isinstance(layer, csext.GatedConv2d) else torch.randn(2, 2, 7))
+
+    def expected(weight, mask_logits, bias):
+        plain = copy.deepcopy(layer)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            plain.mask_logits.copy_(mask_logits)
+            if bias is not None:
+                plain.bias.copy_(bias)
+        return plain(x)
+
+    doubled = copy.deepcopy(layer)
+    torch.nn.utils.parametrize.register_parametrization(doubled, "weight", _Double())
+    torch.testing.assert_close(doubled(x), expected(2 * layer.weight, layer.mask_logits, layer.bias))
+
+    pruned = copy.deepcopy(layer)
+    torch.nn.utils.prune.random_unstructured(pruned, "weight", amount=0.5)
+    torch.testing.assert_close(pruned(x), expected(pruned.weight, layer.mask_logits, layer.bias))
+    torch.nn.utils.prune.random_unstructured(pruned, "bias", amount=0.5)
+    torch.testing.assert_close(pruned(x), expected(pruned.weight, layer.mask_logits, pruned.bias))
+
+    swapped = {"weight": torch.randn_like(layer.weight), "mask_logits": torch.randn_like(layer.mask_logits)}
+    torch.testing.assert_close(torch.func.functional_call(layer, swapped, (x,)),
+                               expected(swapped["weight"], swapped["mask_logits"], layer.bias))
+
+
+class _Double(nn.Module):
+    def forward(self, weight):
+        return 2 * weight

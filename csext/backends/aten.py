@@ -47,23 +47,27 @@ def cuda_kernels_built() -> bool:
 
 
 def gate(weight, mask_logits, beta: float, hard: bool, penalty: float, dtype: torch.dtype) -> torch.Tensor:
-    op = _C.gate if plain_eager_call(weight, mask_logits) else torch.ops.csext.gate.default
-    return op(weight, mask_logits, beta_tensor(beta), hard, penalty, dtype)
+    if plain_eager_call(weight, mask_logits):
+        return _C.gate(weight, mask_logits, beta_tensor(beta, eager=True), hard, penalty, dtype)
+    return torch.ops.csext.gate.default(weight, mask_logits, beta_tensor(beta), hard, penalty, dtype)
 
 
 def linear(x, weight, mask_logits, beta: float, bias, hard: bool, penalty: float, dtype: torch.dtype) -> torch.Tensor:
     if x.dtype is not dtype:  # autocast's cast of the input
         x = x.to(dtype)
-    op = _C.gated_linear if plain_eager_call(x, weight, mask_logits, bias) else torch.ops.csext.gated_linear.default
-    return op(x, weight, mask_logits, beta_tensor(beta), bias, hard, penalty, dtype)
+    if plain_eager_call(x, weight, mask_logits, bias):
+        return _C.gated_linear(x, weight, mask_logits, beta_tensor(beta, eager=True), bias, hard, penalty, dtype)
+    return torch.ops.csext.gated_linear.default(x, weight, mask_logits, beta_tensor(beta), bias, hard, penalty, dtype)
 
 
 def conv2d(x, weight, mask_logits, beta: float, bias, stride, padding, dilation, groups: int, hard: bool,
            penalty: float, dtype: torch.dtype) -> torch.Tensor:
     if x.dtype is not dtype:
         x = x.to(dtype)
-    op = _C.gated_conv2d if plain_eager_call(x, weight, mask_logits, bias) else torch.ops.csext.gated_conv2d.default
-    return op(x, weight, mask_logits, beta_tensor(beta), bias, stride, padding, dilation, groups, hard, penalty, dtype)
+    args = stride, padding, dilation, groups, hard, penalty, dtype
+    if plain_eager_call(x, weight, mask_logits, bias):
+        return _C.gated_conv2d(x, weight, mask_logits, beta_tensor(beta, eager=True), bias, *args)
+    return torch.ops.csext.gated_conv2d.default(x, weight, mask_logits, beta_tensor(beta), bias, *args)
 
 
 if loaded():

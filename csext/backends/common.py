@@ -7,17 +7,19 @@ from torch.overrides import has_torch_function
 _beta_tensors: dict = {}
 
 
-def beta_tensor(beta: float, device=None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def beta_tensor(beta: float, device=None, dtype: torch.dtype = torch.float64, *, eager: bool = False) -> torch.Tensor:
     """beta as the ops take it: a 0-dim tensor, by default float64 on the CPU (the C++ ops; the
     Triton kernels read a float32 one on their device). A tensor, not a float, so that
     torch.compile keeps beta a graph input instead of recompiling for each value of the schedule;
     under torch.compile it is made by a multiply, which keeps it one. In eager mode the few values
-    in use are cached, so that a call allocates nothing."""
-    if torch.compiler.is_compiling():
-        return torch.ones((), dtype=dtype, device=device) * beta
-    if torch.jit.is_tracing():  # a cached tensor would be traced as a constant the first trace lacks
-        return torch.full((), float(beta), dtype=dtype, device=device)
-    key = (float(beta), device, dtype)
+    in use are cached, so that a call allocates nothing; `eager` says that the caller has already
+    found the call to be one (plain_eager_call)."""
+    if not eager:
+        if torch.compiler.is_compiling():
+            return torch.ones((), dtype=dtype, device=device) * beta
+        if torch.jit.is_tracing():  # a cached tensor would be traced as a constant the first trace lacks
+            return torch.full((), float(beta), dtype=dtype, device=device)
+    key = (beta, device, dtype)
     tensor = _beta_tensors.get(key)
     if tensor is None:
         tensor = torch.full((), float(beta), dtype=dtype, device=device)
@@ -38,10 +40,10 @@ def plain_eager_call(*tensors) -> bool:
     mode on plain tensors (not fake, functional or distributed ones, which need the op's own
     handling), and nothing that must see the op (a tracer, a __torch_function__ mode)."""
     for t in tensors:
-        if t is not None and type(t) not in _PLAIN:
+        if type(t) not in _PLAIN and t is not None:
             return False
-    return not (has_torch_function(tensors[:1]) or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                or torch.jit.is_tracing())
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+                or has_torch_function(tensors))
 
 
 def kernel_layout(*tensors: torch.Tensor) -> torch.memory_format:
