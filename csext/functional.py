@@ -77,40 +77,43 @@ def check_gate_args(weight: torch.Tensor, mask_logits: torch.Tensor, beta, penal
     check_penalty(penalty)
 
 
-def _autocast_dtype(weight: torch.Tensor, device_type: str) -> torch.dtype | None:
-    """Autocast's dtype where it is on for weight's device and would cast it (it never casts
+def _autocast_dtype(weight_dtype: torch.dtype, device_type: str) -> torch.dtype | None:
+    """Autocast's dtype where it is on for the device and would cast the weight (it never casts
     float64; the meta device has no autocast and would raise), else None."""
-    if weight.dtype is torch.float64 or device_type == "meta" or not torch.is_autocast_enabled(device_type):
+    if weight_dtype is torch.float64 or device_type == "meta" or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype the matmul or convolution runs in: autocast's where it is on, else weight's."""
-    return _autocast_dtype(weight, weight.device.type) or weight.dtype
+    return _autocast_dtype(weight.dtype, weight.device.type) or weight.dtype
 
 
 def _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend: str, tracing: bool):
     """The checks every gated layer makes beside its shape checks; returns (backend module,
     compute dtype). Under autocast x may come in any float dtype autocast casts; outside it, x and
-    bias must have weight's dtype, as F.linear and F.conv2d demand."""
+    bias must have weight's dtype, as F.linear and F.conv2d demand. The common case is tested
+    first, inline: a small layer's call costs about as much as these steps."""
     _check_weight_and_mask(weight, mask_logits, tracing)
-    check_beta(beta)
-    check_penalty(penalty)
+    if type(beta) is not float or not 1.0 <= beta < math.inf:
+        check_beta(beta)  # raises, or passes an int
+    if type(penalty) is not float or not 0.0 <= penalty < math.inf:
+        check_penalty(penalty)
     if type(mask_scale) is not float or mask_scale != 1.0:
         check_mask_scale(mask_scale)
-    device = weight.device
+    device, weight_dtype = weight.device, weight.dtype
     if x.device != device:
         raise ValueError(f"x must be on the device of weight ({device}), got {x.device}")
     if bias is not None and bias.device != device:
         raise ValueError(f"bias must be on the device of weight ({device}), got {bias.device}")
     impl, device_type = _backend(backend, weight, device, tracing)
-    dtype = _autocast_dtype(weight, device_type)
+    dtype = _autocast_dtype(weight_dtype, device_type)
     if dtype is not None:
         if x.is_floating_point() and x.dtype is not torch.float64:
             return impl, dtype
     else:
-        dtype = weight.dtype
+        dtype = weight_dtype
         if bias is not None and bias.dtype is not dtype:
             raise TypeError(f"bias must have the dtype of weight ({dtype}), got {bias.dtype}")
     if x.dtype is not dtype:
@@ -127,13 +130,12 @@ def _exporting_to_onnx(tracing: bool) -> bool:
 
 
 def _backend(backend: str, weight: torch.Tensor, device: torch.device, tracing: bool):
-    """(backend module, device type) for a call on weight's device; the torch reference instead
-    while torch.onnx.export traces: ONNX has its ops (sigmoid, mul), not csext's. Refuses a weight
-    dtype the backend lacks (the other dtypes are left to the checks, which name them)."""
+    """(backend module, device type) for a call on weight's device, after the checks; the torch
+    reference instead while torch.onnx.export traces: ONNX has its ops (sigmoid, mul), not csext's."""
     impl, device_type = backends.module(backend, device)
     if impl is reference:
         return impl, device_type
-    if weight.dtype not in impl.WEIGHT_DTYPES and weight.dtype in _WEIGHT_DTYPES:
+    if weight.dtype not in impl.WEIGHT_DTYPES:
         name = backends.resolve(backend, device_type)
         raise TypeError(f"backend {name!r} takes {', '.join(str(d) for d in impl.WEIGHT_DTYPES)} weights, got "
                         f"{weight.dtype}; use backend 'torch', 'cpp' or 'cuda' for it")
