@@ -36,6 +36,23 @@ def _gated_type(module: nn.Module):
     return _DENSE_TO_GATED.get(type(module))
 
 
+def _check_model(model, caller: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{caller}: model must be an nn.Module, got {type(model).__name__}")
+
+
+def _gated_or_warn(model: nn.Module, caller: str, outcome: str = "nothing to do",
+                   stacklevel: int = 3) -> list[tuple[str, nn.Module]]:
+    """gated_modules(model), with a warning naming the model where there are none: the call then
+    does nothing, which is rarely what was meant (a model not yet sparsified, or the wrong one)."""
+    _check_model(model, caller)
+    found = gated_modules(model)
+    if not found:
+        warnings.warn(f"{caller}: {type(model).__name__} has no gated layer (csext.sparsify gates them); {outcome}",
+                      stacklevel=stacklevel)
+    return found
+
+
 def gated_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, module) of every gated layer, in module order."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, GATED_TYPES)]
@@ -137,6 +154,7 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
     If `model` is itself such a layer it cannot be replaced in place: use the gated class's
     from_dense (GatedLinear.from_dense, GatedConv2d.from_dense, ...) for that.
     """
+    _check_model(model, "sparsify")
     functional.check_penalty(penalty)
     refuse_sharded(model, "sparsify", "call csext.sparsify before fully_shard, so that the mask logits are "
                                       "sharded with the weights")
@@ -220,13 +238,13 @@ def _not_gateable(model: nn.Module) -> dict[str, str]:
 def set_beta(model: nn.Module, beta: float) -> None:
     """Set the temperature of every gated layer."""
     functional.check_beta(beta)
-    for _, m in gated_modules(model):
+    for _, m in _gated_or_warn(model, "set_beta"):
         m.beta = float(beta)
 
 
 def set_hard(model: nn.Module, hard: bool = True) -> None:
     """Switch every gated layer to the ticket mask 1[s > 0] (or back to the soft mask)."""
-    for _, m in gated_modules(model):
+    for _, m in _gated_or_warn(model, "set_hard"):
         m.hard = bool(hard)
 
 
@@ -234,7 +252,7 @@ def set_penalty(model: nn.Module, penalty: float) -> None:
     """Set lam, applied in the backward of every gated layer (0 to add mask_penalty yourself, as
     under GradScaler, gradient accumulation or a layer called twice per forward: README "Use")."""
     functional.check_penalty(penalty)
-    for _, m in gated_modules(model):
+    for _, m in _gated_or_warn(model, "set_penalty"):
         m.penalty = float(penalty)
 
 
@@ -242,6 +260,7 @@ def mask_penalty(model: nn.Module) -> torch.Tensor:
     """P = sum over gated layers of sum(sigmoid(beta * s)), differentiable, as a float32 scalar
     (float64 if mask logits are). For logging, or to add lam * P to the loss yourself. On a model
     sharded by FSDP2's fully_shard it sums over all ranks' shards, so every rank must call it."""
+    _check_model(model, "mask_penalty")
     terms = [_whole(reference.penalty_term(m.mask_logits, m.beta)) for _, m in gated_modules(model)]
     if not terms:
         raise ValueError("mask_penalty: the model has no gated layers (call csext.sparsify first)")
@@ -276,7 +295,7 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     """Per-layer and total fraction of gated weights remaining under the hard mask. On a model
     sharded by FSDP2's fully_shard it counts all ranks' shards, so every rank must call it."""
     report = SparsityReport()
-    for name, m in gated_modules(model):
+    for name, m in _gated_or_warn(model, "sparsity_report", "the report counts no weights", stacklevel=4):
         kept = int(_whole((m.mask_logits > 0).sum()))
         report.per_layer[name or type(m).__name__] = kept / m.mask_logits.numel()
         report.kept += kept
@@ -347,9 +366,10 @@ def finalize(model: nn.Module) -> nn.Module:
     """Replace, in place, every gated layer by its plain form (nn.Linear, nn.Conv2d, nn.Conv1d,
     nn.MultiheadAttention, transformers Conv1D) holding w * 1[s > 0]. Returns the model (or the
     new layer, when `model` is itself a gated layer)."""
+    _check_model(model, "finalize")
     refuse_sharded(model, "finalize", GATHER_FIRST)
     aliases = module_aliases(model)
-    for name, module in gated_modules(model):
+    for name, module in _gated_or_warn(model, "finalize"):
         if in_tree(model, name, module):
             model = _replace(model, name, _plain(module), aliases)
     keep_transformer_slow_paths(model)  # plain layers again: torch's fused paths are right

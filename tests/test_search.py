@@ -186,7 +186,7 @@ def test_resume_after_a_kill_gives_the_same_results(tmp_path, monkeypatch, capsy
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*args, "--out", str(tmp_path / "killed")])
     assert exit_info.value.code == 130 and capsys.readouterr().err == (
-        f"python -m csext search: interrupted; the same command with --resume continues from what "
+        f"python -m csext search: interrupted (Ctrl-C); the same command with --resume continues from what "
         f"{tmp_path / 'killed'} holds (a search from its last finished epoch)\n")
     assert (tmp_path / "killed" / "checkpoint.pt").exists()
     assert not (tmp_path / "killed" / "results.json").exists()
@@ -434,14 +434,14 @@ def test_resume_refuses_other_settings_and_bad_checkpoints(tmp_path, capsys):
 
     expect(["--epochs", "4"], "other settings (epochs)")
     checkpoint.write_bytes(good[: len(good) // 2])  # truncated
-    expect([], "is not a readable checkpoint")
+    expect([], "is damaged or not a file torch.save wrote")
 
     class Payload:  # a pickle that would run code: weights_only must refuse it
         def __reduce__(self):
             return (print, ("pickled code ran",))
 
     torch.save({"config": {}, "phase": 0, "payload": Payload()}, checkpoint)
-    expect([], "is not a readable checkpoint")
+    expect([], "holds Python objects other than tensors and plain values")
     assert "pickled code ran" not in capsys.readouterr().out
     checkpoint.unlink()
     expect([], "does not exist")

@@ -1,7 +1,9 @@
 """python -m csext search ... (docs/contract.md section 3). Bad input: one error line, exit code 2."""
 
 import argparse
+import signal
 import sys
+import threading
 import warnings
 
 import torch
@@ -12,6 +14,7 @@ from . import distributed
 from . import nets
 from .baselines import METHODS
 from .compare import compare
+from .files import FileError, WriteError
 from .search import AMP, ConfigError, DivergedError, Search, SearchConfig, SearchWarning
 from .sweep import run_sweep
 
@@ -37,12 +40,27 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)".lstrip()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad input is one line, as the rest of the command's errors: not the usage first."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def _epochs(text: str) -> list[int]:
+    """--lr-milestones: comma-separated epochs."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated epochs (integers), got {text!r}") from None
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m csext", description="Continuous Sparsification")
+    parser = _Parser(prog="python -m csext", description="Continuous Sparsification")
     built = ", ".join(backends.available())
     parser.add_argument("--version", action="version", help="csext's version, torch's and the backends built",
                         version=f"csext {__version__} (torch {torch.__version__}; backends: {built})")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     search = commands.add_parser("search", help="CS ticket search, results in DIR/results.json",
                                  formatter_class=_HelpFormatter)
     _add_run_options(search)
@@ -89,7 +107,7 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--target-remaining", type=float, default=None,
                    help="steer lam (then the mask threshold) so the last ticket keeps this fraction")
     s.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
-    s.add_argument("--lr-milestones", type=lambda v: [int(x) for x in v.split(",") if x], default=None,
+    s.add_argument("--lr-milestones", type=_epochs, default=None,
                    help="comma-separated epochs at which lr is divided by 10 (default: 1/2 and 3/4 of each phase)")
     s.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
     s.add_argument("--weight-decay", type=float, default=d.weight_decay, help="not applied to mask logits")
@@ -126,9 +144,27 @@ def parse(argv) -> tuple[argparse.Namespace, SearchConfig]:
     return args, SearchConfig(**settings)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, which schedulers send before they preempt a job: handled as Ctrl-C is."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     parser = _parser()
     args, config = parse(sys.argv[1:] if argv is None else argv)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        return _main_with_warnings(parser, args, config)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return _main_with_warnings(parser, args, config)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main_with_warnings(parser, args, config: SearchConfig) -> int:
     with warnings.catch_warnings():
         show = warnings.showwarning
 
@@ -154,13 +190,18 @@ def _main(parser, args, config: SearchConfig) -> int:
             main_rank = distributed.is_main()
         finally:
             distributed.close()
-    except (ConfigError, datasets.DataError) as error:
+    except (ConfigError, datasets.DataError, FileError) as error:
         parser.exit(2, f"python -m csext {args.command}: error: {error}\n")
     except DivergedError as error:
         parser.exit(1, f"python -m csext {args.command}: error: {error}\n")
-    except KeyboardInterrupt:  # Ctrl-C: one line saying how to go on, not a traceback
-        parser.exit(130, f"python -m csext {args.command}: interrupted; the same command with --resume continues "
-                         f"from what {args.out} holds (a search from its last finished epoch)\n")
+    except WriteError as error:  # a full disk: the files written before are whole, the last checkpoint too
+        parser.exit(1, f"python -m csext {args.command}: error: cannot write {error.filename} ({error.strerror}); "
+                       f"the last checkpoint in {args.out} is kept: the same command with --resume continues once "
+                       f"this is fixed\n")
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: one line saying how to go on, not a traceback
+        signal_name, code = ("SIGTERM", 143) if isinstance(interrupt, Terminated) else ("Ctrl-C", 130)
+        parser.exit(code, f"python -m csext {args.command}: interrupted ({signal_name}); the same command with "
+                          f"--resume continues from what {args.out} holds (a search from its last finished epoch)\n")
     if not main_rank:  # rank 0 reports
         return 0
     dense = results["dense"]

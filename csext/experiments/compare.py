@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
 from .. import __version__, backends
 from .baselines import METHODS, MethodRun
-from .files import write_atomic
+from .files import FileError, check_output_folder, write_atomic
 from .plots import pyplot, remaining_axis, save_png
 from .search import (CHECKPOINT, RESULTS, ConfigError, Search, SearchConfig, accuracies, build_plain, changed_settings,
                      epoch_bar, load_data, make_optimizer, sparsest_within_a_point, ticket_summary, train_epochs,
@@ -47,13 +48,21 @@ def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_
         raise ConfigError(f"--fractions must lie in (0, 1], got {list(fractions)}")
     if imp_rounds < 1:
         raise ConfigError(f"--imp-rounds must be >= 1, got {imp_rounds}")
+    if not str(out).strip():  # Path("") is the working directory
+        raise ConfigError(f"--out must name a folder, got {str(out)!r}")
     out = Path(out)
     written = [m for m in METHODS if (out / m / RESULTS).exists() or (out / m / CHECKPOINT).exists()
                or any((out / m).glob("ticket-*.pt"))]
     if not resume and ((out / SUMMARY).exists() or written):
         raise ConfigError(f"--out {out} already holds a comparison: pass --resume to continue it, or another --out")
+    if not 0.0 <= l0_penalty < math.inf:
+        raise ConfigError(f"--l0-penalty must be a finite number >= 0, got {l0_penalty}")
     config.check()
     data = load_data(config)
+    try:
+        check_output_folder(out)
+    except FileError as error:
+        raise ConfigError(str(error)) from None
     per_method = {}
     if "cs" in methods:
         search = Search(config, out / "cs", resume=resume and (out / "cs" / CHECKPOINT).exists(), progress=progress)

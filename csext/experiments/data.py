@@ -2,7 +2,8 @@
 
     mnist1d    the default: generated here by the `mnist1d` package (no network), 40 features
     PATH.npz   x_train, y_train, x_test, y_test; images uint8 or float in (N, C, H, W), (N, H, W)
-               or (N, D); labels integers from 0. Read with allow_pickle=False.
+               or (N, D); labels integers from 0, every class with a training sample unless an
+               integer num_classes in the file says how many there are. Read with allow_pickle=False.
     cifar10    the binary CIFAR-10 files (cifar-10-batches-bin/*.bin) under --data-dir
     mnist      the MNIST idx files (train-images-idx3-ubyte[.gz], ...) under --data-dir
 
@@ -183,14 +184,24 @@ def _npz(path: Path) -> Dataset:
             if missing:
                 raise DataError(f"--data {path}: missing arrays {missing} (it has {sorted(f.files)})")
             arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+            num_classes = f["num_classes"] if "num_classes" in f.files else None
     except DataError:
         raise
     except (OSError, ValueError) as error:  # not an npz, truncated, or holding pickled objects
         raise DataError(f"--data {path}: not a readable .npz file ({error})") from None
-    return _from_arrays(path.name, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"])
+    if num_classes is not None:
+        if num_classes.ndim != 0 or not np.issubdtype(num_classes.dtype, np.integer):
+            raise DataError(f"--data {path}: num_classes must be one integer, got an array of shape "
+                            f"{num_classes.shape} and dtype {num_classes.dtype}")
+        num_classes = int(num_classes)
+    return _from_arrays(path.name, arrays["x_train"], arrays["y_train"], arrays["x_test"], arrays["y_test"],
+                        num_classes=num_classes)
 
 
-def _from_arrays(name: str, x_train, y_train, x_test, y_test, augment: bool = False) -> Dataset:
+def _from_arrays(name: str, x_train, y_train, x_test, y_test, augment: bool = False,
+                 num_classes: int | None = None) -> Dataset:
+    """The dataset of these arrays, checked. The class count is y_train's highest label + 1, where
+    every class below it has a training sample, or `num_classes` where the data gives it."""
     xs = {}
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if x.ndim not in (2, 3, 4):
@@ -216,10 +227,18 @@ def _from_arrays(name: str, x_train, y_train, x_test, y_test, augment: bool = Fa
     if xs["train"].shape[1:] != xs["test"].shape[1:]:
         raise DataError(f"{name}: x_train and x_test must have one sample shape, got "
                         f"{tuple(xs['train'].shape[1:])} and {tuple(xs['test'].shape[1:])}")
-    num_classes = int(y_train.max()) + 1
+    given = num_classes is not None
+    if not given:
+        num_classes = int(y_train.max()) + 1
+        empty = sorted(set(range(num_classes)) - set(np.unique(y_train).astype(np.int64).tolist()))
+        if empty and int(y_train.min()) >= 0:
+            shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+            raise DataError(f"{name}: y_train has no sample of {len(empty)} of the classes 0..{num_classes - 1} "
+                            f"(labels {shown}); if that is meant, give the class count as num_classes in the .npz")
     for split, y in (("train", y_train), ("test", y_test)):
         if y.min() < 0 or y.max() >= num_classes:
-            raise DataError(f"{name}: y_{split} labels must lie in 0..{num_classes - 1} (from y_train), "
+            where = "the num_classes given" if given else "from y_train"
+            raise DataError(f"{name}: y_{split} labels must lie in 0..{num_classes - 1} ({where}), "
                             f"got {int(y.min())}..{int(y.max())}")
     if num_classes < 2:
         raise DataError(f"{name}: y_train holds a single class")

@@ -174,6 +174,13 @@ def factory(name: str):
     return found
 
 
+def builder(name: str):
+    """The function that builds the package's network `name` (one of NAMES)."""
+    if name not in _BUILDERS:
+        raise ValueError(f"model must be one of {', '.join(NAMES)}, got {name!r}")
+    return _BUILDERS[name]
+
+
 def build(name: str, input_shape, num_classes: int) -> nn.Module:
     """The plain network `name` for inputs of `input_shape` (one sample, no batch dimension):
     one of NAMES, or MODULE:FACTORY, a user's function (or class) called as

@@ -34,7 +34,7 @@ from ..model import finalize, gated_modules, mask_penalty, set_beta, set_hard, s
 from ..schedule import RESETS, beta_at, capture, param_groups, reset_mask_logits, restore
 from . import data as datasets
 from . import distributed, nets
-from .files import write_atomic
+from .files import FileError, check_output_folder, load_checked, save_checked, write_atomic
 from .plots import log_percent_scale, pyplot, remaining_axis, save_png
 
 # Mixed precision of training and evaluation: forward and loss under torch.autocast in bfloat16
@@ -125,8 +125,12 @@ class SearchConfig:
             raise ConfigError(f"--mask-init must be a finite number, got {self.mask_init}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"--momentum must lie in [0, 1), got {self.momentum}")
+        if not 0.0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if self.lr_milestones is not None and any(type(m) is not int or m < 1 for m in self.lr_milestones):
+            raise ConfigError(f"--lr-milestones must be epochs >= 1, got {self.lr_milestones}")
         if self.reset not in RESETS:
             raise ConfigError(f"--reset must be one of {RESETS}, got {self.reset!r}")
         if self.model not in nets.NAMES and not nets.is_factory_path(self.model):
@@ -394,6 +398,8 @@ class Search:
 
     def __init__(self, config: SearchConfig, out: str | os.PathLike, resume: bool = False, progress: bool = True):
         config.check()
+        if not str(out).strip():  # Path("") is the working directory
+            raise ConfigError(f"--out must name a folder, got {str(out)!r}")
         self.config, self.out, self.progress = config, Path(out), progress
         self.data = load_data(config)
         self.exclude = default_exclude(config)
@@ -405,6 +411,10 @@ class Search:
             if checkpoint.exists() or (self.out / RESULTS).exists():
                 raise ConfigError(f"--out {self.out} already holds a run: pass --resume to continue it, or another --out")
             self.state = self._fresh_state()
+        try:
+            check_output_folder(self.out)
+        except FileError as error:
+            raise ConfigError(str(error)) from None
 
     # building the networks, always the same way from the seed
 
@@ -437,17 +447,18 @@ class Search:
 
     def _save_checkpoint(self) -> None:
         if distributed.is_main():
-            write_atomic(self.out / CHECKPOINT, lambda f: torch.save(self.state, f))
+            save_checked(self.out / CHECKPOINT, self.state)
             write_atomic(self.out / HISTORY, history_csv(self.state["history"]).encode())
 
     def _load_checkpoint(self, path: Path) -> dict:
         if not path.is_file():
             raise ConfigError(f"--resume: {path} does not exist (nothing to resume)")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # truncated, tampered, or holding objects weights_only refuses
-            raise ConfigError(f"--resume: {path} is not a readable checkpoint ({type(error).__name__}: {str(error).splitlines()[0]})") from None
-        if not isinstance(state, dict) or "config" not in state or "phase" not in state:
+            state = load_checked(path)
+        except FileError as error:
+            raise ConfigError(f"--resume: {error}; start the run again with another --out (or without --resume "
+                              f"after removing {path.parent})") from None
+        if "config" not in state or "phase" not in state:
             raise ConfigError(f"--resume: {path} is not a csext search checkpoint")
         changed = changed_settings(state["config"], dataclasses.asdict(self.config))
         if changed:
@@ -668,26 +679,46 @@ def save_network(model: nn.Module, path: Path, config: SearchConfig, data: datas
     by the first rank alone."""
     if not distributed.is_main():
         return
-    plain = finalize(copy.deepcopy(model))
+    plain = finalize(copy.deepcopy(model)) if gated_modules(model) else model
     saved = {"model": config.model, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
              "round": round_, "remaining": remaining, **scores,
              "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()}}
-    write_atomic(path, lambda f: torch.save(saved, f))
+    save_checked(path, saved)
 
 
-def load_network(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load_network(path: str | os.PathLike, device: str | torch.device = "cpu", *, factory=None) -> nn.Module:
     """A network a search saved (DIR/dense.pt, DIR/ticket-R.pt), or a baseline of `compare`
-    (DIR/<method>/ticket-R.pt), as the plain network of its model (csext.experiments.nets, or its
-    MODULE:FACTORY, which must be importable again), its weights loaded (a ticket's pruned weights
-    are zero), in eval mode. The file's other entries: round (0 for dense), remaining, test_acc
-    (and val_acc with --val-fraction), input_shape, num_classes."""
+    (DIR/<method>/ticket-R.pt), as the plain network of its model, its weights loaded (a ticket's
+    pruned weights are zero), in eval mode. The file is data: its checksum is verified, and it
+    names its model but never supplies code. A model of csext.experiments.nets is built from
+    there; a run's own MODULE:FACTORY model is built by `factory`, the same callable, passed here
+    (the name in the file is not imported). The file's other entries: round (0 for dense),
+    remaining, test_acc (and val_acc with --val-fraction), input_shape, num_classes."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = nets.build(saved["model"], saved["input_shape"], saved["num_classes"])
+        saved = load_checked(path)
+        name, input_shape, num_classes = saved["model"], saved["input_shape"], saved["num_classes"]
+    except (FileError, KeyError) as error:
+        why = f"it lacks {error}" if isinstance(error, KeyError) else str(error)
+        raise ValueError(f"load_network: {path} is not a network saved by csext's search: {why}") from None
+    if not (isinstance(input_shape, list) and input_shape and all(type(v) is int and v > 0 for v in input_shape)
+            and type(num_classes) is int and num_classes >= 2 and isinstance(name, str)):
+        raise ValueError(f"load_network: {path} is not a network saved by csext's search: its model, input_shape "
+                         f"or num_classes is not a name, a list of sizes and a class count")
+    if name in nets.NAMES:
+        build = nets.builder(name)
+    elif factory is not None:
+        build = factory
+    elif nets.is_factory_path(name):
+        raise ValueError(f"load_network: {path} holds a network of the model {name}, which csext does not "
+                         f"import from a file: pass factory=<that function> to build it")
+    else:
+        raise ValueError(f"load_network: {path} names the model {name!r}, not one of {', '.join(nets.NAMES)}")
+    try:
+        model = build(tuple(input_shape), num_classes)
         model.load_state_dict(saved["state_dict"])
-    except Exception as error:  # missing, truncated, another kind of file, or weights of another shape
-        raise ValueError(f"load_network: {path} is not a network saved by csext's search "
-                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else error!r})") from None
+    except Exception as error:  # weights of another shape, or a factory that builds another network
+        raise ValueError(f"load_network: {path} does not fit the model {name} ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else error!r})") from None
     return model.to(device).eval()
 
 
