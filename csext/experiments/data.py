@@ -276,10 +276,9 @@ def _cifar10(root: Path) -> Dataset:
     train = [read(n) for n in names[:5]]
     x_test, y_test = read(names[5])
     data = _from_arrays("cifar10", np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
-                        x_test, y_test, augment=True)
+                        x_test, y_test, augment=True, num_classes=10)
     data.x_train = _normalise(data.x_train, CIFAR10_MEAN, CIFAR10_STD)
     data.x_test = _normalise(data.x_test, CIFAR10_MEAN, CIFAR10_STD)
-    data.num_classes = 10
     return data
 
 
@@ -308,8 +307,7 @@ def _mnist(root: Path) -> Dataset:
     y_train = _read_idx(find("train-labels-idx1-ubyte"), 0x801).astype(np.int64)
     x_test = _read_idx(find("t10k-images-idx3-ubyte"), 0x803)
     y_test = _read_idx(find("t10k-labels-idx1-ubyte"), 0x801).astype(np.int64)
-    data = _from_arrays("mnist", x_train, y_train, x_test, y_test)
+    data = _from_arrays("mnist", x_train, y_train, x_test, y_test, num_classes=10)
     data.x_train = (data.x_train - MNIST_MEAN) / MNIST_STD
     data.x_test = (data.x_test - MNIST_MEAN) / MNIST_STD
-    data.num_classes = 10
     return data
