@@ -7,10 +7,14 @@ Environment switches:
   TORCH_CUDA_ARCH_LIST   CUDA architectures (default "8.0;9.0": A100 and H100)
   MAX_JOBS               parallel compile jobs (read by torch's BuildExtension)
   CSEXT_DEBUG=1          -O0 -g
-Install with `pip install --no-build-isolation .` so that the build uses the torch installed.
+Install with `pip install --no-build-isolation .` so that the build uses the torch installed
+(pyproject.toml does not list torch among the build requirements). The build writes
+csext/_build.json beside the extension: the torch version it was built against, which
+csext/backends/aten.py checks before it loads csext._C.
 """
 
 import glob
+import json
 import os
 import sys
 
@@ -26,8 +30,24 @@ def _flag(name):
 def _extensions():
     if _flag("CSEXT_NO_EXTENSION"):
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError:
+        # pip's default build isolation builds in a fresh environment, without the torch installed
+        sys.exit("csext: csext._C must be built against the torch that will run it, which pip's build "
+                 "isolation hides: type `pip install --no-build-isolation .` (after installing torch)")
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    class BuildWithRecord(BuildExtension):
+        def run(self):
+            super().run()
+            # The torch this build is for, beside the extension wherever it went: the build folder
+            # (wheels) and, for in-place and editable builds, the source tree too.
+            folders = [os.path.join(self.build_lib, "csext")] + ([os.path.join(ROOT, "csext")] if self.inplace else [])
+            for folder in folders:
+                with open(os.path.join(folder, "_build.json"), "w") as f:
+                    json.dump({"torch": str(torch.__version__)}, f)
+                    f.write("\n")
 
     opt = ["-O0", "-g"] if _flag("CSEXT_DEBUG") else ["-O3"]
     # at::parallel_for is inline OpenMP: without -fopenmp it runs on one thread. torch ships
@@ -60,7 +80,7 @@ def _extensions():
             extra_compile_args={"cxx": cxx},
             extra_link_args=link,
         )
-    return [ext], {"build_ext": BuildExtension}
+    return [ext], {"build_ext": BuildWithRecord}
 
 
 ext_modules, cmdclass = _extensions()

@@ -151,3 +151,66 @@ def test_conv2d_takes_ints_and_pairs_on_every_backend(stride, padding, dilation)
     for backend in [b for b in csext.backends.available() if csext.backends.runs_on(b, "cpu")]:
         got = CF.gated_conv2d(x, w, s, 2.0, None, stride, padding, dilation, backend=backend)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=lambda m: f"{backend}: {m}")
+
+
+def _import_a_copy(tmp_path, extension: bytes | None, record: str | None) -> str:
+    """Imports a copy of the package whose csext._C file holds `extension` (None: no file) beside
+    the build record `record` (None: none), in a fresh interpreter, and returns its load_error(),
+    checked to be the one line it warned. Nothing is built: the file is never loaded unless the
+    record names the torch running, and then it is not a library."""
+    import json
+    import os
+    import shutil
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    copy = tmp_path / "csext"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "_C.*", "_build.json"))
+    if extension is not None:
+        (copy / f"_C{EXTENSION_SUFFIXES[0]}").write_bytes(extension)
+    if record is not None:
+        (copy / "_build.json").write_text(record)
+    code = "import json, sys, csext; print(json.dumps([csext.backends.aten.load_error(), 'csext._C' in sys.modules]))"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TRITON_INTERPRET": "0"}  # an import needs no Triton interpreter
+    env.pop("PYTHONWARNINGS", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    error, loaded = json.loads(done.stdout.splitlines()[-1])
+    assert not loaded  # the file was never imported, or failed to
+    assert error.startswith("csext._C did not load: ") and "\n" not in error
+    warned = [line for line in done.stderr.splitlines() if "RuntimeWarning" in line]
+    assert len(warned) == 1 and warned[0].endswith(f"RuntimeWarning: {error}; using the torch backend"), done.stderr
+    return error
+
+
+def test_an_extension_built_for_another_torch_is_not_loaded(tmp_path):
+    """The build record names another torch: the binary is never loaded (one built against other
+    headers may crash), and one line names both versions and the command that rebuilds it."""
+    error = _import_a_copy(tmp_path, b"\x7fELF built for torch 0.0.1", '{"torch": "0.0.1"}\n')
+    assert f"it was built for torch 0.0.1, but this is torch {torch.__version__}; rebuild it with " in error
+    assert "pip install --no-build-isolation" in error
+
+
+def test_an_extension_without_a_build_record_is_not_loaded(tmp_path):
+    error = _import_a_copy(tmp_path, b"\x7fELF of unknown origin", None)
+    assert "it was built for an unknown torch (no readable _build.json beside it), but this is torch" in error
+    assert "pip install --no-build-isolation" in error
+
+
+def test_a_missing_extension_names_its_cause_and_the_build_command(tmp_path):
+    """Not Python's "cannot import name '_C' from partially initialized module" (a circular
+    import, it says), which a source tree without the built extension used to give."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    error = _import_a_copy(tmp_path, None, None)
+    assert f"it is not built (no _C{EXTENSION_SUFFIXES[0]} in {(tmp_path / 'csext').resolve()})" in error
+    assert "build it with " in error and "pip install --no-build-isolation" in error
+    assert "circular import" not in error
+
+
+def test_an_extension_that_fails_to_load_says_why(tmp_path):
+    """The record matches, but the file is not a library: the loader's reason, in one line."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    error = _import_a_copy(tmp_path, b"not a shared library", f'{{"torch": "{torch.__version__}"}}')
+    assert f"_C{EXTENSION_SUFFIXES[0]}: " in error and "rebuild it with " in error

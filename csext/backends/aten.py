@@ -15,20 +15,47 @@ typed call (csrc/fast_path.cpp), which skips the boxing of torch.ops' arguments,
 torch.ops (common.plain_eager_call says which).
 """
 
+import json
+import os
 import warnings
+from importlib.machinery import EXTENSION_SUFFIXES
 
 import torch
 
 from .common import beta_tensor, kernel_layout, plain_eager_call
 
-try:
-    from .. import _C  # loading the library registers the ops
 
-    _LOAD_ERROR = None
-except (ImportError, OSError) as error:  # not built (CSEXT_NO_EXTENSION=1), or built for another torch
-    _C, _LOAD_ERROR = None, error
-    warnings.warn(f"csext: the C++ extension csext._C is not available ({error}); using the torch backend",
-                  RuntimeWarning, stacklevel=2)
+def _load():
+    """(csext._C, None), or (None, why it did not load, in one line that says what to type)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(package)
+    if os.path.exists(os.path.join(root, "setup.py")):  # a checkout, built in place
+        build = f"`make setup` (or `pip install --no-build-isolation -e .`) in {root}"
+    else:
+        build = "`pip install --no-build-isolation .` from the csext source"
+    binaries = [os.path.join(package, "_C" + suffix) for suffix in EXTENSION_SUFFIXES]
+    binary = next((path for path in binaries if os.path.exists(path)), None)
+    if binary is None:  # a source tree never built, or a CSEXT_NO_EXTENSION=1 install
+        return None, f"it is not built (no _C{EXTENSION_SUFFIXES[0]} in {package}); build it with {build}"
+    try:
+        with open(os.path.join(package, "_build.json")) as f:
+            built_for = f"torch {json.load(f)['torch']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        built_for = "an unknown torch (no readable _build.json beside it)"
+    # A binary built against another torch's headers may crash or compute garbage: never load it.
+    if built_for != f"torch {torch.__version__}":
+        return None, f"it was built for {built_for}, but this is torch {torch.__version__}; rebuild it with {build}"
+    try:
+        from .. import _C  # loading the library registers the ops
+    except (ImportError, OSError) as error:
+        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        return None, f"{binary}: {reason}; rebuild it with {build}"
+    return _C, None
+
+
+_C, _LOAD_ERROR = _load()
+if _LOAD_ERROR is not None:
+    warnings.warn(f"csext._C did not load: {_LOAD_ERROR}; using the torch backend", RuntimeWarning, stacklevel=2)
 
 
 WEIGHT_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
