@@ -47,14 +47,14 @@ def test_rescale_gives_the_authors_penalty_gradient(amp):
     """One weight, s = s0 = 0, no task gradient: the authors' loss lam * c * sigmoid(beta * s)
     gives ds = lam * c * beta * m * (1 - m) = 1 * 2 * 0.25 = 0.5 (csext's unscaled: 0.25)."""
     config = search.SearchConfig(rescale=True, mask_init=0.0, amp=amp)
-    assert config.scale == 2.0
     layer = csext.GatedLinear(1, 1, bias=False)
-    layer.mask_scale = config.scale
+    layer.mask_scale = 2.0  # c = 1 / sigmoid(0), as build_gated sets it with --rescale
     model = nn.Sequential(layer)
     extra = search.apply_penalty(model, 1.0, config)
     objective = model(torch.zeros(1, 1)).sum()
     (objective if extra is None else objective + extra()).backward()
     assert layer.mask_logits.grad.item() == pytest.approx(0.5)
+    assert config.scale == 2.0
     assert search.SearchConfig().scale == 1.0 and search.SearchConfig(rescale=True, mask_init=-1.0).scale == \
         pytest.approx(1 / torch.sigmoid(torch.tensor(-1.0)).item())
 

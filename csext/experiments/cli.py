@@ -122,7 +122,7 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", type=int, default=d.batch_size, help="training mini-batch size")
     s.add_argument("--dense-epochs", type=int, default=None, help="epochs of the dense baseline (default: --epochs)")
     s.add_argument("--retrain-epochs", type=int, default=None, help="epochs of each ticket's retraining (default: the dense budget)")
-    s.add_argument("--exclude", default=None, help="comma-separated layer names or globs left dense (default: the paper's)")
+    s.add_argument("--exclude", default=None, help="comma-separated layer names or globs left dense (default: the recipe's, csext.experiments.nets)")
     s.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation and every epoch's data order")
     s.add_argument("--out", required=True, help="DIR for the results, checkpoints and plots")
     s.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")

@@ -618,7 +618,7 @@ class Search:
                 f"search round {round_}: {', '.join(closed)} keep no weight, so in a network without skip "
                 f"connections the ticket's output no longer depends on its input. Without normalization layers "
                 f"the soft mask scales every layer's output by sigmoid(s0) (0.5 at --mask-init 0), which shrinks "
-                f"the signal and the gradients that would keep gates open; try --rescale (the paper's code divides "
+                f"the signal and the gradients that would keep gates open; try --rescale (the authors' code divides "
                 f"the mask by sigmoid(s0)), a higher --mask-init, a lower --penalty or more --epochs"), stacklevel=2)
         mask = {name: (m.mask_logits > 0).cpu() for name, m in gated_modules(model)}
         self.state["tickets"].append({"round": round_, "mask": mask, "remaining": report.remaining,
