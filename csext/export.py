@@ -28,7 +28,8 @@ def _prune(plain: nn.Module, name: str, gated: nn.Module) -> None:
     """`plain`'s parameter `name` set to mask_scale * w of `gated` and pruned by its hard mask."""
     setattr(plain, name, nn.Parameter((gated.weight * gated.mask_scale).detach().clone(),
                                       requires_grad=gated.weight.requires_grad))
-    prune.custom_from_mask(plain, name, reference.hard_mask(gated.mask_logits).to(gated.weight.dtype))
+    with torch.enable_grad():  # the pruned `name` tracks `name`_orig's gradient at once, as prune's own call leaves it
+        prune.custom_from_mask(plain, name, reference.hard_mask(gated.mask_logits).to(gated.weight.dtype))
 
 
 def _hard_from(gated: nn.Module, mask: torch.Tensor | None) -> nn.Module:
@@ -84,12 +85,21 @@ def from_prune_form(model: nn.Module) -> nn.Module:
         else:
             plain = empty_plain(module)
             plain.weight = module.weight_orig
-            plain.bias = module.bias
+            plain.bias = _unpruned_bias(module)
             plain.train(module.training)
             gated = _hard_from(_gated_type(module).from_dense(plain), module.weight_mask)
         model = _replace(model, name, gated, aliases)
     keep_transformer_slow_paths(model)
     return model
+
+
+def _unpruned_bias(module: nn.Module) -> nn.Parameter | None:
+    """`module`'s bias as a Parameter: a bias pruned by torch.nn.utils.prune (bias_orig and
+    bias_mask) has its pruned entries zero, as the gated layer has no mask for its bias."""
+    if not hasattr(module, "bias_orig"):
+        return module.bias
+    orig = module.bias_orig
+    return nn.Parameter((orig * module.bias_mask).detach().clone(), requires_grad=orig.requires_grad)
 
 
 class SparseLinear(nn.Module):

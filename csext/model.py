@@ -257,11 +257,14 @@ def set_penalty(model: nn.Module, penalty: float) -> None:
 
 
 def mask_penalty(model: nn.Module) -> torch.Tensor:
-    """P = sum over gated layers of sum(sigmoid(beta * s)), differentiable, as a float32 scalar
+    """P = sum over gated layers of sum(sigmoid(beta * s)), differentiable (no gradient reaches the
+    mask logits of a layer in hard mode), as a float32 scalar
     (float64 if mask logits are). For logging, or to add lam * P to the loss yourself. On a model
     sharded by FSDP2's fully_shard it sums over all ranks' shards, so every rank must call it."""
     _check_model(model, "mask_penalty")
-    terms = [_whole(reference.penalty_term(m.mask_logits, m.beta)) for _, m in gated_modules(model)]
+    # a layer in hard mode passes no gradient to its mask logits, as its fused penalty passes none
+    terms = [_whole(reference.penalty_term(m.mask_logits.detach() if m.hard else m.mask_logits, m.beta))
+             for _, m in gated_modules(model)]
     if not terms:
         raise ValueError("mask_penalty: the model has no gated layers (call csext.sparsify first)")
     return torch.stack(terms).sum()

@@ -12,8 +12,9 @@ They take the plain layers' arguments, initialise the same way and keep their pa
                  lam * sum(sigmoid(beta * s)), as if that term were in the loss, unscaled; where the
                  loss is scaled (GradScaler, gradient accumulation) or the layer is called more
                  than once per forward, leave it 0 and add lam * csext.mask_penalty(model) to the loss
-    mask_scale   c, the effective weight is c * w * m (default 1; 1 / sigmoid(s0) reproduces the
-                 paper's code, docs/contract.md section 1 `rescale=True`)
+    mask_scale   c, the effective weight is c * w * m (default 1; 1 / sigmoid(s0) is the authors'
+                 mask, docs/contract.md section 1; their penalty is then c * lam, which the layer's
+                 penalty does not include: set it yourself, as the search's --rescale does)
     backend      "auto", "torch", "cpp", "cuda" or "triton" (csext.backends)
 beta, hard, penalty, mask_init and mask_scale travel in the state_dict (as `_extra_state`, a
 float64 tensor, so that safetensors can hold it).

@@ -4,7 +4,8 @@
     reset_mask_logits(model, ...)    s <- min(beta_final * s, s0) between rounds (or the paper
                                      code's min(s, s0), reset="official")
     param_groups(model, wd)          optimizer groups: weights with weight decay, mask logits
-                                     (and biases, norm parameters) without
+                                     (and biases, norm parameters) without; decay_all=True:
+                                     everything but the mask logits decayed (the authors' code)
     capture / restore                the rewind point: weights and buffers, not mask logits
 """
 
@@ -42,16 +43,17 @@ def reset_mask_logits(model: nn.Module, beta_final: float, mask_init: float, res
         s.copy_(torch.clamp(source, max=mask_init))
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
     """Weights of gated and plain layers with weight decay; mask logits, biases and 1-D
-    parameters (BatchNorm) without. Mask logits get their own group, named "mask_logits"."""
+    parameters (BatchNorm) without, or with decay_all every parameter but the mask logits with
+    it (as the authors' code). Mask logits get their own group, named "mask_logits"."""
     decay, no_decay, masks = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.endswith("mask_logits"):
             masks.append(p)
-        elif p.dim() <= 1:
+        elif p.dim() <= 1 and not decay_all:
             no_decay.append(p)
         else:
             decay.append(p)

@@ -146,7 +146,7 @@ def test_search_command_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "round 2:" in printed and "results.json" in printed
     results = json.loads((out / "results.json").read_text())
-    assert set(results) == {"method", "data", "model", "seed", "config", "dense", "tickets", "environment"}
+    assert set(results) == {"method", "data", "model", "seed", "config", "scaling", "dense", "tickets", "environment"}
     assert results["method"] == "cs" and results["model"] == "mlp" and results["seed"] == 0
     assert set(results["dense"]) == {"test_acc", "epochs", "seconds"} and results["dense"]["epochs"] == 3
     assert [t["round"] for t in results["tickets"]] == [1, 2]

@@ -18,15 +18,16 @@ from .files import FileError, WriteError
 from .search import AMP, ConfigError, DivergedError, Search, SearchConfig, SearchWarning
 from .sweep import run_sweep
 
-# The paper's setups (docs/contract.md section 1; Savarese et al., section 5). They need the CIFAR-10 files
-# in --data-dir and, to finish in hours rather than days, a GPU.
+# The paper's setups (Savarese et al., section 5) with the authors' recipe (their code, main.py and
+# models/: docs/usage.md lists what csext does otherwise). They need the CIFAR-10 files in --data-dir
+# and, to finish in hours rather than days, a GPU.
 PRESETS = {
-    "resnet20-cifar10": dict(data="cifar10", model="resnet20", epochs=85, lr=0.1, lr_milestones=[56, 71],
-                             batch_size=128, weight_decay=1e-4, penalty=1e-8, beta_final=200.0,
-                             rewind_iter=2 * 391, rounds=3),  # 2 epochs of 391 steps
-    "vgg16-cifar10": dict(data="cifar10", model="vgg16", epochs=160, lr=0.1, lr_milestones=[80, 120],
-                          batch_size=64, weight_decay=1e-4, penalty=1e-8, beta_final=200.0,
-                          rewind_iter=2 * 782, rounds=3),
+    "resnet20-cifar10": dict(data="cifar10", model="resnet20", recipe="authors", epochs=85, lr=0.1,
+                             lr_milestones=[56, 71], batch_size=128, weight_decay=1e-4, penalty=1e-8, mask_init=0.0,
+                             beta_final=200.0, rewind_iter=2 * 391, rounds=3),  # 2 epochs of 391 steps
+    "vgg16-cifar10": dict(data="cifar10", model="vgg16", recipe="authors", epochs=160, lr=0.1,
+                          lr_milestones=[80, 120], batch_size=64, weight_decay=1e-4, penalty=1e-8, mask_init=0.0,
+                          beta_final=200.0, rewind_iter=2 * 782, rounds=3),
 }
 
 
@@ -101,9 +102,16 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
                    help="beta_T, the temperature at the end of a round")
     s.add_argument("--beta-per-step", action="store_true", help="anneal beta every step instead of every epoch")
     s.add_argument("--rewind-iter", type=int, default=d.rewind_iter, help="k: the rewind point is after k iterations of round 1")
-    s.add_argument("--reset", choices=["paper", "official"], default=d.reset,
-                   help="between rounds s <- min(beta_final*s, s0) (paper) or min(s, s0) (the reference code)")
-    s.add_argument("--rescale", action="store_true", help="multiply the mask by 1 / sigmoid(s0), as the paper's code")
+    s.add_argument("--recipe", choices=nets.RECIPES, default=d.recipe,
+                   help="authors: as the authors' code (github lolemacs/continuous-sparsification): their "
+                        "initialisation and gated layers, weight decay on all but the mask logits, one optimizer "
+                        "across the search rounds, --reset official and --rescale (docs/usage.md lists each)")
+    s.add_argument("--reset", choices=["paper", "official"], default=None,
+                   help="between rounds s <- min(beta_final*s, s0) (paper) or min(s, s0) (the authors' code) "
+                        "(default: official with --recipe authors, else paper)")
+    s.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
+                   help="mask c * sigmoid(beta * s) and penalty lam * c * sum(sigmoid(beta * s)), c = 1 / "
+                        "sigmoid(s0), as the authors' code (default: on with --recipe authors, else off)")
     s.add_argument("--target-remaining", type=float, default=None,
                    help="steer lam (then the mask threshold) so the last ticket keeps this fraction")
     s.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
@@ -114,7 +122,7 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-size", type=int, default=d.batch_size, help="training mini-batch size")
     s.add_argument("--dense-epochs", type=int, default=None, help="epochs of the dense baseline (default: --epochs)")
     s.add_argument("--retrain-epochs", type=int, default=None, help="epochs of each ticket's retraining (default: the dense budget)")
-    s.add_argument("--exclude", default=None, help="comma-separated layer names or globs left dense (default: the paper's)")
+    s.add_argument("--exclude", default=None, help="comma-separated layer names or globs left dense (default: the recipe's, csext.experiments.nets)")
     s.add_argument("--seed", type=int, default=d.seed, help="seeds the initialisation and every epoch's data order")
     s.add_argument("--out", required=True, help="DIR for the results, checkpoints and plots")
     s.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
@@ -137,7 +145,8 @@ def parse(argv) -> tuple[argparse.Namespace, SearchConfig]:
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     settings = dict(PRESETS[args.preset]) if args.preset else {}
     for name in SearchConfig.__dataclass_fields__:
-        if "--" + name.replace("_", "-") in given or name not in settings:
+        option = name.replace("_", "-")
+        if f"--{option}" in given or f"--no-{option}" in given or name not in settings:
             settings[name] = getattr(args, name)
     if isinstance(settings["exclude"], str):
         settings["exclude"] = [x for x in settings["exclude"].split(",") if x]

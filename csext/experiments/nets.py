@@ -7,11 +7,17 @@
     resnet20   the CIFAR ResNet-20 (16, 32, 64 channels, BatchNorm, 1x1 projection shortcuts)
     vgg16      the CIFAR VGG-16 with BatchNorm and one linear classifier
 
-`DEFAULT_EXCLUDE` names the layers the paper leaves dense (ResNet-20's first convolution and
-its classifier, VGG-16's classifier); `build` returns the plain network, of these or of a
-user's factory named MODULE:FACTORY (nothing left dense by default).
+`DEFAULT_EXCLUDE` names the layers csext leaves dense by default (ResNet-20's first convolution
+and its classifier, VGG-16's classifier); `AUTHORS_EXCLUDE` those the authors' code leaves dense
+(ResNet-20's 1x1 shortcut convolutions and its classifier: its first convolution is gated).
+`build` returns the plain network, of these or of a user's factory named MODULE:FACTORY (nothing
+left dense by default). With recipe="authors" the package's networks are built as the authors'
+code builds its ResNet (github lolemacs/continuous-sparsification, models/networks.py): Xavier
+initialisation of every convolution and linear layer, zero biases, and ResNet-20's shortcut
+without BatchNorm.
 """
 
+import functools
 import importlib
 
 from torch import nn
@@ -20,6 +26,8 @@ NAMES = ("mlp", "lenet300", "cnn1d", "conv4", "resnet20", "vgg16")
 
 # Layers left dense by default (globs over module names, as csext.sparsify's `exclude`).
 DEFAULT_EXCLUDE = {"mlp": (), "lenet300": (), "cnn1d": (), "conv4": (), "resnet20": ("conv", "fc"), "vgg16": ("fc",)}
+AUTHORS_EXCLUDE = {**DEFAULT_EXCLUDE, "resnet20": ("fc", "blocks.*.shortcut"), "vgg16": ("fc",)}
+RECIPES = ("csext", "authors")
 
 
 def mlp(input_shape, num_classes: int) -> nn.Module:
@@ -69,10 +77,21 @@ def _image_channels(name: str, input_shape, min_side: int = 1) -> int:
 
 
 def _kaiming_convolutions(model: nn.Module) -> None:
-    """He initialisation of every convolution, as the CIFAR ResNet and VGG of the paper use."""
+    """He initialisation of every convolution (csext's default for ResNet-20 and VGG-16)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+
+
+def _xavier(model: nn.Module) -> nn.Module:
+    """The authors' initialisation: Xavier (normal) weights of every convolution and linear layer,
+    zero biases; BatchNorm at weight 1, bias 0 (PyTorch's default)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            nn.init.xavier_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return model
 
 
 class Conv4(nn.Module):
@@ -97,7 +116,7 @@ class Conv4(nn.Module):
 
 
 class _Block(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int, shortcut_norm: bool = True):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
@@ -105,7 +124,9 @@ class _Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            projection = nn.Conv2d(cin, cout, 1, stride, bias=False)
+            # the authors' shortcut is the 1x1 convolution alone
+            self.shortcut = nn.Sequential(projection, nn.BatchNorm2d(cout)) if shortcut_norm else projection
 
     def forward(self, x):
         out = nn.functional.relu(self.bn1(self.conv1(x)))
@@ -113,7 +134,7 @@ class _Block(nn.Module):
 
 
 class ResNet20(nn.Module):
-    def __init__(self, input_shape, num_classes: int):
+    def __init__(self, input_shape, num_classes: int, shortcut_norm: bool = True):
         super().__init__()
         channels = _image_channels("resnet20", input_shape)
         self.conv = nn.Conv2d(channels, 16, 3, 1, 1, bias=False)
@@ -121,7 +142,7 @@ class ResNet20(nn.Module):
         blocks, cin = [], 16
         for cout, stride in ((16, 1), (32, 2), (64, 2)):
             for i in range(3):
-                blocks.append(_Block(cin, cout, stride if i == 0 else 1))
+                blocks.append(_Block(cin, cout, stride if i == 0 else 1, shortcut_norm))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(64, num_classes)
@@ -174,17 +195,31 @@ def factory(name: str):
     return found
 
 
-def builder(name: str):
-    """The function that builds the package's network `name` (one of NAMES)."""
+def _authors(name: str, input_shape, num_classes: int) -> nn.Module:
+    """The package's network `name` as the authors' code builds it (the module docstring)."""
+    if name == "resnet20":
+        return _xavier(ResNet20(input_shape, num_classes, shortcut_norm=False))
+    return _xavier(_BUILDERS[name](input_shape, num_classes))
+
+
+def builder(name: str, recipe: str = "csext"):
+    """The function that builds the package's network `name` (one of NAMES) under `recipe`."""
     if name not in _BUILDERS:
         raise ValueError(f"model must be one of {', '.join(NAMES)}, got {name!r}")
-    return _BUILDERS[name]
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    return _BUILDERS[name] if recipe == "csext" else functools.partial(_authors, name)
 
 
-def build(name: str, input_shape, num_classes: int) -> nn.Module:
+def exclude_of(name: str, recipe: str = "csext") -> tuple:
+    """The layers of the network `name` left dense by default under `recipe` (none for a factory's)."""
+    return (AUTHORS_EXCLUDE if recipe == "authors" else DEFAULT_EXCLUDE).get(name, ())
+
+
+def build(name: str, input_shape, num_classes: int, recipe: str = "csext") -> nn.Module:
     """The plain network `name` for inputs of `input_shape` (one sample, no batch dimension):
-    one of NAMES, or MODULE:FACTORY, a user's function (or class) called as
-    FACTORY(input_shape, num_classes) that returns an nn.Module."""
+    one of NAMES (built as `recipe` says), or MODULE:FACTORY, a user's function (or class)
+    called as FACTORY(input_shape, num_classes) that returns an nn.Module (whatever the recipe)."""
     if is_factory_path(name):
         model = factory(name)(tuple(input_shape), num_classes)
         if not isinstance(model, nn.Module):
@@ -193,4 +228,4 @@ def build(name: str, input_shape, num_classes: int) -> nn.Module:
         return model
     if name not in _BUILDERS:
         raise ValueError(f"model must be one of {', '.join(NAMES)} or MODULE:FACTORY, got {name!r}")
-    return _BUILDERS[name](tuple(input_shape), num_classes)
+    return builder(name, recipe)(tuple(input_shape), num_classes)

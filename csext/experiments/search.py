@@ -94,9 +94,15 @@ class SearchConfig:
     dense_epochs: int | None = None  # default: epochs
     retrain_epochs: int | None = None  # default: dense_epochs (the budget of a dense run)
     beta_per_step: bool = False
-    reset: str = "paper"
-    rescale: bool = False  # the paper's code: effective weight w * m / sigmoid(s0)
-    exclude: list[str] | None = None  # layers left dense; default: the paper's choice (csext.experiments.nets)
+    # "authors": as github lolemacs/continuous-sparsification (docs/usage.md, "The authors' recipe"):
+    # their networks' initialisation and gated layers, weight decay on every parameter but the mask
+    # logits, one optimizer kept across the search rounds; reset and rescale then default to theirs
+    recipe: str = "csext"
+    reset: str | None = None  # None: "official" with recipe authors, else "paper"
+    # mask c * sigmoid(beta * s) and penalty lam * c * sum(sigmoid(beta * s)), c = 1 / sigmoid(s0),
+    # as the authors' code; None: on with recipe authors, else off
+    rescale: bool | None = None
+    exclude: list[str] | None = None  # layers left dense; default: the recipe's (csext.experiments.nets)
     target_remaining: float | None = None
     data_dir: str | None = None
     download: bool = False  # fetch missing cifar10 / mnist files into data_dir
@@ -104,6 +110,17 @@ class SearchConfig:
     amp: str = "off"  # one of AMP
     val_fraction: float = 0.0  # of the training set, held out to report val_acc (data.with_validation)
     compile: bool = False  # train under torch.compile (training_module); evaluation stays eager
+
+    def __post_init__(self):
+        if self.reset is None:
+            self.reset = "official" if self.recipe == "authors" else "paper"
+        if self.rescale is None:
+            self.rescale = self.recipe == "authors"
+
+    @property
+    def scale(self) -> float:
+        """c = 1 / sigmoid(s0) with --rescale (the mask's and the penalty's factor), else 1."""
+        return 1.0 + math.exp(-self.mask_init) if self.rescale else 1.0
 
     def check(self) -> None:
         for name in ("rounds", "epochs", "batch_size"):
@@ -131,6 +148,8 @@ class SearchConfig:
             raise ConfigError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if self.lr_milestones is not None and any(type(m) is not int or m < 1 for m in self.lr_milestones):
             raise ConfigError(f"--lr-milestones must be epochs >= 1, got {self.lr_milestones}")
+        if self.recipe not in nets.RECIPES:
+            raise ConfigError(f"--recipe must be one of {', '.join(nets.RECIPES)}, got {self.recipe!r}")
         if self.reset not in RESETS:
             raise ConfigError(f"--reset must be one of {RESETS}, got {self.reset!r}")
         if self.model not in nets.NAMES and not nets.is_factory_path(self.model):
@@ -188,9 +207,10 @@ def learning_rate(config: SearchConfig, epoch: int, epochs: int) -> float:
 
 
 def make_optimizer(model: nn.Module, config: SearchConfig) -> torch.optim.Optimizer:
-    """SGD with Nesterov momentum; mask logits (and biases, norms) free of weight decay."""
-    return torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
-                           nesterov=config.momentum > 0)
+    """SGD with Nesterov momentum; mask logits (and, but with recipe authors, biases and norms)
+    free of weight decay."""
+    groups = param_groups(model, config.weight_decay, decay_all=config.recipe == "authors")
+    return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0)
 
 
 def autocast(config: SearchConfig):
@@ -215,8 +235,10 @@ def scaler_state(scaler: torch.amp.GradScaler) -> dict | None:
 
 def apply_penalty(model: nn.Module, penalty: float, config: SearchConfig):
     """Apply lam = `penalty` to `model`'s gated layers for the next epoch: fused into their backward,
-    or, where the loss is scaled (--amp fp16), as lam * mask_penalty(model) in the loss. Returns
-    what train_epoch takes as extra_loss (None when fused)."""
+    or, where the loss is scaled (--amp fp16), as lam * mask_penalty(model) in the loss. With
+    --rescale the layers get c * lam: the authors' penalty lam * sum(c * sigmoid(beta * s)) sums
+    their mask, c times csext's. Returns what train_epoch takes as extra_loss (None when fused)."""
+    penalty = penalty * config.scale
     if config.amp != "fp16":
         set_penalty(model, penalty)
         return None
@@ -368,7 +390,7 @@ def build_plain(config: SearchConfig, data: datasets.Dataset) -> nn.Module:
     """The plain network of `config` for `data`, initialised from the seed (on config.device)."""
     torch.manual_seed(config.seed)
     try:
-        return nets.build(config.model, data.input_shape, data.num_classes).to(config.device)
+        return nets.build(config.model, data.input_shape, data.num_classes, config.recipe).to(config.device)
     except ValueError as error:
         raise ConfigError(f"--model {config.model} with --data {config.data}: {error}") from None
 
@@ -382,12 +404,12 @@ def build_gated(config: SearchConfig, data: datasets.Dataset, exclude) -> nn.Mod
         raise ConfigError(f"--exclude: {error}") from None
     if config.rescale:
         for m in gated:
-            m.mask_scale = 1.0 + math.exp(-config.mask_init)  # 1 / sigmoid(s0)
+            m.mask_scale = config.scale
     return model
 
 
 def default_exclude(config: SearchConfig) -> list[str]:
-    return list(config.exclude) if config.exclude is not None else list(nets.DEFAULT_EXCLUDE.get(config.model, ()))
+    return list(config.exclude) if config.exclude is not None else list(nets.exclude_of(config.model, config.recipe))
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -430,6 +452,8 @@ class Search:
             "phase": 0,  # index into config.phases()
             "epoch": 0,  # epochs done in that phase
             "penalty": self.config.penalty,  # lam, steered with --target-remaining
+            "penalty_scale": self.config.scale,  # c with --rescale: the layers get c * lam
+            "threshold_shift": None,  # --target-remaining's last resort, where it fired: {"round", "from", "to"}
             "rewind": None,  # capture() of round 1 after rewind_iter iterations
             "tickets": [],  # per round: {"round", "mask": {layer: bool tensor}, ...}
             "search_model": None,
@@ -463,8 +487,13 @@ class Search:
         changed = changed_settings(state["config"], dataclasses.asdict(self.config))
         if changed:
             raise ConfigError(f"--resume: the checkpoint was made with other settings ({', '.join(changed)}); use them or another --out")
+        if self.config.rescale and "penalty_scale" not in state:
+            raise ConfigError(f"--resume: {path} was made before --rescale scaled lam by 1 / sigmoid(s0) (the authors' "
+                              f"penalty); start the run again with another --out")
         state.setdefault("history", [])  # a checkpoint older than the history: rows from here on
         state.setdefault("scaler", None)
+        state.setdefault("penalty_scale", 1.0)
+        state.setdefault("threshold_shift", None)
         return state
 
     # phases
@@ -561,7 +590,7 @@ class Search:
             distributed.assert_same_on_all_ranks(model)
             remaining = sparsity_report(model).remaining
             if config.target_remaining is not None:
-                self._steer_penalty(remaining, self._round_target(round_), epoch, epochs)
+                self._steer_penalty(remaining, round_, epoch, epochs)
             self.state["search_model"], self.state["search_optimizer"] = model.state_dict(), optimizer.state_dict()
             self.state["scaler"] = scaler_state(scaler)
             beta = gated_modules(model)[0][1].beta
@@ -573,8 +602,15 @@ class Search:
                                 beta=f"{beta:.3g}", remaining=f"{remaining:.4f}")
         if self.state["rewind"] is None:  # k beyond round 1's iterations: rewind to its end
             self.state["rewind"] = capture(model)
-        if config.target_remaining is not None:
-            _threshold_to(model, self._round_target(round_))
+        if config.target_remaining is not None and round_ == config.rounds:  # the last resort, last round only
+            shifted = _threshold_to(model, config.target_remaining)
+            if shifted is not None:
+                self.state["threshold_shift"] = {"round": round_, "from": shifted, "to": sparsity_report(model).remaining}
+                if distributed.is_main():
+                    warnings.warn(SearchWarning(
+                        f"--target-remaining: search round {round_} ended at {shifted:.2%}, more than 10% off the "
+                        f"target {config.target_remaining:.2%}; the mask threshold was shifted to reach it "
+                        f"(results.json: threshold_shift)"), stacklevel=2)
         report = sparsity_report(model)
         closed = [name for name, fraction in report.per_layer.items() if fraction == 0]
         if closed and distributed.is_main():
@@ -582,7 +618,7 @@ class Search:
                 f"search round {round_}: {', '.join(closed)} keep no weight, so in a network without skip "
                 f"connections the ticket's output no longer depends on its input. Without normalization layers "
                 f"the soft mask scales every layer's output by sigmoid(s0) (0.5 at --mask-init 0), which shrinks "
-                f"the signal and the gradients that would keep gates open; try --rescale (the paper's code divides "
+                f"the signal and the gradients that would keep gates open; try --rescale (the authors' code divides "
                 f"the mask by sigmoid(s0)), a higher --mask-init, a lower --penalty or more --epochs"), stacklevel=2)
         mask = {name: (m.mask_logits > 0).cpu() for name, m in gated_modules(model)}
         self.state["tickets"].append({"round": round_, "mask": mask, "remaining": report.remaining,
@@ -590,7 +626,8 @@ class Search:
                                       "penalty": self.state["penalty"]})
         reset_mask_logits(model, config.beta_final, config.mask_init, config.reset)
         self.state["search_model"] = model.state_dict()
-        self.state["search_optimizer"] = None  # the next round starts a new optimizer, as the paper's code
+        if config.recipe != "authors":  # csext: fresh momentum each round; the authors keep one optimizer
+            self.state["search_optimizer"] = None
 
     def _run_retrain(self, round_: int, epochs: int) -> None:
         ticket = self.state["tickets"][round_ - 1]
@@ -625,16 +662,24 @@ class Search:
 
     # --target-remaining
 
-    def _round_target(self, round_: int) -> float:
-        """Round r aims at F ** (r / R): a geometric path that reaches F at the last round."""
-        return self.config.target_remaining ** (round_ / self.config.rounds)
+    def _round_bounds(self, round_: int) -> tuple[float, float]:
+        """(lowest, highest) fraction round r may keep: never below F, the target (nor than 10%
+        under it); at most F ** (r / R), the geometric path to F, in an earlier round (the last:
+        10% over F). Between the two the search goes where lam takes it."""
+        target, rounds = self.config.target_remaining, self.config.rounds
+        highest = target * 1.1 if round_ == rounds else target ** (round_ / rounds)
+        return target * 0.9, highest
 
-    def _steer_penalty(self, remaining: float, target: float, epoch: int, epochs: int) -> None:
-        """Multiply lam by (remaining / target), at most x2 or /2 an epoch, over the last two
-        thirds of the round, when the hard mask means something (beta has grown)."""
+    def _steer_penalty(self, remaining: float, round_: int, epoch: int, epochs: int) -> None:
+        """Over the last two thirds of the round, when the hard mask means something (beta has
+        grown): where the round keeps more than its highest fraction, multiply lam by remaining /
+        highest; where it keeps less than its lowest, by remaining / lowest; at most x2 or /2 an
+        epoch. Inside the bounds lam stays: a round going sparser than the path is not held back."""
         if epoch < epochs // 3 or remaining <= 0:
             return
-        factor = min(2.0, max(0.5, remaining / target))
+        lowest, highest = self._round_bounds(round_)
+        ratio = remaining / highest if remaining > highest else remaining / lowest if remaining < lowest else 1.0
+        factor = min(2.0, max(0.5, ratio))
         self.state["penalty"] = max(self.state["penalty"] * factor, 1e-12)
 
     # helpers
@@ -658,18 +703,24 @@ class Search:
 
         config = dataclasses.asdict(self.config)
         config["exclude"] = self.exclude
-        return {
+        results = {
             "method": "cs",
             "data": self.config.data,
             "model": self.config.model,
             "seed": self.config.seed,
             "config": config,
+            # the factors of --rescale: mask c * sigmoid(beta * s), penalty lam * c * sum(sigmoid(beta * s))
+            "scaling": {"mask": self.config.scale, "penalty": self.state["penalty_scale"]},
             "dense": self.state["results"]["dense"],
             "tickets": self.state["results"]["tickets"],
             "environment": {"torch": torch.__version__, "csext": __version__,
                             "backend": backends.resolve("auto", torch.device(self.config.device).type),
                             "device": self.config.device},
         }
+        if self.config.target_remaining is not None:
+            results["target"] = {"remaining": self.config.target_remaining,
+                                 "threshold_shift": self.state["threshold_shift"]}
+        return results
 
 
 def save_network(model: nn.Module, path: Path, config: SearchConfig, data: datasets.Dataset, round_: int,
@@ -680,7 +731,8 @@ def save_network(model: nn.Module, path: Path, config: SearchConfig, data: datas
     if not distributed.is_main():
         return
     plain = finalize(copy.deepcopy(model)) if gated_modules(model) else model
-    saved = {"model": config.model, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
+    saved = {"model": config.model, "recipe": config.recipe, "input_shape": list(data.input_shape),
+             "num_classes": data.num_classes,
              "round": round_, "remaining": remaining, **scores,
              "state_dict": {k: v.detach().cpu() for k, v in plain.state_dict().items()}}
     save_checked(path, saved)
@@ -704,8 +756,11 @@ def load_network(path: str | os.PathLike, device: str | torch.device = "cpu", *,
             and type(num_classes) is int and num_classes >= 2 and isinstance(name, str)):
         raise ValueError(f"load_network: {path} is not a network saved by csext's search: its model, input_shape "
                          f"or num_classes is not a name, a list of sizes and a class count")
+    recipe = saved.get("recipe", "csext")  # files written before the recipes: csext's networks
+    if recipe not in nets.RECIPES:
+        raise ValueError(f"load_network: {path} names the recipe {recipe!r}, not one of {', '.join(nets.RECIPES)}")
     if name in nets.NAMES:
-        build = nets.builder(name)
+        build = nets.builder(name, recipe)
     elif factory is not None:
         build = factory
     elif nets.is_factory_path(name):
@@ -742,17 +797,19 @@ def prepare_ticket(model: nn.Module, mask: dict, rewind: dict) -> nn.Module:
 
 
 @torch.no_grad()
-def _threshold_to(model: nn.Module, target: float) -> None:
+def _threshold_to(model: nn.Module, target: float) -> float | None:
     """If the hard mask's remaining fraction is more than 10% (relative) off `target`, shift
-    every mask logit by the global quantile so that the fraction s > 0 becomes `target`."""
+    every mask logit by the global quantile so that the fraction s > 0 becomes `target`, and
+    return the fraction before; None where it was close enough."""
     remaining = sparsity_report(model).remaining
     if abs(remaining - target) <= 0.1 * target:
-        return
+        return None
     logits = torch.cat([m.mask_logits.flatten().float() for _, m in gated_modules(model)])
     keep = max(1, round(target * logits.numel()))
     threshold = torch.topk(logits, keep).values[-1]
     for _, m in gated_modules(model):
         m.mask_logits.sub_(threshold.to(m.mask_logits.dtype)).add_(1e-6)  # the keep-th largest stays > 0
+    return remaining
 
 
 def _set_lr(optimizer, lr: float) -> None:
