@@ -258,3 +258,15 @@ def test_shrink_refuses_gated_layers_and_other_models():
         export.shrink(nn.Sequential(csext.GatedLinear(2, 2)))
     with pytest.raises(TypeError, match="shrink takes an nn.Sequential or one of the package's networks"):
         export.shrink(nn.Linear(2, 2))
+
+
+def test_command_line_granularity(tmp_path):
+    from csext.experiments import cli
+
+    _, config = cli.parse(["search", "--granularity", "channel", "--out", str(tmp_path)])
+    assert config.granularity == "channel"
+    _, config = cli.parse(["compare", "--granularity", "channel", "--out", str(tmp_path)])
+    assert config.granularity == "channel"
+    assert cli.parse(["search", "--out", str(tmp_path)])[1].granularity == "weight"
+    with pytest.raises(SystemExit):
+        cli.parse(["search", "--granularity", "filter", "--out", str(tmp_path)])

@@ -104,6 +104,8 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--reset", choices=["paper", "official"], default=d.reset,
                    help="between rounds s <- min(beta_final*s, s0) (paper) or min(s, s0) (the reference code)")
     s.add_argument("--rescale", action="store_true", help="multiply the mask by 1 / sigmoid(s0), as the paper's code")
+    s.add_argument("--granularity", choices=["weight", "channel"], default=d.granularity,
+                   help="one mask logit per weight, or per output unit (a channel ticket shrinks: csext.export.shrink)")
     s.add_argument("--target-remaining", type=float, default=None,
                    help="steer lam (then the mask threshold) so the last ticket keeps this fraction")
     s.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
