@@ -390,7 +390,15 @@ def build_gated(config: SearchConfig, data: datasets.Dataset, exclude) -> nn.Mod
 
 
 def default_exclude(config: SearchConfig) -> list[str]:
-    return list(config.exclude) if config.exclude is not None else list(nets.DEFAULT_EXCLUDE.get(config.model, ()))
+    """--exclude, else the paper's dense layers; with channel granularity the classifier too (a
+    gated-off output unit would remove a class)."""
+    if config.exclude is not None:
+        return list(config.exclude)
+    exclude = list(nets.DEFAULT_EXCLUDE.get(config.model, ()))
+    classifier = nets.CLASSIFIER.get(config.model)
+    if config.granularity == "channel" and classifier is not None and classifier not in exclude:
+        exclude.append(classifier)
+    return exclude
 
 
 # --- the run -----------------------------------------------------------------------------------
