@@ -3,6 +3,9 @@
     python bench/channels.py speed --model vgg16 --keep 0.5,0.25,0.1
         random weights, a channel ticket keeping each gated layer's first `keep` fraction of
         units (the paper's layers: nets.DEFAULT_EXCLUDE), finalized and shrunk (csext.export.shrink)
+    python bench/channels.py compare --runs DIR [DIR ...]
+        the tickets of `compare --granularity channel --methods cs,l1` runs (timed there, in
+        each ticket's "speed"), one row per ticket in bench/results/channels-mnist1d.csv
     python bench/channels.py ticket --run DIR
         the last ticket of a `search --granularity channel` run: its test accuracy and the dense
         run's (results.json), the shrunk ticket's output checked against the finalized one
@@ -161,6 +164,42 @@ def ticket(args) -> None:
                    args.repeats, shape))
 
 
+COMPARE_RESULTS = Path(__file__).parent / "results" / "channels-mnist1d.csv"
+COMPARE_FIELDS = ["commit", "machine", "torch", "threads", "model", "seed", "settings", "method", "round", "remaining",
+                  "dense_acc", "dense_val_acc", "test_acc", "val_acc", "flops_ratio", "speedup_b1", "speedup_b256",
+                  "within_1_point", "within_1_point_on_validation"]
+
+
+def compare_runs(args) -> None:
+    rows = []
+    for run in args.runs:
+        summary = json.loads((Path(run) / "summary.json").read_text())
+        config = json.loads((Path(run) / "cs" / "results.json").read_text())["config"]
+        settings = (f"penalty={config['penalty']} mask_init={config['mask_init']} "
+                    f"target_remaining={config['target_remaining']} val_fraction={config['val_fraction']}")
+        dense = summary["dense"]
+        for method, entry in summary["methods"].items():
+            for t in entry["tickets"]:
+                rows.append({"commit": commit(), "machine": machine(), "torch": torch.__version__,
+                             "threads": json.loads((Path(run) / method / "results.json").read_text())["tickets"][0]
+                             ["speed"]["threads"], "model": summary["model"], "seed": summary["seed"],
+                             "settings": settings, "method": method, "round": t["round"],
+                             "remaining": f"{t['remaining']:.4f}", "dense_acc": dense["test_acc"],
+                             "dense_val_acc": dense.get("val_acc", ""), "test_acc": t["test_acc"],
+                             "val_acc": t.get("val_acc", ""), "flops_ratio": t["flops_ratio"],
+                             "speedup_b1": t["speedup"]["1"], "speedup_b256": t["speedup"]["256"],
+                             "within_1_point": t["test_acc"] >= dense["test_acc"] - 0.01,
+                             "within_1_point_on_validation": "val_acc" in t and t["val_acc"] >= dense["val_acc"] - 0.01})
+    new = not COMPARE_RESULTS.exists()
+    with open(COMPARE_RESULTS, "a", newline="") as f:
+        writer = csv.DictWriter(f, COMPARE_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        print(", ".join(f"{k}={row[k]}" for k in COMPARE_FIELDS[4:]))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,8 +211,10 @@ def main(argv=None) -> None:
     t.add_argument("--run", required=True)
     t.add_argument("--round", type=int, default=None)
     t.add_argument("--repeats", type=int, default=50)
+    c = sub.add_parser("compare")
+    c.add_argument("--runs", nargs="+", required=True)
     args = parser.parse_args(argv)
-    {"speed": speed, "ticket": ticket}[args.command](args)
+    {"speed": speed, "ticket": ticket, "compare": compare_runs}[args.command](args)
 
 
 if __name__ == "__main__":
