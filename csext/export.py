@@ -8,8 +8,9 @@
                               which holds its weight in torch's CSR layout and multiplies with
                               torch.sparse; gated convolutions and attentions are finalized
                               (dense, pruned weights zero)
-    shrink(sequential)        physically smaller dense layers where whole output neurons or
-                              channels are gated off (in an nn.Sequential of finalized layers)
+    shrink(model)             a finalized ticket as a physically smaller dense network, where
+                              whole output units are gated off (an nn.Sequential, or one of the
+                              package's networks)
 
 All work in place on `model` and return it (or the new layer, for a model that is one layer).
 """
@@ -170,71 +171,187 @@ def to_sparse(model: nn.Module) -> nn.Module:
 
 
 
-# Elementwise layers a dead unit's constant output passes through unchanged in kind.
-_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Identity, nn.Dropout)
+# Layers between two weighted layers that act on each channel alone, so that a channel whose
+# value is a constant stays one: elementwise ones, and poolings without zero padding.
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.Identity, nn.Dropout, nn.ReLU6,
+                nn.ELU, nn.Hardtanh, nn.Hardswish)
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool1d,
+          nn.AdaptiveMaxPool2d)
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d)
+_WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+class _Slot:
+    """Where a layer of a chain sits: parent.name (or parent[index]), so that it can be replaced."""
+
+    def __init__(self, parent: nn.Module, name: str):
+        self.parent, self.name = parent, name
+
+    def get(self) -> nn.Module:
+        return getattr(self.parent, self.name)
+
+    def set(self, module: nn.Module) -> None:
+        setattr(self.parent, self.name, module)
+
+
+# A step of a network's forward that is no module of it: a global average pooling then flatten
+# (VGG-16's and ResNet-20's heads), or a ReLU written as a function (ResNet-20's blocks).
+_GLOBAL_POOL = "global average pool and flatten"
+_RELU = "relu"
+
+
+def _sequence(module: nn.Module) -> list:
+    """The leaf layers of an nn.Sequential in forward order, nested Sequentials expanded."""
+    chain = []
+    for name, child in module.named_children():
+        chain += _sequence(child) if isinstance(child, nn.Sequential) else [_Slot(module, name)]
+    return chain
+
+
+def _chains(model: nn.Module) -> list[list]:
+    """The chains of layers that shrink can read and rebuild: an nn.Sequential's layers, and for
+    the package's networks (csext.experiments.nets) the layers in the order their forward runs
+    them. Of a residual block only the inner chain (conv1, bn1, relu, conv2) is one: the
+    channels of a block's output feed a sum with the shortcut's and stay as they are."""
+    from .experiments import nets  # the application's networks, loaded only when shrinking one
+
+    if isinstance(model, nn.Sequential):
+        return [_sequence(model)]
+    if isinstance(model, nets.Conv4):
+        return [_sequence(model.features) + _sequence(model.classifier)]
+    if isinstance(model, nets.VGG16):
+        return [_sequence(model.features) + [_GLOBAL_POOL, _Slot(model, "fc")]]
+    if isinstance(model, nets.ResNet20):
+        return [[_Slot(block, "conv1"), _Slot(block, "bn1"), _RELU, _Slot(block, "conv2")] for block in model.blocks]
+    raise TypeError(f"shrink takes an nn.Sequential or one of the package's networks (mlp, lenet300, cnn1d, conv4, "
+                    f"vgg16, resnet20), got {type(model).__name__}")
+
+
+def _constant_through(step, constant: torch.Tensor):
+    """The per-channel constant after `step`, or None where the step does not keep a constant
+    channel constant (or is not known to act per channel)."""
+    if step == _RELU:
+        return torch.relu(constant)
+    if step == _GLOBAL_POOL:
+        return constant
+    module = step.get()
+    if isinstance(module, _BATCHNORMS):
+        if module.training or module.running_mean is None:
+            return None  # batch statistics: a constant channel is not read as it was
+        scale = module.weight if module.affine else torch.ones_like(constant)
+        shift = module.bias if module.affine else torch.zeros_like(constant)
+        return (constant - module.running_mean) * torch.rsqrt(module.running_var + module.eps) * scale + shift
+    if isinstance(module, nn.Dropout):
+        return constant  # the identity at inference
+    if isinstance(module, _ELEMENTWISE):
+        return module(constant.view(1, -1)).view(-1)
+    if isinstance(module, _POOLS + (nn.Flatten,)):  # flatten: a channel's constant fills its features
+        return constant
+    if isinstance(module, nn.AvgPool2d) and module.padding in (0, (0, 0)):
+        return constant
+    return None
+
+
+def _slice_batchnorm(module: nn.Module, alive: torch.Tensor) -> nn.Module:
+    smaller = type(module)(int(alive.sum()), module.eps, module.momentum, module.affine,
+                           module.track_running_stats, device=module.running_mean.device)
+    for name in ("weight", "bias"):
+        if getattr(module, name) is not None:
+            setattr(smaller, name, nn.Parameter(getattr(module, name)[alive].clone()))
+    for name in ("running_mean", "running_var"):
+        setattr(smaller, name, getattr(module, name)[alive].clone())
+    smaller.num_batches_tracked = module.num_batches_tracked.clone()
+    smaller.train(module.training)
+    return smaller
+
+
+def _layer_like(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A plain layer of `layer`'s kind and settings holding `weight` and `bias`."""
+    if isinstance(layer, nn.Linear):
+        new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    else:
+        new = type(layer)(weight.shape[1], weight.shape[0], layer.kernel_size, layer.stride, layer.padding,
+                          layer.dilation, 1, bias is not None, layer.padding_mode, device="meta")
+    new.weight = nn.Parameter(weight.clone(), requires_grad=layer.weight.requires_grad)
+    if bias is not None:
+        new.bias = nn.Parameter(bias.clone())
+    new.train(layer.training)
+    return new
+
+
+def _shrink_pair(chain: list, i: int, j: int) -> None:
+    """Remove the output units of chain[i] (a Linear or convolution) that chain[j], the next
+    weighted layer, can do without: those it does not read (its columns are zero), and those that
+    nothing reaches (zero row), whose constant output is folded into chain[j]'s bias where that is
+    exact (a Linear, an unpadded convolution, or a constant 0)."""
+    layer, following = chain[i].get(), chain[j].get()
+    between = chain[i + 1:j]
+    flatten = [k for k, step in enumerate(between) if step == _GLOBAL_POOL
+               or (isinstance(step, _Slot) and isinstance(step.get(), nn.Flatten))]
+    if isinstance(layer, nn.Linear) != isinstance(following, nn.Linear) and not flatten:
+        return
+    if not isinstance(following, nn.Linear) and (type(layer) is not type(following) or flatten):
+        return
+    if getattr(layer, "groups", 1) != 1 or getattr(following, "groups", 1) != 1:
+        return
+    units = layer.weight.shape[0]
+    per_unit = 1
+    if isinstance(following, nn.Linear) and not isinstance(layer, nn.Linear):  # a channel is per_unit features
+        if following.in_features % units:
+            return
+        per_unit = following.in_features // units
+    constant = layer.bias.detach().clone() if layer.bias is not None else layer.weight.new_zeros(units)
+    for step in between:
+        constant = _constant_through(step, constant)
+        if constant is None:
+            return
+    columns = following.weight.transpose(0, 1).reshape(units, per_unit, following.weight.shape[0], -1)
+    unused = (columns == 0).flatten(1).all(1)  # nothing of the unit is read
+    dead = (layer.weight.flatten(1) == 0).all(1)  # no input reaches the unit: a constant
+    padded = not isinstance(following, nn.Linear) and any(p != 0 for p in following.padding)
+    if padded:  # zero padding makes a constant channel's contribution vary with position
+        dead &= constant == 0
+    removed = dead | unused
+    if not removed.any() or removed.all():
+        return
+    alive = ~removed
+    # The dead units' constants, read by every weight of their columns, go into the bias.
+    folded = (columns[dead].sum(dim=(1, 3)) * constant[dead].view(-1, 1)).sum(0)
+    following_bias = following.bias
+    if dead.any() and (constant[dead] != 0).any():
+        following_bias = folded if following_bias is None else following_bias + folded
+    keep_columns = alive.repeat_interleave(per_unit)
+    chain[i].set(_layer_like(layer, layer.weight[alive], None if layer.bias is None else layer.bias[alive]))
+    chain[j].set(_layer_like(following, following.weight[:, keep_columns], following_bias))
+    for step in between:
+        if isinstance(step, _Slot) and isinstance(step.get(), _BATCHNORMS):
+            step.set(_slice_batchnorm(step.get(), alive))
 
 
 @torch.no_grad()
-def shrink(model: nn.Sequential) -> nn.Sequential:
-    """Physically smaller dense layers where whole units are gated off, in an nn.Sequential of
-    finalized (plain) layers. Between a Linear and the next Linear (through elementwise
-    activations) a hidden neuron goes when the next layer reads nothing of it (its column is all
-    zero) or when nothing reaches it (its row is all zero: its constant output act(bias) is
-    folded into the next layer's bias). Between two Conv2d the same holds for channels, a
-    row-dead channel only where act(bias) is 0 (zero padding makes any other constant inexact).
-    Works in place on the Sequential (and nested ones) and returns it."""
-    if not isinstance(model, nn.Sequential):
-        raise TypeError(f"shrink takes an nn.Sequential, got {type(model).__name__}")
+def shrink(model: nn.Module) -> nn.Module:
+    """A physically smaller network computing what `model`, a finalized ticket (plain layers,
+    csext.finalize), computes at inference: every output unit of a Linear or convolution that
+    the next weighted layer can do without is removed with its row, its BatchNorm channel and the
+    next layer's columns. A unit goes when the next layer reads nothing of it, or when nothing
+    reaches it (zero weights, as channel granularity leaves a gated-off unit): its constant output,
+    through BatchNorm (running statistics), activations, poolings and flatten, is folded into the
+    next layer's bias where that is exact (a Linear, an unpadded convolution, or a constant 0).
+    Takes an nn.Sequential (nested ones expanded) or one of the package's networks; in ResNet-20
+    only each residual block's inner channels (conv1's outputs) shrink, since the channels that
+    feed a sum must match across it. Works in place and returns the model; BatchNorm layers must
+    be in eval mode for theirs to shrink."""
     refuse_sharded(model, "shrink", GATHER_FIRST)
-    for child in model:
-        if isinstance(child, nn.Sequential):
-            shrink(child)
-    layers = list(model)
-    for i, layer in enumerate(layers):
-        if type(layer) not in (nn.Linear, nn.Conv2d):  # exact types: gated layers are finalized first
-            continue
-        j = i + 1
-        while j < len(layers) and isinstance(layers[j], _ELEMENTWISE):
-            j += 1
-        if j == len(layers) or type(layers[j]) is not type(layer):
-            continue
-        following = layers[j]
-        if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or following.groups != 1):
-            continue
-        dead = (layer.weight.flatten(1) == 0).all(1)  # no input reaches the unit: it outputs act(bias)
-        unused = (following.weight.transpose(0, 1).flatten(1) == 0).all(1)  # nothing reads the unit
-        bias = layer.bias if layer.bias is not None else torch.zeros(layer.weight.shape[0], device=layer.weight.device)
-        constant = bias.view(1, -1, *([1] * (layer.weight.dim() - 2)))  # a dead unit outputs act(bias)
-        for activation in layers[i + 1:j]:
-            if not isinstance(activation, nn.Dropout):  # dropout is the identity at inference
-                constant = activation(constant)
-        constant = constant.flatten()
-        if isinstance(layer, nn.Conv2d):
-            dead &= constant == 0
-        removed = dead | unused
-        if not removed.any() or removed.all():
-            continue
-        alive = ~removed
-        following_bias = following.bias
-        if isinstance(layer, nn.Linear):  # the dead neurons' constant output, folded in
-            folded = following.weight[:, dead] @ constant[dead]
-            following_bias = folded if following_bias is None else following_bias + folded
-            smaller = nn.Linear(layer.in_features, int(alive.sum()), bias=layer.bias is not None)
-            after = nn.Linear(int(alive.sum()), following.out_features, bias=following_bias is not None)
-        else:
-            smaller = nn.Conv2d(layer.in_channels, int(alive.sum()), layer.kernel_size, layer.stride, layer.padding,
-                                layer.dilation, 1, layer.bias is not None, layer.padding_mode)
-            after = nn.Conv2d(int(alive.sum()), following.out_channels, following.kernel_size, following.stride,
-                              following.padding, following.dilation, 1, following.bias is not None,
-                              following.padding_mode)
-        smaller.weight = nn.Parameter(layer.weight[alive].clone())
-        if layer.bias is not None:
-            smaller.bias = nn.Parameter(layer.bias[alive].clone())
-        after.weight = nn.Parameter(following.weight[:, alive].clone())
-        if following_bias is not None:
-            after.bias = nn.Parameter(following_bias.clone())
-        model[i], model[j] = smaller.to(layer.weight.device), after.to(layer.weight.device)
-        layers[i], layers[j] = model[i], model[j]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"shrink takes an nn.Module, got {type(model).__name__}")
+    gated = [name for name, _ in gated_modules(model)]
+    if gated:
+        raise ValueError(f"shrink: {gated[0]} is still gated; call csext.finalize(model) first")
+    for chain in _chains(model):
+        weighted = [k for k, step in enumerate(chain) if isinstance(step, _Slot) and type(step.get()) in _WEIGHTED]
+        for i, j in zip(weighted, weighted[1:]):
+            if all(step in (_GLOBAL_POOL, _RELU) or type(step.get()) not in _WEIGHTED for step in chain[i + 1:j]):
+                _shrink_pair(chain, i, j)
     return model
 
 

@@ -11,6 +11,7 @@ while torch.onnx.export traces), `_penalty_as_graph_input` (lam under torch.comp
 """
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -48,16 +49,38 @@ def check_mask_scale(mask_scale) -> None:
         raise ValueError(f"mask_scale must be a finite number > 0, got {mask_scale!r}")
 
 
-def _check_weight_and_mask(weight: torch.Tensor, mask_logits: torch.Tensor, tracing: bool) -> None:
-    """weight and mask_logits: tensors of one shape and one device, in dtypes the kernels take.
+def _channel_form(weight: torch.Tensor, mask_logits: torch.Tensor, out_dim: int) -> bool:
+    """Whether mask_logits holds one logit per output unit of weight: weight's dimensions, with size 1
+    on all but `out_dim` (channel granularity)."""
+    shape = list(weight.shape)
+    if mask_logits.dim() != len(shape) or not shape:
+        return False
+    shape = [1] * len(shape)
+    shape[out_dim] = weight.shape[out_dim]
+    return list(mask_logits.shape) == shape
+
+
+def _check_weight_and_mask(weight: torch.Tensor, mask_logits: torch.Tensor, tracing: bool, out_dim: int = 0) -> bool:
+    """weight and mask_logits: tensors of one device, in dtypes the kernels take, mask_logits of
+    weight's shape or of its channel form (_channel_form); returns whether it is the channel form.
     Under torch.jit.trace (`tracing`) sizes are traced values, and comparing them would print a
-    TracerWarning each time: a mismatch then fails in the op itself."""
+    TracerWarning each time: the form is then read with those warnings off."""
     if type(weight) not in _PLAIN_TENSORS or type(mask_logits) not in _PLAIN_TENSORS:  # isinstance costs more
         if not isinstance(weight, torch.Tensor) or not isinstance(mask_logits, torch.Tensor):
             raise TypeError("weight and mask_logits must be tensors")
-    if not tracing and weight.shape != mask_logits.shape:
-        raise ValueError(f"weight and mask_logits must have the same shape, got weight {tuple(weight.shape)} "
-                         f"and mask_logits {tuple(mask_logits.shape)}")
+    channel = False
+    if tracing:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            channel = weight.shape != mask_logits.shape
+    elif weight.shape != mask_logits.shape:
+        channel = _channel_form(weight, mask_logits, out_dim)
+        if not channel:
+            unit_shape = [1] * weight.dim()
+            if unit_shape:
+                unit_shape[out_dim] = weight.shape[out_dim]
+            raise ValueError(f"mask_logits must have the shape of weight {tuple(weight.shape)}, or "
+                             f"{tuple(unit_shape)} for one logit per output unit, got {tuple(mask_logits.shape)}")
     weight_dtype = weight.dtype
     if weight_dtype not in _WEIGHT_DTYPES:
         raise TypeError(f"weight must be float32, float64, bfloat16 or float16, got {weight_dtype}")
@@ -68,13 +91,16 @@ def _check_weight_and_mask(weight: torch.Tensor, mask_logits: torch.Tensor, trac
     if weight.device != mask_logits.device:
         raise ValueError(f"weight and mask_logits must be on the same device, got {weight.device} and "
                          f"{mask_logits.device}")
+    return channel
 
 
-def check_gate_args(weight: torch.Tensor, mask_logits: torch.Tensor, beta, penalty) -> None:
-    """The checks of gate's arguments: weight and mask_logits, beta, penalty."""
-    _check_weight_and_mask(weight, mask_logits, torch.jit.is_tracing())
+def check_gate_args(weight: torch.Tensor, mask_logits: torch.Tensor, beta, penalty) -> bool:
+    """The checks of gate's arguments: weight and mask_logits, beta, penalty; returns whether the
+    mask logits are in channel form."""
+    channel = _check_weight_and_mask(weight, mask_logits, torch.jit.is_tracing())
     check_beta(beta)
     check_penalty(penalty)
+    return channel
 
 
 def _autocast_dtype(weight_dtype: torch.dtype, device_type: str) -> torch.dtype | None:
@@ -90,12 +116,13 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return _autocast_dtype(weight.dtype, weight.device.type) or weight.dtype
 
 
-def _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend: str, tracing: bool):
+def _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend: str, tracing: bool,
+                 out_dim: int = 0):
     """The checks every gated layer makes beside its shape checks; returns (backend module,
-    compute dtype). Under autocast x may come in any float dtype autocast casts; outside it, x and
+    compute dtype, whether the mask logits are in channel form). Under autocast x may come in any float dtype autocast casts; outside it, x and
     bias must have weight's dtype, as F.linear and F.conv2d demand. The common case is tested
     first, inline: a small layer's call costs about as much as these steps."""
-    _check_weight_and_mask(weight, mask_logits, tracing)
+    channel = _check_weight_and_mask(weight, mask_logits, tracing, out_dim)
     if type(beta) is not float or not 1.0 <= beta < math.inf:
         check_beta(beta)  # raises, or passes an int
     if type(penalty) is not float or not 0.0 <= penalty < math.inf:
@@ -111,14 +138,14 @@ def _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backen
     dtype = _autocast_dtype(weight_dtype, device_type)
     if dtype is not None:
         if x.is_floating_point() and x.dtype is not torch.float64:
-            return impl, dtype
+            return impl, dtype, channel
     else:
         dtype = weight_dtype
         if bias is not None and bias.dtype is not dtype:
             raise TypeError(f"bias must have the dtype of weight ({dtype}), got {bias.dtype}")
     if x.dtype is not dtype:
         raise TypeError(f"x must have the dtype of weight ({dtype}), got {x.dtype}")
-    return impl, dtype
+    return impl, dtype, channel
 
 
 # --- the three things done once ------------------------------------------------------------------
@@ -142,7 +169,7 @@ def _backend(backend: str, weight: torch.Tensor, device: torch.device, tracing: 
     return (reference if _exporting_to_onnx(tracing) else impl), device_type
 
 
-def _penalty_as_graph_input(impl, mask_logits, beta, hard: bool, penalty: float):
+def _penalty_as_graph_input(impl, mask_logits, beta, hard: bool, penalty: float, weight: torch.Tensor):
     """(mask_logits, penalty) as `impl` takes them. Under torch.compile lam leaves the fused ops,
     where it is a float argument and each new value would recompile (a schedule of lam soon hits
     Dynamo's recompile limit, an error under fullgraph=True), for a node on the mask logits that
@@ -152,7 +179,15 @@ def _penalty_as_graph_input(impl, mask_logits, beta, hard: bool, penalty: float)
         return mask_logits, penalty
     if hard:  # no gradient reaches the mask logits: lam has nothing to act on
         return mask_logits, 0.0
-    return reference.add_penalty_gradient(mask_logits, beta, penalty), 0.0
+    return reference.add_penalty_gradient(mask_logits, beta, penalty, weight.numel() // mask_logits.numel()), 0.0
+
+
+def _gated_bias(impl, bias, mask_logits, beta, hard: bool):
+    """The bias of a channel-gated layer times its unit's mask, so that a unit gated off goes whole
+    (docs/contract.md section 1); lam counts weights only, so the bias's gate carries none."""
+    if bias is None:
+        return None
+    return impl.gate(bias, mask_logits.reshape(bias.shape), beta, bool(hard), 0.0, bias.dtype)
 
 
 def _scale_output(y: torch.Tensor, mask_scale: float, bias: torch.Tensor | None, channel_dim: int) -> torch.Tensor:
@@ -192,7 +227,7 @@ def gate(
                         f"got {dtype} for a {weight.dtype} weight")
     impl, _ = _backend(backend, weight, weight.device, torch.jit.is_tracing())
     if penalty:
-        mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
+        mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty, weight)
     return impl.gate(weight, mask_logits, beta, bool(hard), float(penalty), dtype or weight.dtype)
 
 
@@ -214,9 +249,11 @@ def gated_linear(
         raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
     if x.dim() < 1 or (not tracing and x.shape[-1] != weight.shape[1]):
         raise ValueError(f"x must have shape (..., {weight.shape[1]}) to match in_features, got {tuple(x.shape)}")
-    impl, dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend, tracing)
+    impl, dtype, channel = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend, tracing)
+    if channel:
+        bias = _gated_bias(impl, bias, mask_logits, beta, hard)
     if penalty:
-        mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
+        mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty, weight)
     if mask_scale == 1.0:
         return impl.linear(x, weight, mask_logits, beta, bias, bool(hard), float(penalty), dtype)
     y = impl.linear(x, weight, mask_logits, beta, None, bool(hard), float(penalty), dtype)
@@ -277,9 +314,11 @@ def gated_conv2d(
     if x.dim() not in (3, 4) or (not tracing and x.shape[-3] != in_channels):
         raise ValueError(f"x must have shape (N, {in_channels}, H, W) or ({in_channels}, H, W) to match "
                          f"in_channels, got {tuple(x.shape)}")
-    impl, dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend, tracing)
+    impl, dtype, channel = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend, tracing)
+    if channel:
+        bias = _gated_bias(impl, bias, mask_logits, beta, hard)
     if penalty:
-        mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
+        mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty, weight)
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
@@ -295,14 +334,22 @@ def gated_conv2d(
     return y.squeeze(0) if unbatched else y
 
 
-def _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale, tracing):
-    """(compute dtype, c * w * m) for the layers that gate their weight with the backend's gate
-    and then call ATen (gated_conv1d, gated_hf_conv1d), after the checks every gated layer makes."""
-    impl, dtype = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend, tracing)
+def _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale, tracing, out_dim=0):
+    """(compute dtype, c * w * m, bias) for the layers that gate their weight with the backend's
+    gate and then call ATen (gated_conv1d, gated_hf_conv1d), after the checks every gated layer
+    makes; the bias is gated with its unit under channel granularity. The kernels take one logit
+    per leading row, so a weight whose units are its columns (out_dim 1) is gated transposed."""
+    impl, dtype, channel = _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend, tracing,
+                                        out_dim)
+    if channel:
+        bias = _gated_bias(impl, bias, mask_logits, beta, hard)
     if penalty:
-        mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty)
-    w_eff = impl.gate(weight, mask_logits, beta, bool(hard), float(penalty), dtype)
-    return dtype, (w_eff if mask_scale == 1.0 else w_eff * mask_scale)
+        mask_logits, penalty = _penalty_as_graph_input(impl, mask_logits, beta, hard, penalty, weight)
+    if channel and out_dim == 1:
+        w_eff = impl.gate(weight.t(), mask_logits.t(), beta, bool(hard), float(penalty), dtype).t()
+    else:
+        w_eff = impl.gate(weight, mask_logits, beta, bool(hard), float(penalty), dtype)
+    return dtype, (w_eff if mask_scale == 1.0 else w_eff * mask_scale), bias
 
 
 def gated_conv1d(
@@ -331,7 +378,7 @@ def gated_conv1d(
     if x.dim() not in (2, 3) or (not tracing and x.shape[-2] != in_channels):
         raise ValueError(f"x must have shape (N, {in_channels}, L) or ({in_channels}, L) to match in_channels, "
                          f"got {tuple(x.shape)}")
-    dtype, w_eff = _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale, tracing)
+    dtype, w_eff, bias = _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale, tracing)
     return F.conv1d(x.to(dtype), w_eff, bias, stride, padding, dilation, groups)
 
 
@@ -356,7 +403,8 @@ def gated_hf_conv1d(
                          f"{tuple(weight.shape)}")
     if x.dim() < 1 or (not tracing and x.shape[-1] != weight.shape[0]):
         raise ValueError(f"x must have shape (..., {weight.shape[0]}) to match in_features, got {tuple(x.shape)}")
-    dtype, w_eff = _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale, tracing)
+    dtype, w_eff, bias = _gated_weight(x, weight, mask_logits, beta, bias, hard, penalty, backend, mask_scale,
+                                       tracing, out_dim=1)
     flat = x.to(dtype).reshape(-1, x.shape[-1])
     y = flat @ w_eff if bias is None else torch.addmm(bias.to(w_eff.dtype), flat, w_eff)
     return y.view(*x.shape[:-1], weight.shape[1])

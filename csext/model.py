@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from . import functional, reference
-from .modules import (GATED_TYPES, GatedConv1d, GatedConv2d, GatedHFConv1D, GatedLinear, GatedMultiheadAttention,
+from .modules import (GATED_TYPES, GRANULARITIES, GatedConv1d, GatedConv2d, GatedHFConv1D, GatedLinear, GatedMultiheadAttention,
                       is_hf_conv1d)
 
 # Exact types only: subclasses such as MultiheadAttention's out_proj are read by their owners
@@ -145,17 +145,21 @@ def keep_transformer_slow_paths(model: nn.Module) -> None:
                 module.use_nested_tensor = vars(module).pop("_csext_use_nested_tensor")
 
 
-def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exclude=()) -> list[nn.Module]:
+def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exclude=(),
+             granularity: str = "weight") -> list[nn.Module]:
     """Replace, in place, every nn.Linear, nn.Conv2d, nn.Conv1d and nn.MultiheadAttention of
     `model` (and transformers' Conv1D, GPT-2's linear layers) by its gated form, sharing the
     weight and bias Parameters. `exclude` holds qualified module names or glob patterns ("fc",
     "layer1.*") to leave dense. Returns the gated modules, old and new, in module order.
 
     If `model` is itself such a layer it cannot be replaced in place: use the gated class's
-    from_dense (GatedLinear.from_dense, GatedConv2d.from_dense, ...) for that.
+    from_dense (GatedLinear.from_dense, GatedConv2d.from_dense, ...) for that. `granularity`
+    "channel" gives each layer one mask logit per output unit (attentions have none: exclude them).
     """
     _check_model(model, "sparsify")
     functional.check_penalty(penalty)
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be 'weight' or 'channel', got {granularity!r}")
     refuse_sharded(model, "sparsify", "call csext.sparsify before fully_shard, so that the mask logits are "
                                       "sharded with the weights")
     if isinstance(exclude, str):
@@ -196,9 +200,15 @@ def sparsify(model: nn.Module, mask_init: float = 0.0, penalty: float = 0.0, exc
                 f"{name} would gate one use of it and not the other; pass exclude=[{name!r}] to leave it dense, "
                 f"or untie the weights first"
             )
+    if granularity == "channel":
+        attentions = [name for name, m in chosen if _gated_type(m) is GatedMultiheadAttention]
+        if attentions:
+            raise ValueError(f"sparsify: granularity='channel' has no form for nn.MultiheadAttention ({', '.join(attentions)}); "
+                             f"pass exclude={attentions!r} to leave it dense")
     aliases = module_aliases(model)
     for name, module in chosen:
-        gated = _gated_type(module).from_dense(module, mask_init=mask_init)
+        options = {} if granularity == "weight" else {"granularity": granularity}
+        gated = _gated_type(module).from_dense(module, mask_init=mask_init, **options)
         for part in gated.modules():  # an attention and its out_proj
             if isinstance(part, GATED_TYPES):
                 part.penalty = float(penalty)
@@ -257,13 +267,15 @@ def set_penalty(model: nn.Module, penalty: float) -> None:
 
 
 def mask_penalty(model: nn.Module) -> torch.Tensor:
-    """P = sum over gated layers of sum(sigmoid(beta * s)), differentiable (no gradient reaches the
-    mask logits of a layer in hard mode), as a float32 scalar
-    (float64 if mask logits are). For logging, or to add lam * P to the loss yourself. On a model
-    sharded by FSDP2's fully_shard it sums over all ranks' shards, so every rank must call it."""
+    """P = sum over gated layers of sum(sigmoid(beta * s)), a channel's logit counted once per weight
+    it gates, differentiable (no gradient reaches the mask logits of a layer in hard mode), as a
+    float32 scalar (float64 if mask logits are). For logging, or to add lam * P to the loss
+    yourself. On a model sharded by FSDP2's fully_shard it sums over all ranks' shards, so every
+    rank must call it."""
     _check_model(model, "mask_penalty")
     # a layer in hard mode passes no gradient to its mask logits, as its fused penalty passes none
-    terms = [_whole(reference.penalty_term(m.mask_logits.detach() if m.hard else m.mask_logits, m.beta))
+    terms = [_whole(reference.penalty_term(m.mask_logits.detach() if m.hard else m.mask_logits, m.beta,
+                                           m.weights_per_logit()))
              for _, m in gated_modules(model)]
     if not terms:
         raise ValueError("mask_penalty: the model has no gated layers (call csext.sparsify first)")
@@ -299,10 +311,12 @@ def sparsity_report(model: nn.Module) -> SparsityReport:
     sharded by FSDP2's fully_shard it counts all ranks' shards, so every rank must call it."""
     report = SparsityReport()
     for name, m in _gated_or_warn(model, "sparsity_report", "the report counts no weights", stacklevel=4):
-        kept = int(_whole((m.mask_logits > 0).sum()))
-        report.per_layer[name or type(m).__name__] = kept / m.mask_logits.numel()
+        per_logit = m.weights_per_logit()  # a channel's logit keeps or removes all its weights
+        kept = int(_whole((m.mask_logits > 0).sum())) * per_logit
+        total = m.mask_logits.numel() * per_logit
+        report.per_layer[name or type(m).__name__] = kept / total if total else 1.0
         report.kept += kept
-        report.total += m.mask_logits.numel()
+        report.total += total
     return report
 
 
@@ -330,6 +344,9 @@ def _plain(module: nn.Module) -> nn.Module:
     plain = empty_plain(module)
     plain.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
     plain.bias = module.bias
+    if module.granularity == "channel" and module.bias is not None:  # a unit gated off takes its bias
+        bias = reference.gate(module.bias, module.mask_logits.reshape(module.bias.shape), module.beta, hard=True)
+        plain.bias = nn.Parameter(bias, requires_grad=module.bias.requires_grad)
     if isinstance(module, GatedHFConv1D) and module.bias is None:  # Conv1D always adds one
         plain.bias = nn.Parameter(weight.new_zeros(module.nf), requires_grad=False)
     plain.train(module.training)

@@ -5,7 +5,10 @@ importing transformers.
 
 They take the plain layers' arguments, initialise the same way and keep their parameter names
 (all but GatedHFConv1D subclass them); each adds
-    mask_logits  s, one logit per weight: float32 (float64 beside a float64 weight), = mask_init
+    mask_logits  s, float32 (float64 beside a float64 weight), = mask_init: one logit per weight
+                 (granularity "weight", the paper's), or with granularity "channel" (all but the
+                 attention) one per output unit, shape (out, 1, ...) ((1, nf) for GatedHFConv1D),
+                 broadcast over the unit's weights and gating its bias too
     beta         temperature of the soft mask sigmoid(beta * s), >= 1
     hard         use the ticket mask 1[s > 0] instead (no gradient reaches s)
     penalty      lam: each backward pass through a call of the layer adds the gradient of
@@ -48,10 +51,32 @@ class _Gated:
 
     weight: nn.Parameter
     mask_logits: nn.Parameter
+    _out_dim = 0  # the weight's dimension that indexes output units
 
-    def _init_gate(self, mask_init: float) -> None:
+    def _mask_shape(self, weight_shape, granularity: str) -> tuple:
+        """The mask logits' shape: weight's, or for channel granularity 1 on all but the output dimension."""
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be 'weight' or 'channel', got {granularity!r}")
+        if granularity == "weight":
+            return tuple(weight_shape)
+        shape = [1] * len(weight_shape)
+        shape[self._out_dim] = weight_shape[self._out_dim]
+        return tuple(shape)
+
+    @property
+    def granularity(self) -> str:
+        """'weight' (one mask logit per weight) or 'channel' (one per output unit), read from the
+        mask logits' shape."""
+        return "weight" if self.mask_logits.shape == self.weight.shape else "channel"
+
+    def weights_per_logit(self) -> int:
+        """How many weights each mask logit gates (1, or a unit's fan-in)."""
+        return self.weight.numel() // max(self.mask_logits.numel(), 1)
+
+    def _init_gate(self, mask_init: float, granularity: str = "weight") -> None:
         if not math.isfinite(mask_init):
             raise ValueError(f"mask_init must be a finite number, got {mask_init}")
+        shape = self._mask_shape(self.weight.shape, granularity)
         self.mask_init = float(mask_init)
         self.beta = 1.0
         self.hard = False
@@ -60,7 +85,7 @@ class _Gated:
         self.backend = "auto"
         self.mask_logits = nn.Parameter(
             torch.full(
-                self.weight.shape,
+                shape,
                 self.mask_init,
                 dtype=_mask_logits_dtype(self.weight.dtype),
                 device=self.weight.device,
@@ -103,12 +128,14 @@ class _Gated:
         return weight if self.mask_scale == 1.0 else self.mask_scale * weight
 
     @classmethod
-    def _from_dense(cls, module: nn.Module, mask_init: float, **kwargs):
-        gated = cls(**kwargs, bias=module.bias is not None, mask_init=mask_init, device="meta")
+    def _from_dense(cls, module: nn.Module, mask_init: float, granularity: str = "weight", **kwargs):
+        gated = cls(**kwargs, bias=module.bias is not None, mask_init=mask_init, granularity=granularity,
+                    device="meta")
         gated.weight = module.weight  # the same Parameter objects: no copy, optimizer state stays valid
         gated.bias = module.bias
         gated.mask_logits = nn.Parameter(
-            torch.full_like(module.weight, float(mask_init), dtype=_mask_logits_dtype(module.weight.dtype))
+            torch.full(gated._mask_shape(module.weight.shape, granularity), float(mask_init),
+                       dtype=_mask_logits_dtype(module.weight.dtype), device=module.weight.device)
         )
         gated.train(module.training)
         return gated
@@ -162,6 +189,7 @@ class _Gated:
 
     def _gate_repr(self) -> str:
         scale = f", mask_scale={self.mask_scale:g}" if self.mask_scale != 1.0 else ""
+        scale += ", granularity=channel" if self.granularity == "channel" else ""
         return f"mask_init={self.mask_init}, beta={self.beta:g}, hard={self.hard}, penalty={self.penalty:g}{scale}"
 
 
@@ -169,16 +197,17 @@ class GatedLinear(_Gated, nn.Linear):
     """nn.Linear whose weight is gated by a learned mask: y = x (w * m)^T + b."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, mask_init: float = 0.0,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, granularity: str = "weight") -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_gate(mask_init)
+        self._init_gate(mask_init, granularity)
 
     @classmethod
-    def from_dense(cls, module: nn.Linear, mask_init: float = 0.0) -> "GatedLinear":
+    def from_dense(cls, module: nn.Linear, mask_init: float = 0.0, granularity: str = "weight") -> "GatedLinear":
         """A GatedLinear that shares `module`'s weight and bias Parameters."""
         if not isinstance(module, nn.Linear):
             raise TypeError(f"module must be an nn.Linear, got {type(module).__name__}")
-        return cls._from_dense(module, mask_init, in_features=module.in_features, out_features=module.out_features)
+        return cls._from_dense(module, mask_init, granularity, in_features=module.in_features,
+                               out_features=module.out_features)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight, mask_logits, bias = self._gated_parameters()
@@ -198,19 +227,19 @@ class _GatedConv(_Gated):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", mask_init: float = 0.0,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, granularity: str = "weight") -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
                          dilation=dilation, groups=groups, bias=bias, padding_mode=padding_mode,
                          device=device, dtype=dtype)
-        self._init_gate(mask_init)
+        self._init_gate(mask_init, granularity)
 
     @classmethod
-    def from_dense(cls, module: nn.Module, mask_init: float = 0.0):
+    def from_dense(cls, module: nn.Module, mask_init: float = 0.0, granularity: str = "weight"):
         """A gated convolution that shares `module`'s weight and bias Parameters."""
         if not isinstance(module, cls._plain):
             raise TypeError(f"module must be an nn.{cls._plain.__name__}, got {type(module).__name__}")
         return cls._from_dense(
-            module, mask_init,
+            module, mask_init, granularity,
             in_channels=module.in_channels, out_channels=module.out_channels,
             kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
             dilation=module.dilation, groups=module.groups, padding_mode=module.padding_mode,
@@ -262,12 +291,15 @@ class GatedHFConv1D(_Gated, nn.Module):
     Despite its name a linear layer, whose weight is stored transposed, (in, out) = (nx, nf); the
     mask logits have that shape too, so its state_dict keeps Conv1D's keys and shapes."""
 
-    def __init__(self, nf: int, nx: int, bias: bool = True, mask_init: float = 0.0, device=None, dtype=None) -> None:
+    _out_dim = 1  # weight is stored (in, out)
+
+    def __init__(self, nf: int, nx: int, bias: bool = True, mask_init: float = 0.0, device=None, dtype=None,
+                 granularity: str = "weight") -> None:
         super().__init__()
         self.nf, self.nx = nf, nx
         self.weight = nn.Parameter(torch.empty(nx, nf, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(nf, device=device, dtype=dtype)) if bias else None
-        self._init_gate(mask_init)
+        self._init_gate(mask_init, granularity)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -279,11 +311,11 @@ class GatedHFConv1D(_Gated, nn.Module):
             self.mask_logits.fill_(self.mask_init)
 
     @classmethod
-    def from_dense(cls, module: nn.Module, mask_init: float = 0.0) -> "GatedHFConv1D":
+    def from_dense(cls, module: nn.Module, mask_init: float = 0.0, granularity: str = "weight") -> "GatedHFConv1D":
         """A GatedHFConv1D that shares the weight and bias Parameters of `module`, a transformers Conv1D."""
         if not is_hf_conv1d(module):
             raise TypeError(f"module must be a transformers Conv1D, got {type(module).__name__}")
-        return cls._from_dense(module, mask_init, nf=module.nf, nx=module.weight.shape[0])
+        return cls._from_dense(module, mask_init, granularity, nf=module.nf, nx=module.weight.shape[0])
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         weight, mask_logits, bias = self._gated_parameters()
@@ -380,4 +412,5 @@ def is_hf_conv1d(module: nn.Module) -> bool:
     return cls.__name__ == "Conv1D" and cls.__module__.split(".")[0] == "transformers"
 
 
+GRANULARITIES = ("weight", "channel")
 GATED_TYPES = (GatedLinear, GatedConv2d, GatedConv1d, GatedHFConv1D, GatedMultiheadAttention)

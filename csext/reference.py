@@ -7,6 +7,11 @@ every other backend (docs/contract.md).
                    lam * dP/ds, so the task loss alone gives the gradients of task_loss + lam * P
     backward       dL/dw = G * m,  dL/ds = beta * m * (1 - m) * (G * w + lam)  (G = dL/dw_eff;
                    `gate_grads`, what autograd derives from `gate`, in differentiable torch ops)
+
+Channel granularity is the same math with s broadcast: s has w's dimensions with size 1 on all
+but the output one (one logit per output unit), m is expanded to w's shape before anything else,
+so P counts a channel's gate once per weight it covers and dL/ds of a channel is the sum of the
+per-weight terms over its weights.
 """
 
 import torch
@@ -30,9 +35,11 @@ def mask(mask_logits: torch.Tensor, beta: float, hard: bool = False) -> torch.Te
     return hard_mask(mask_logits) if hard else soft_mask(mask_logits, beta)
 
 
-def penalty_term(mask_logits: torch.Tensor, beta: float) -> torch.Tensor:
-    """P of one layer: sum(sigmoid(beta * s)), differentiable."""
-    return soft_mask(mask_logits, beta).sum()
+def penalty_term(mask_logits: torch.Tensor, beta: float, weights_per_logit: int = 1) -> torch.Tensor:
+    """P of one layer: sum(sigmoid(beta * s)), each logit counted once per weight it gates,
+    differentiable."""
+    term = soft_mask(mask_logits, beta).sum()
+    return term if weights_per_logit == 1 else term * weights_per_logit
 
 
 class _AddPenaltyGradient(torch.autograd.Function):
@@ -85,12 +92,12 @@ class _AddPenaltyGradientToLogits(torch.autograd.Function):
         return grad + beta * m * (1 - m) * penalty, None, None
 
 
-def add_penalty_gradient(mask_logits: torch.Tensor, beta, penalty) -> torch.Tensor:
-    """mask_logits, through a node whose backward adds the gradient of penalty * sum(sigmoid(beta
-    * s)); beta and penalty enter as tensors made by a multiply, so that torch.compile keeps them
-    graph inputs rather than constants to recompile for."""
+def add_penalty_gradient(mask_logits: torch.Tensor, beta, penalty, weights_per_logit: int = 1) -> torch.Tensor:
+    """mask_logits, through a node whose backward adds the gradient of penalty * weights_per_logit
+    * sum(sigmoid(beta * s)); beta and penalty enter as tensors made by a multiply, so that
+    torch.compile keeps them graph inputs rather than constants to recompile for."""
     one = torch.ones((), dtype=mask_logits.dtype, device=mask_logits.device)
-    return _AddPenaltyGradientToLogits.apply(mask_logits, one * beta, one * penalty)
+    return _AddPenaltyGradientToLogits.apply(mask_logits, one * beta, one * penalty * weights_per_logit)
 
 
 def transforms_active() -> bool:
@@ -109,6 +116,8 @@ def gate(
 ) -> torch.Tensor:
     """w_eff = weight * m in `dtype` (default: weight's)."""
     m = mask(mask_logits, beta, hard)
+    if m.shape != weight.shape:  # one logit per channel: its gate, once per weight
+        m = m.expand(weight.shape)
     if penalty and not hard:
         m = (_AddPenaltyGradientForTransforms if transforms_active() else _AddPenaltyGradient).apply(m, penalty)
     return (weight * m).to(dtype or weight.dtype)
@@ -131,6 +140,8 @@ def gate_grads(
     if hard:
         return grad_weight, None
     grad_mask_logits = beta * m * (1 - m) * (g * weight + penalty)
+    if grad_mask_logits.shape != mask_logits.shape:  # a channel's gradient: the sum over its weights
+        grad_mask_logits = grad_mask_logits.sum_to_size(mask_logits.shape)
     return grad_weight, grad_mask_logits.to(mask_logits.dtype)
 
 

@@ -12,12 +12,15 @@
 // kernels, and torch.compile traces the inner ops (csext::gate through the fake kernels of
 // csext/backends/aten.py, ATen's own) into its graph.
 #include <ATen/ATen.h>
+#include <ATen/ExpandUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
 #include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
+
+#include "gate_checks.h"
 
 #include <array>
 #include <initializer_list>
@@ -110,14 +113,17 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_autograd(const at::Tensor& grad
   if ((at::GradMode::is_enabled() && any(requires_grad)) || any(has_tangent)) {
     // The kernel's checks read beta, which may be a functorch wrapper here; the shapes must
     // agree, or the ops below would broadcast.
-    TORCH_CHECK_VALUE(grad.sizes() == weight.sizes() && mask_logits.sizes() == weight.sizes(),
-                      "csext::gate_backward: grad, weight and mask_logits must have one shape, got ",
-                      grad.sizes(), ", ", weight.sizes(), " and ", mask_logits.sizes());
+    TORCH_CHECK_VALUE(grad.sizes() == weight.sizes(),
+                      "csext::gate_backward: grad must have the shape of weight ", weight.sizes(),
+                      ", got ", grad.sizes());
+    (void)weights_per_logit("csext::gate_backward", "weight", weight, mask_logits);
     const at::Tensor m = at::sigmoid(mask_logits * beta);
     // In the dtype the gate multiplies in: the wider of w's and m's.
     const at::Tensor g = grad.to(at::promote_types(weight.scalar_type(), m.scalar_type()));
     const at::Tensor grad_weight = (g * m).to(weight.scalar_type());
-    const at::Tensor grad_mask_logits = beta * m * (1 - m) * (g * weight + penalty);
+    // A channel's logit gathers the terms of all its weights (sum_to over the broadcast).
+    const at::Tensor grad_mask_logits =
+        at::sum_to(beta * m * (1 - m) * (g * weight + penalty), mask_logits.sizes());
     return {grad_weight, grad_mask_logits.to(mask_logits.scalar_type())};
   }
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -170,8 +176,14 @@ at::Tensor gate_tangent(const at::Tensor& weight, const at::Tensor& mask_logits,
   at::Tensor tangent;
   if (w_t.defined()) tangent = call_gate(w_t, mask_logits, beta, hard, 0.0, out_type);
   if (s_t.defined() && !hard) {
+    // w * m'(s) * s_t: per weight, gate_backward's mask gradient with s_t as the incoming one;
+    // per channel (s broadcast over a row), the same product broadcast, with no sum.
     const at::Tensor term =
-        std::get<1>(call_gate_backward(s_t, weight, mask_logits, beta, 0.0)).to(out_type);
+        (s_t.sizes() == weight.sizes()
+             ? std::get<1>(call_gate_backward(s_t, weight, mask_logits, beta, 0.0))
+             : weight * (beta * at::sigmoid(mask_logits * beta) *
+                         (1 - at::sigmoid(mask_logits * beta)) * s_t))
+            .to(out_type);
     tangent = tangent.defined() ? tangent + term : term;
   }
   return tangent;

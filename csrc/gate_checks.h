@@ -17,12 +17,24 @@ inline bool is_gate_dtype(at::ScalarType t) {
          t == ScalarType::Double;
 }
 
+// Weights per mask logit: 1 where mask_logits has weight's shape, a row's size where it holds
+// one logit per leading row, shape (rows, 1, ..., 1) (channel granularity).
+inline int64_t weights_per_logit(const char* op, const char* weight_name, const at::Tensor& weight,
+                                 const at::Tensor& mask_logits) {
+  if (weight.sizes() == mask_logits.sizes()) return 1;
+  bool rows = weight.dim() >= 1 && mask_logits.dim() == weight.dim() &&
+              mask_logits.size(0) == weight.size(0);
+  for (int64_t d = 1; rows && d < weight.dim(); ++d) rows = mask_logits.size(d) == 1;
+  TORCH_CHECK_VALUE(rows, op, ": mask_logits must have the shape of ", weight_name, " ",
+                    weight.sizes(), " or one logit per row, (", weight.dim() ? weight.size(0) : 0,
+                    ", 1, ...), got ", mask_logits.sizes());
+  return weight.size(0) == 0 ? 1 : weight.numel() / weight.size(0);
+}
+
 inline void check_gate_args(const char* op, const char* weight_name, const at::Tensor& weight,
                             const at::Tensor& mask_logits, double beta) {
   using at::ScalarType;
-  TORCH_CHECK_VALUE(weight.sizes() == mask_logits.sizes(), op, ": ", weight_name,
-                    " and mask_logits must have the same shape, got ", weight_name, " ",
-                    weight.sizes(), " and mask_logits ", mask_logits.sizes());
+  (void)weights_per_logit(op, weight_name, weight, mask_logits);
   TORCH_CHECK_VALUE(weight.device() == mask_logits.device(), op, ": ", weight_name,
                     " and mask_logits must be on the same device, got ", weight.device(),
                     " and ", mask_logits.device());

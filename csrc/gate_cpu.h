@@ -1,6 +1,8 @@
 // CPU loop bodies of the CS gate (docs/contract.md section 1), free of torch so they read top to bottom:
 //   forward   w_eff = w * m,  m = sigmoid(beta * s)  (soft)  or  m = 1[s > 0]  (hard)
 //   backward  dL/dw = G * m,  dL/ds = beta * m * (1 - m) * (G * w + lam)
+// With one logit per row of `cols` weights (channel granularity) m is the row's and dL/ds the sum
+// of those terms over the row, reduced in the same pass.
 // Each loop is branch-free so that GCC vectorizes it; ops.cpp compiles it once per ISA level.
 #pragma once
 
@@ -126,6 +128,66 @@ CSEXT_INLINE void gate_backward_loop(const G* __restrict grad, const W* __restri
     grad_weight[i] = store<W>(g * m);
     grad_mask_logits[i] = beta * slope * (g * load<Acc>(weight[i]) + penalty);
   }
+}
+
+// The channel form: one logit per row of `cols` consecutive weights.
+template <typename Acc, typename W, typename Out>
+CSEXT_INLINE void gate_rows_forward_loop(const W* __restrict weight, const Acc* __restrict mask_logits,
+                                         Out* __restrict out, int64_t rows, int64_t cols, Acc beta,
+                                         bool hard) {
+  for (int64_t r = 0; r < rows; ++r) {
+    Acc m, slope;
+    if (hard) {
+      m = hard_gate(mask_logits[r]);
+    } else {
+      soft_gate(beta * mask_logits[r], m, slope);
+    }
+    const W* w = weight + r * cols;
+    Out* o = out + r * cols;
+    for (int64_t j = 0; j < cols; ++j) o[j] = store<Out>(load<Acc>(w[j]) * m);
+  }
+}
+
+// dL/ds of a row = beta * m * (1 - m) * (sum_j G_j w_j + cols * lam), the sum kept in double so
+// that a long row loses no more than the reference's pairwise float sum.
+template <typename Acc, typename W, typename G>
+CSEXT_INLINE void gate_rows_backward_loop(const G* __restrict grad, const W* __restrict weight,
+                                          const Acc* __restrict mask_logits, W* __restrict grad_weight,
+                                          Acc* __restrict grad_mask_logits, int64_t rows, int64_t cols,
+                                          Acc beta, Acc penalty) {
+  for (int64_t r = 0; r < rows; ++r) {
+    Acc m, slope;
+    soft_gate(beta * mask_logits[r], m, slope);
+    const G* g = grad + r * cols;
+    const W* w = weight + r * cols;
+    W* dw = grad_weight + r * cols;
+    double dot = 0.0;
+    for (int64_t j = 0; j < cols; ++j) {
+      const Acc gj = load<Acc>(g[j]);
+      dw[j] = store<W>(gj * m);
+      dot += static_cast<double>(gj) * static_cast<double>(load<Acc>(w[j]));
+    }
+    grad_mask_logits[r] = beta * slope * static_cast<Acc>(dot + static_cast<double>(cols) * penalty);
+  }
+}
+
+// Either form: `cols` weights per logit, 1 for one logit per weight; n is a multiple of cols.
+template <typename Acc, typename W, typename Out>
+CSEXT_INLINE void gate_forward_any(const W* weight, const Acc* mask_logits, Out* out, int64_t n,
+                                   int64_t cols, Acc beta, bool hard) {
+  if (cols == 1) return gate_forward_loop<Acc>(weight, mask_logits, out, n, beta, hard);
+  gate_rows_forward_loop<Acc>(weight, mask_logits, out, n / cols, cols, beta, hard);
+}
+
+template <typename Acc, typename W, typename G>
+CSEXT_INLINE void gate_backward_any(const G* grad, const W* weight, const Acc* mask_logits,
+                                    W* grad_weight, Acc* grad_mask_logits, int64_t n, int64_t cols,
+                                    Acc beta, Acc penalty) {
+  if (cols == 1)
+    return gate_backward_loop<Acc>(grad, weight, mask_logits, grad_weight, grad_mask_logits, n,
+                                   beta, penalty);
+  gate_rows_backward_loop<Acc>(grad, weight, mask_logits, grad_weight, grad_mask_logits, n / cols,
+                               cols, beta, penalty);
 }
 
 }  // namespace cpu

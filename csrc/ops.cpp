@@ -7,6 +7,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <initializer_list>
 #include <optional>
@@ -43,14 +44,14 @@ bool is_pair(ScalarType a, ScalarType b, ScalarType want_a, ScalarType want_b) {
 // so each ISA clone of this function carries its own vectorized copy of them.
 CSEXT_ISA_CLONES void gate_forward_kernel(ScalarType in_type, ScalarType out_type, const void* in,
                                           const void* mask_logits, void* out, int64_t n,
-                                          double beta, bool hard) {
+                                          int64_t cols, double beta, bool hard) {
   using cpu::bf16;
   const float* s = static_cast<const float*>(mask_logits);
   const float b = static_cast<float>(beta);
 #define CSEXT_FORWARD_CASE(IN_ST, IN_T, OUT_ST, OUT_T)                                         \
   if (is_pair(in_type, out_type, ScalarType::IN_ST, ScalarType::OUT_ST))                       \
-    return cpu::gate_forward_loop<float>(static_cast<const IN_T*>(in), s,                      \
-                                         static_cast<OUT_T*>(out), n, b, hard);
+    return cpu::gate_forward_any<float>(static_cast<const IN_T*>(in), s,                       \
+                                        static_cast<OUT_T*>(out), n, cols, b, hard);
   CSEXT_FORWARD_CASE(Float, float, Float, float)
   CSEXT_FORWARD_CASE(Float, float, BFloat16, bf16)
   CSEXT_FORWARD_CASE(Float, float, Half, c10::Half)
@@ -62,17 +63,17 @@ CSEXT_ISA_CLONES void gate_forward_kernel(ScalarType in_type, ScalarType out_typ
   CSEXT_FORWARD_CASE(Half, c10::Half, BFloat16, bf16)
 #undef CSEXT_FORWARD_CASE
   TORCH_INTERNAL_ASSERT(in_type == ScalarType::Double && out_type == ScalarType::Double);
-  cpu::gate_forward_loop<double>(static_cast<const double*>(in),
-                                 static_cast<const double*>(mask_logits),
-                                 static_cast<double*>(out), n, beta, hard);
+  cpu::gate_forward_any<double>(static_cast<const double*>(in),
+                                static_cast<const double*>(mask_logits),
+                                static_cast<double*>(out), n, cols, beta, hard);
 }
 
 // Soft-gate backward for every (weight, grad) dtype pair.
 CSEXT_ISA_CLONES void gate_backward_kernel(ScalarType weight_type, ScalarType grad_type,
                                            const void* grad, const void* weight,
                                            const void* mask_logits, void* grad_weight,
-                                           void* grad_mask_logits, int64_t n, double beta,
-                                           double penalty) {
+                                           void* grad_mask_logits, int64_t n, int64_t cols,
+                                           double beta, double penalty) {
   using cpu::bf16;
   const float* s = static_cast<const float*>(mask_logits);
   float* ds = static_cast<float*>(grad_mask_logits);
@@ -80,9 +81,9 @@ CSEXT_ISA_CLONES void gate_backward_kernel(ScalarType weight_type, ScalarType gr
   const float lam = static_cast<float>(penalty);
 #define CSEXT_BACKWARD_CASE(W_ST, W_T, G_ST, G_T)                                            \
   if (is_pair(weight_type, grad_type, ScalarType::W_ST, ScalarType::G_ST))                   \
-    return cpu::gate_backward_loop<float>(static_cast<const G_T*>(grad),                     \
-                                          static_cast<const W_T*>(weight), s,                \
-                                          static_cast<W_T*>(grad_weight), ds, n, b, lam);
+    return cpu::gate_backward_any<float>(static_cast<const G_T*>(grad),                      \
+                                         static_cast<const W_T*>(weight), s,                 \
+                                         static_cast<W_T*>(grad_weight), ds, n, cols, b, lam);
   CSEXT_BACKWARD_CASE(Float, float, Float, float)
   CSEXT_BACKWARD_CASE(Float, float, BFloat16, bf16)
   CSEXT_BACKWARD_CASE(Float, float, Half, c10::Half)
@@ -94,15 +95,20 @@ CSEXT_ISA_CLONES void gate_backward_kernel(ScalarType weight_type, ScalarType gr
   CSEXT_BACKWARD_CASE(Half, c10::Half, BFloat16, bf16)
 #undef CSEXT_BACKWARD_CASE
   TORCH_INTERNAL_ASSERT(weight_type == ScalarType::Double && grad_type == ScalarType::Double);
-  cpu::gate_backward_loop<double>(
+  cpu::gate_backward_any<double>(
       static_cast<const double*>(grad), static_cast<const double*>(weight),
       static_cast<const double*>(mask_logits), static_cast<double*>(grad_weight),
-      static_cast<double*>(grad_mask_logits), n, beta, penalty);
+      static_cast<double*>(grad_mask_logits), n, cols, beta, penalty);
 }
 
+// fn(first weight, weights, first logit) over chunks of whole rows of `cols` weights per logit.
 template <typename Fn>
-void parallel_chunks(int64_t n, const Fn& fn) {
-  at::parallel_for(0, n, kGrainSize, [&](int64_t begin, int64_t end) { fn(begin, end - begin); });
+void parallel_chunks(int64_t n, int64_t cols, const Fn& fn) {
+  const int64_t rows = n / cols;
+  const int64_t grain = std::max<int64_t>(1, kGrainSize / cols);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    fn(begin * cols, (end - begin) * cols, cols == 1 ? begin * cols : begin);
+  });
 }
 
 // A fresh output tensor. Large ones are mapped with transparent huge pages where the kernel
@@ -138,6 +144,7 @@ at::Tensor gate_cpu(const at::Tensor& weight, const at::Tensor& mask_logits,
   (void)penalty;  // used by the backward only
   const double beta = read_beta("csext::gate", beta_tensor);
   check_gate_args("csext::gate", "weight", weight, mask_logits, beta);
+  const int64_t cols = weights_per_logit("csext::gate", "weight", weight, mask_logits);
   TORCH_CHECK(weight.device().is_cpu(), "csext::gate: the CPU kernel got a tensor on ",
               weight.device());
   const ScalarType out_type = gate_output_type(weight, dtype);
@@ -145,9 +152,9 @@ at::Tensor gate_cpu(const at::Tensor& weight, const at::Tensor& mask_logits,
   const at::Tensor w = weight.contiguous(layout);
   const at::Tensor s = mask_logits.contiguous(layout);
   at::Tensor out = empty_output(w.sizes(), w.options().dtype(out_type), layout);
-  parallel_chunks(w.numel(), [&](int64_t begin, int64_t count) {
-    gate_forward_kernel(w.scalar_type(), out_type, at_offset(w, begin), at_offset(s, begin),
-                        at_offset_mut(out, begin), count, beta, hard);
+  parallel_chunks(w.numel(), cols, [&](int64_t begin, int64_t count, int64_t logit) {
+    gate_forward_kernel(w.scalar_type(), out_type, at_offset(w, begin), at_offset(s, logit),
+                        at_offset_mut(out, begin), count, cols, beta, hard);
   });
   return out;
 }
@@ -159,6 +166,7 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad,
                                                      double penalty) {
   const double beta = read_beta("csext::gate_backward", beta_tensor);
   check_gate_backward_args(grad, weight, mask_logits, beta, penalty);
+  const int64_t cols = weights_per_logit("csext::gate_backward", "weight", weight, mask_logits);
   TORCH_CHECK(weight.device().is_cpu() && grad.device().is_cpu(),
               "csext::gate_backward: the CPU kernel got tensors on ", grad.device(), " and ",
               weight.device());
@@ -168,11 +176,11 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad,
   const at::Tensor s = mask_logits.contiguous(layout);
   at::Tensor grad_weight = empty_output(w.sizes(), w.options(), layout);
   at::Tensor grad_mask_logits = empty_output(s.sizes(), s.options(), layout);
-  parallel_chunks(w.numel(), [&](int64_t begin, int64_t count) {
+  parallel_chunks(w.numel(), cols, [&](int64_t begin, int64_t count, int64_t logit) {
     gate_backward_kernel(w.scalar_type(), g.scalar_type(), at_offset(g, begin),
-                         at_offset(w, begin), at_offset(s, begin),
-                         at_offset_mut(grad_weight, begin), at_offset_mut(grad_mask_logits, begin),
-                         count, beta, penalty);
+                         at_offset(w, begin), at_offset(s, logit),
+                         at_offset_mut(grad_weight, begin), at_offset_mut(grad_mask_logits, logit),
+                         count, cols, beta, penalty);
   });
   return {grad_weight, grad_mask_logits};
 }
@@ -182,7 +190,8 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cpu(const at::Tensor& grad,
 TORCH_LIBRARY(csext, m) {
   // w_eff = weight * m in `dtype` (default: weight's). `penalty` (lam) enters the backward only:
   // dL/ds gains beta * m * (1 - m) * lam, the gradient of lam * sum(m). beta is a 0-dim CPU
-  // tensor (see read_beta).
+  // tensor (see read_beta). mask_logits has weight's shape, or (rows, 1, ...): one logit per
+  // leading row, m broadcast over the row (and lam counted once per weight of it).
   m.def(
       "gate(Tensor weight, Tensor mask_logits, Tensor beta, bool hard=False, float penalty=0.0, "
       "ScalarType? dtype=None) -> Tensor",

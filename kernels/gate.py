@@ -3,6 +3,9 @@
     forward   w_eff = w * m,  m = sigmoid(beta * s)  (soft)  or  m = 1[s > 0]  (hard)
     backward  dL/dw = G * m,  dL/ds = beta * m * (1 - m) * (G * w + lam)
 
+With one logit per row of `cols` weights (channel granularity) m is the row's, and the backward
+runs one program per row that sums the dL/ds terms of its weights as it writes their dL/dw.
+
 They serve convolution weights and the linear shapes where the fused GEMM does not pay
 (kernels/gated_matmul.py). beta is read from a 0-dim float32 tensor on the device, so that a
 changing beta neither recompiles the kernel nor a torch.compile graph. Each output element is
@@ -39,11 +42,15 @@ def mask_of(s, beta, HARD: tl.constexpr):
 
 
 @triton.jit
-def gate_forward_kernel(w_ptr, s_ptr, out_ptr, beta_ptr, n, HARD: tl.constexpr, BLOCK: tl.constexpr):
+def gate_forward_kernel(w_ptr, s_ptr, out_ptr, beta_ptr, n, cols, HARD: tl.constexpr, ROWS: tl.constexpr,
+                        BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < n
     beta = tl.load(beta_ptr)
-    s = tl.load(s_ptr + offsets, mask=inside)
+    if ROWS:
+        s = tl.load(s_ptr + offsets // cols, mask=inside)
+    else:
+        s = tl.load(s_ptr + offsets, mask=inside)
     w = tl.load(w_ptr + offsets, mask=inside).to(tl.float32)
     tl.store(out_ptr + offsets, (w * mask_of(s, beta, HARD)).to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -62,8 +69,28 @@ def gate_backward_kernel(grad_ptr, w_ptr, s_ptr, grad_w_ptr, grad_s_ptr, beta_pt
     tl.store(grad_s_ptr + offsets, beta * slope * (g * w + penalty), mask=inside)
 
 
+@triton.jit
+def gate_rows_backward_kernel(grad_ptr, w_ptr, s_ptr, grad_w_ptr, grad_s_ptr, beta_ptr, rows, cols, penalty,
+                              BLOCK: tl.constexpr):
+    """One of `rows` rows of `cols` weights under one logit each (a program per row): dL/dw = G * m,
+    and dL/ds = beta * m * (1 - m) * (sum_j G_j w_j + cols * lam)."""
+    row = tl.program_id(0).to(tl.int64)
+    beta = tl.load(beta_ptr)
+    m, slope = soft_mask_and_slope(tl.load(s_ptr + row), beta)
+    dot = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, cols, BLOCK):
+        offsets = row * cols + start + tl.arange(0, BLOCK)
+        inside = start + tl.arange(0, BLOCK) < cols
+        w = tl.load(w_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        g = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        tl.store(grad_w_ptr + offsets, (g * m).to(grad_w_ptr.dtype.element_ty), mask=inside)
+        dot += g * w
+    tl.store(grad_s_ptr + row, beta * slope * (tl.sum(dot, axis=0) + cols * penalty))
+
+
 _launch_forward = Launcher(gate_forward_kernel)
 _launch_backward = Launcher(gate_backward_kernel)
+_launch_rows_backward = Launcher(gate_rows_backward_kernel)
 
 
 def _grid(n):
@@ -71,16 +98,26 @@ def _grid(n):
 
 
 def gate_forward(weight, mask_logits, beta, out, hard: bool) -> None:
-    """out = weight * m over the flat storage of same-layout dense tensors; beta a device tensor."""
+    """out = weight * m over the flat storage of same-layout dense tensors, mask_logits one per
+    weight or one per row (its numel that of weight's first dimension); beta a device tensor."""
     n = weight.numel()
     if n:
-        _launch_forward(_grid(n), (weight, mask_logits, out, beta), (n,), (),
-                        dict(HARD=hard, BLOCK=BLOCK, num_warps=4))
+        cols = n // mask_logits.numel()
+        _launch_forward(_grid(n), (weight, mask_logits, out, beta), (n, cols), (),
+                        dict(HARD=hard, ROWS=cols != 1, BLOCK=BLOCK, num_warps=4))
 
 
 def gate_backward(grad, weight, mask_logits, beta, penalty: float, grad_weight, grad_mask_logits) -> None:
     """(dL/dw, dL/ds) of the soft gate into grad_weight and grad_mask_logits."""
     n = weight.numel()
-    if n:
+    if not n:
+        return
+    cols = n // mask_logits.numel()
+    if cols == 1:
         _launch_backward(_grid(n), (grad, weight, mask_logits, grad_weight, grad_mask_logits, beta), (n,),
                          (float(penalty),), dict(BLOCK=BLOCK, num_warps=4))
+    else:
+        rows = mask_logits.numel()  # an int of the launch, as the grid depends on it
+        _launch_rows_backward(lambda meta: (rows,),
+                              (grad, weight, mask_logits, grad_weight, grad_mask_logits, beta), (rows, cols),
+                              (float(penalty),), dict(BLOCK=BLOCK, num_warps=4))

@@ -415,7 +415,7 @@ API_CASES = [
     ("gated-linear-nan-mask-init", lambda: csext.GatedLinear(4, 3, mask_init=math.nan), ValueError, "mask_init"),
     ("linear-x-features", lambda: CF.gated_linear(torch.randn(2, 5), W, S, 2.0), ValueError, "in_features"),
     ("linear-weight-3d", lambda: CF.gated_linear(X, W[None], S[None], 2.0), ValueError, "weight must be 2-D"),
-    ("linear-mask-shape", lambda: CF.gated_linear(X, W, S[:2], 2.0), ValueError, "same shape"),
+    ("linear-mask-shape", lambda: CF.gated_linear(X, W, S[:2], 2.0), ValueError, "mask_logits must have the shape of weight"),
     ("linear-mask-float16", lambda: CF.gated_linear(X, W, S.half(), 2.0), TypeError, "mask_logits must be"),
     ("linear-weight-int", lambda: CF.gated_linear(X, W.int(), S, 2.0), TypeError, "weight must be"),
     ("linear-beta-below-1", lambda: CF.gated_linear(X, W, S, 0.5), ValueError, "beta"),

@@ -63,6 +63,50 @@ def test_magnitude_random_and_snip_reach_the_fraction_exactly(fraction):
     assert any(not torch.equal(snip[n], random[n]) for n in weights)
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.25, 0.1])
+def test_l1_filter_mask_prunes_the_lowest_l1_units_of_each_layer_to_the_fraction(fraction):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 10), nn.ReLU(), nn.Linear(10, 4))
+    layers = csext.sparsify(model, granularity="channel", exclude=["4"])
+    with torch.no_grad():  # the largest |w| of the layer in a unit of small L1 norm: ranked by the sum, it goes
+        model[0].weight[5] = 0.0
+        model[0].weight[5, 0] = 0.5
+    mask = baselines.l1_filter_mask(model, fraction)
+    per_unit = {n: m.weights_per_logit() for n, m in csext.gated_modules(model)}
+    total = sum(m.weight.numel() for m in layers)
+    remaining = sum(int(mask[n].sum()) * per_unit[n] for n in mask) / total
+    assert abs(remaining - fraction) <= max(per_unit.values()) / total + 1e-9  # the nearest a unit allows
+    shares = [int(mask[n].sum()) / mask[n].numel() for n in mask]
+    assert max(shares) - min(shares) <= 0.1  # the same share of units in every layer, to rounding
+    for name, m in csext.gated_modules(model):
+        norms = m.weight.detach().abs().sum(1)
+        kept = mask[name].view(-1)
+        assert mask[name].shape == m.mask_logits.shape
+        assert norms[kept].min() >= norms[~kept].max()
+    assert not mask["0"].view(-1)[5]
+    with pytest.raises(ValueError, match="granularity='channel'"):
+        baselines.l1_filter_mask(_gated_mlp(), 0.5)
+    with pytest.raises(ValueError, match="fraction must lie"):
+        baselines.l1_filter_mask(model, 0.0)
+
+
+def test_l1_ticket_shrinks_to_its_units_and_computes_the_same(tmp_path):
+    data_path = _tiny_npz(tmp_path / "tiny.npz")
+    config = SearchConfig(data=str(data_path), epochs=2, batch_size=32)
+    data = load(str(data_path))
+    run = baselines.MethodRun("l1", config, data, fractions=[0.3], out=tmp_path / "l1")
+    (ticket,) = run.run()["tickets"]
+    assert ticket["remaining"] == pytest.approx(0.3, abs=0.02)
+    finalized = search.load_network(tmp_path / "l1" / "ticket-1.pt")
+    shrunk = csext.export.shrink(search.load_network(tmp_path / "l1" / "ticket-1.pt"))
+    hidden = [m.out_features for m in shrunk if isinstance(m, nn.Linear)][:-1]
+    assert hidden == [round(ticket["per_layer"]["1"] * 300), round(ticket["per_layer"]["3"] * 100)] and hidden[0] < 300
+    assert shrunk[-1].out_features == 3  # the classifier is left whole
+    x = data.x_test[:16]
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), finalized(x), rtol=1e-5, atol=1e-5)
+
+
 def test_imp_removes_twenty_percent_per_round_and_ten_in_the_output_layer():
     model = _gated_mlp()
     layers = dict(csext.gated_modules(model))
@@ -130,7 +174,7 @@ def test_compare_command_end_to_end(tmp_path, capsys):
     data = _tiny_npz(tmp_path / "tiny.npz")
     out = tmp_path / "cmp"
     assert cli.main(["compare", "--data", str(data), "--out", str(out), "--epochs", "2", "--rounds", "2",
-                     "--batch-size", "32", "--imp-rounds", "2", "--quiet"]) == 0
+                     "--batch-size", "32", "--imp-rounds", "2", "--timing-repeats", "2", "--quiet"]) == 0
     printed = capsys.readouterr().out
     for method in baselines.METHODS:  # a line each: the ticket, or that none is close
         assert f"{method}: sparsest ticket within 1 point of dense: " in printed or (
@@ -143,8 +187,9 @@ def test_compare_command_end_to_end(tmp_path, capsys):
         assert results["method"] == method and results["dense"] == summary["dense"]
         assert "sparsest_within_1_point_on_validation" not in summary["methods"][method]  # no --val-fraction
         assert set(results) == {"method", "data", "model", "seed", "config", "dense", "tickets", "environment"}
-        if method in ("magnitude", "snip", "random"):  # matched to CS's tickets
-            assert [t["remaining"] for t in results["tickets"]] == pytest.approx(cs_fractions, abs=1e-3)
+        if method in ("magnitude", "snip", "random", "l1"):  # matched to CS's tickets (l1: to a unit's weights)
+            assert [t["remaining"] for t in results["tickets"]] == pytest.approx(
+                cs_fractions, abs=1e-3 if method != "l1" else 0.01)
         # every retrained ticket saved as its plain network, which evaluates to its reported accuracy
         assert sorted(p.name for p in (out / method).glob("ticket-*.pt")) == sorted(
             f"ticket-{t['round']}.pt" for t in results["tickets"])
@@ -166,7 +211,15 @@ def test_compare_command_end_to_end(tmp_path, capsys):
             searched = [row for row in history if row["phase"] == "search"]
             assert searched[-1]["remaining"] == pytest.approx(last["remaining"], abs=1e-6)
         assert (out / method / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for plot in ("accuracy_vs_remaining.png", "accuracy_vs_epochs.png"):
+        # each ticket timed against dense at batch 1 and 256; l1's shrunk (fewer FLOPs), the unstructured as saved
+        for ticket in results["tickets"]:
+            speed = ticket["speed"]
+            assert set(speed["speedup"]) == set(speed["latency_ms"]) == {"1", "256"}
+            assert all(v > 0 for v in speed["speedup"].values()) and speed["shrunk"] == (method == "l1")
+            assert (speed["flops"] < speed["flops_dense"]) if method == "l1" else speed["flops"] == speed["flops_dense"]
+        assert [t["speedup"] for t in summary["methods"][method]["tickets"]] == [
+            t["speed"]["speedup"] for t in results["tickets"]]
+    for plot in ("accuracy_vs_remaining.png", "accuracy_vs_epochs.png", "accuracy_vs_speedup.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["compare", "--data", str(data), "--out", str(tmp_path / "x"), "--methods", "cs,obd", "--quiet"])
@@ -244,4 +297,7 @@ def test_compare_resume_finishes_an_interrupted_comparison(tmp_path, monkeypatch
     whole, cut = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("whole", "cut"))
     for summary in (whole, cut):
         summary["dense"].pop("seconds")  # the clock's, not the run's
+        for entry in summary["methods"].values():  # measured latencies: the clock's too
+            for ticket in entry["tickets"] + [entry["sparsest_within_1_point"] or {}]:
+                assert ticket.pop("speedup", None) is not None or not ticket
     assert cut == whole

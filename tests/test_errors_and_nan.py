@@ -14,7 +14,7 @@ BACKENDS = [b for b in csext.backends.available() if csext.backends.runs_on(b, "
 def test_bad_arguments_are_named(backend):
     w, s, x = torch.randn(4, 6), torch.randn(4, 6), torch.randn(3, 6)
     cases = [
-        (lambda: CF.gated_linear(x, w, torch.randn(4, 5), 1.0, backend=backend), ValueError, "same shape"),
+        (lambda: CF.gated_linear(x, w, torch.randn(4, 5), 1.0, backend=backend), ValueError, "mask_logits must have the shape of weight"),
         (lambda: CF.gated_linear(x, w, s.double(), 1.0, backend=backend), TypeError, "mask_logits must be torch.float32"),
         (lambda: CF.gated_linear(x, w, s.bfloat16(), 1.0, backend=backend), TypeError, "mask_logits must be"),
         (lambda: CF.gated_linear(x, w, s, float("nan"), backend=backend), ValueError, "beta must be a finite number >= 1"),
@@ -35,7 +35,7 @@ def test_bad_arguments_are_named(backend):
     cases += [
         (lambda: CF.gated_conv2d(torch.randn(2, 4, 8, 8), cw, cs, 1.0, backend=backend), ValueError, r"x must have shape \(N, 3, H, W\)"),
         (lambda: CF.gated_conv2d(torch.randn(2, 2, 3, 8, 8), cw, cs, 1.0, backend=backend), ValueError, "x must have shape"),
-        (lambda: CF.gated_conv2d(torch.randn(2, 3, 8, 8), cw, cs[:4], 1.0, backend=backend), ValueError, "same shape"),
+        (lambda: CF.gated_conv2d(torch.randn(2, 3, 8, 8), cw, cs[:4], 1.0, backend=backend), ValueError, "mask_logits must have the shape of weight"),
         (lambda: CF.gated_conv2d(torch.randn(2, 3, 8, 8).bfloat16(), cw, cs, 1.0, backend=backend), TypeError, "x must have the dtype"),
         (lambda: CF.gated_conv2d(torch.randn(2, 3, 8, 8), cw, cs, 1.0, stride=(1, 1, 1), backend=backend), ValueError,
          r"stride must be an int or a pair of ints, got \(1, 1, 1\)"),
@@ -55,7 +55,7 @@ def test_cpp_op_checks_its_own_arguments():
         pytest.skip("the C++ extension is not built")
     w, s = torch.randn(4, 6), torch.randn(4, 6)
     B = csext.backends.common.beta_tensor
-    with pytest.raises(ValueError, match="weight and mask_logits must have the same shape"):
+    with pytest.raises(ValueError, match="mask_logits must have the shape of weight"):
         torch.ops.csext.gate(w, s[:3], B(1.0))
     with pytest.raises(TypeError, match="mask_logits must be float32"):
         torch.ops.csext.gate(w, s.half(), B(1.0))

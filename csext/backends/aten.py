@@ -99,18 +99,29 @@ def conv2d(x, weight, mask_logits, beta: float, bias, stride, padding, dilation,
 
 if loaded():
 
+    def _check_mask_shape(op, weight, mask_logits):
+        """mask_logits of weight's shape, or (rows, 1, ...): one logit per leading row (csrc/gate_checks.h)."""
+        rows = [weight.shape[0]] + [1] * (weight.dim() - 1) if weight.dim() else []
+        torch._check(weight.shape == mask_logits.shape or list(mask_logits.shape) == rows,
+                     lambda: f"{op}: mask_logits must have the shape of weight {tuple(weight.shape)} or one logit "
+                     f"per row, got {tuple(mask_logits.shape)}")
+
+    def _per_element(op, outputs, batched):
+        """op on each element of the batch, where one logit per channel keeps the gate from being
+        one call on the stack."""
+        outs = [op(*args) for args in zip(*batched)]
+        return (torch.stack(outs), 0) if outputs == 1 else (tuple(torch.stack(o) for o in zip(*outs)), (0, 0))
+
     @torch.library.register_fake("csext::gate")
     def _gate_fake(weight, mask_logits, beta, hard=False, penalty=0.0, dtype=None):
-        torch._check(weight.shape == mask_logits.shape,
-                     lambda: f"csext::gate: weight and mask_logits must have the same shape, got "
-                     f"{tuple(weight.shape)} and {tuple(mask_logits.shape)}")
+        _check_mask_shape("csext::gate", weight, mask_logits)
         layout = kernel_layout(weight, mask_logits)
         return torch.empty_like(weight, dtype=dtype or weight.dtype, memory_format=layout)
 
     @torch.library.register_fake("csext::gate_backward")
     def _gate_backward_fake(grad, weight, mask_logits, beta, penalty=0.0):
-        torch._check(grad.shape == weight.shape == mask_logits.shape,
-                     lambda: "csext::gate_backward: grad, weight and mask_logits must have one shape")
+        torch._check(grad.shape == weight.shape, lambda: "csext::gate_backward: grad must have weight's shape")
+        _check_mask_shape("csext::gate_backward", weight, mask_logits)
         layout = kernel_layout(grad, weight, mask_logits)
         return torch.empty_like(weight, memory_format=layout), torch.empty_like(mask_logits, memory_format=layout)
 
@@ -126,6 +137,10 @@ if loaded():
     @torch.library.register_vmap("csext::gate")
     def _gate_vmap(info, in_dims, weight, mask_logits, beta, hard=False, penalty=0.0, dtype=None):
         weight, mask_logits = _batch_first((weight, mask_logits), in_dims[:2], info.batch_size)
+        if weight.shape != mask_logits.shape:
+            betas = beta.movedim(in_dims[2], 0) if in_dims[2] is not None else [beta] * info.batch_size
+            return _per_element(lambda w, s, b: torch.ops.csext.gate(w, s, b, hard, penalty, dtype), 1,
+                                (weight, mask_logits, betas))
         if in_dims[2] is not None:
             beta = beta.movedim(in_dims[2], 0)
             outs = [torch.ops.csext.gate(w, s, b, hard, penalty, dtype) for w, s, b in zip(weight, mask_logits, beta)]
@@ -135,6 +150,10 @@ if loaded():
     @torch.library.register_vmap("csext::gate_backward")
     def _gate_backward_vmap(info, in_dims, grad, weight, mask_logits, beta, penalty=0.0):
         grad, weight, mask_logits = _batch_first((grad, weight, mask_logits), in_dims[:3], info.batch_size)
+        if weight.shape != mask_logits.shape:
+            betas = beta.movedim(in_dims[3], 0) if in_dims[3] is not None else [beta] * info.batch_size
+            return _per_element(lambda g, w, s, b: torch.ops.csext.gate_backward(g, w, s, b, penalty), 2,
+                                (grad, weight, mask_logits, betas))
         if in_dims[3] is not None:
             beta = beta.movedim(in_dims[3], 0)
             outs = [torch.ops.csext.gate_backward(*args, penalty) for args in zip(grad, weight, mask_logits, beta)]

@@ -3,7 +3,8 @@ on CUDA tensors, or on the CPU under TRITON_INTERPRET=1.
 
     gate     the elementwise gate (kernels/gate.py); convolutions gate their weight with it
     linear   up to FUSED_MAX_ROWS rows of x, fused GEMMs that gate each weight tile as they load
-             it (kernels/gated_matmul.py); above, the elementwise gate and ATen's matmul
+             it (kernels/gated_matmul.py); above, and for one logit per output unit, the
+             elementwise gate and ATen's matmul
 
 Each kernel launch is also a torch.library custom op with a fake (shape) kernel, opaque to
 torch.compile and torch.export; in eager mode on plain tensors the launch is called directly
@@ -249,8 +250,11 @@ class _Gate(torch.autograd.Function):
     def vmap(info, in_dims, weight, mask_logits, beta, hard, penalty, dtype):
         if in_dims[2] is not None:
             raise ValueError("csext: the triton gate cannot be vmapped over beta")
-        # elementwise: the gate of a batch is the batch of gates
         weight, mask_logits = (_batch_first(t, d, info.batch_size) for t, d in zip((weight, mask_logits), in_dims))
+        if weight.shape != mask_logits.shape:  # one logit per channel: one call per batch element
+            return torch.stack([_Gate.apply(w, s, beta, hard, penalty, dtype)
+                                for w, s in zip(weight, mask_logits)]), 0
+        # elementwise: the gate of a batch is the batch of gates
         return _Gate.apply(weight, mask_logits, beta, hard, penalty, dtype), 0
 
 
@@ -298,7 +302,10 @@ def linear(x, weight, mask_logits, beta: float, bias, hard: bool, penalty: float
     rows = x if x.dim() == 2 else x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # (-1, K) fails for K = 0
     # A traced or symbolic row count takes the path that suits every size: a branch on it would
     # bake it in, or bound a dynamic batch to FUSED_MAX_ROWS (an error in torch.export).
-    if torch.jit.is_tracing() or isinstance(rows.shape[0], torch.SymInt) or rows.shape[0] > FUSED_MAX_ROWS:
+    # One logit per output unit (channel granularity) takes the unfused path too: the fused GEMMs
+    # gate per weight.
+    if (torch.jit.is_tracing() or isinstance(rows.shape[0], torch.SymInt) or rows.shape[0] > FUSED_MAX_ROWS
+            or mask_logits.shape != weight.shape):
         y = F.linear(rows.to(dtype), gate(weight, mask_logits, beta, hard, penalty, dtype), bias)
     else:
         if hard:

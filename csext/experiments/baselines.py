@@ -9,14 +9,19 @@ optimizer and budget accounting (csext.experiments.search), each writing a resul
     l0         L0 regularisation with hard-concrete gates (Louizos, Welling and Kingma 2018);
                the ticket is the deterministic gate's support, retrained from the rewind point
     random     random pruning at the same fractions, retrained from the rewind point
+    l1         L1-norm filter pruning (Li et al. 2017): of the trained dense network, remove in
+               every gated layer the same share of output units (filters, rows), those whose
+               weights have the smallest L1 norm, then fine-tune; whole units go, so that the
+               ticket shrinks (csext.export.shrink) into a smaller dense network
 
-A mask is {gated layer name: bool tensor}. Every ticket is trained through csext's hard-masked
+A mask is {gated layer name: bool tensor of its mask logits' shape} (l1's: one entry per output unit). Every ticket is trained through csext's hard-masked
 layers with its pruned weights set to zero (csext.experiments.search.prepare_ticket), so they stay exactly
 zero under momentum and weight decay.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -33,7 +38,8 @@ from .search import (HISTORY, HISTORY_COLUMNS, TICKET_NETWORK, TRAINING_PLOT, Se
                      build_plain, default_exclude, epoch_bar, epoch_generator, history_csv, make_optimizer,
                      plot_history, prepare_ticket, save_network, train_epochs, training_module)
 
-METHODS = ("cs", "imp", "magnitude", "snip", "l0", "random")
+METHODS = ("cs", "imp", "magnitude", "snip", "l0", "random", "l1")
+STRUCTURED = ("l1",)  # baselines whose tickets remove whole units
 
 # Louizos et al. 2018: the stretch interval (gamma, zeta) and the temperature of the gates
 L0_GAMMA, L0_ZETA, L0_BETA = -0.1, 1.1, 2.0 / 3.0
@@ -85,6 +91,35 @@ def snip_mask(model: nn.Module, x: torch.Tensor, y: torch.Tensor, fraction: floa
     scores = {name: (m.weight.grad * m.weight).abs() for name, m in layers}
     model.zero_grad(set_to_none=True)
     return top_mask(scores, _keep_count(fraction, sum(s.numel() for s in scores.values())))
+
+
+def l1_filter_mask(model: nn.Module, fraction: float) -> dict[str, torch.Tensor]:
+    """Li et al. 2017 on a model gated by channel: in every gated layer keep the same share of
+    output units, those whose weights have the largest L1 norm (ties by index), the share chosen
+    so that the fraction of gated weights kept is the nearest to `fraction`."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    layers = gated_modules(model)
+    if any(m.weights_per_logit() == 1 and m.weight.dim() > 1 for _, m in layers):
+        raise ValueError("l1_filter_mask needs a model gated with granularity='channel'")
+    units = [m.mask_logits.numel() for _, m in layers]
+    per_unit = [m.weights_per_logit() for _, m in layers]
+    total = sum(u * w for u, w in zip(units, per_unit))
+
+    def kept_units(share):
+        return [max(1, round(share * u)) for u in units]
+
+    # every share at which some layer's count of units changes: the nearest of those is the nearest of all
+    shares = sorted({k / u for u in units for k in range(1, u + 1)})
+    best = min(shares, key=lambda share: abs(sum(k * w for k, w in zip(kept_units(share), per_unit)) / total - fraction))
+    masks = {}
+    for (name, m), keep in zip(layers, kept_units(best)):
+        norms = m.weight.detach().abs().flatten(1).sum(1).float().cpu()
+        order = torch.sort(-norms, stable=True).indices  # largest first, ties by index
+        kept = torch.zeros(norms.numel(), dtype=torch.bool)
+        kept[order[:keep]] = True
+        masks[name] = kept.view(m.mask_logits.shape)
+    return masks
 
 
 def imp_step(model: nn.Module, mask: dict[str, torch.Tensor], rate: float = 0.2, output_rate: float = 0.1,
@@ -171,6 +206,8 @@ class MethodRun:
                  l0_penalty: float = 0.1, progress: bool = False, out: str | os.PathLike | None = None):
         if method not in METHODS or method == "cs":
             raise ValueError(f"method must be one of {METHODS[1:]}, got {method!r}")
+        # l1 prunes whole units (a mask logit per unit); the others single weights
+        config = dataclasses.replace(config, granularity="channel" if method in STRUCTURED else "weight")
         self.method, self.config, self.data, self.progress = method, config, data, progress
         self.out = None if out is None else Path(out)
         self.fractions, self.imp_rounds, self.l0_penalty = list(fractions), imp_rounds, l0_penalty
@@ -215,14 +252,15 @@ class MethodRun:
         """Train the ticket `mask` from the weights `rewind`; its results entry and the model."""
         model = build_gated(self.config, self.data, self.exclude)
         prepare_ticket(model, mask, rewind)
-        kept = sum(int(v.sum()) for v in mask.values())
-        total = sum(v.numel() for v in mask.values())
+        layers = dict(gated_modules(model))  # a unit's entry counts once per weight it keeps
+        kept = sum(int(v.sum()) * layers[n].weights_per_logit() for n, v in mask.items())
+        total = sum(layers[n].weight.numel() for n in mask)
         self._train(model, self.config.retrain_budget, f"ticket {round_} of {self.ticket_count}", "retrain", round_,
                     lambda: kept / total)
         scores = accuracies(model, self.data, self.config)
         entry = {"round": round_, "remaining": kept / total, **scores,
                  "epochs_spent": self.epochs_spent, "seconds": round(time.perf_counter() - started, 3),
-                 "per_layer": {n: int(v.sum()) / v.numel() for n, v in mask.items()}}
+                 "per_layer": {n: int(v.sum()) / v.numel() for n, v in mask.items()}}  # of units, for l1
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
             save_network(model, self.out / TICKET_NETWORK.format(round=round_), self.config, self.data, round_,
@@ -262,6 +300,13 @@ class MethodRun:
             # fine-tuning from the trained weights (not a rewind): one-shot pruning, then training
             tickets.append(self._ticket(magnitude_mask(dense, fraction), trained, i, started)[0])
         return tickets
+
+    def _run_l1(self, started) -> list[dict]:
+        dense = self._open_gated()
+        self._train(dense, self.config.dense_budget, "dense", "dense", 0, lambda: 1.0)
+        trained = capture(dense)
+        # fine-tuning from the trained weights, the budget of magnitude's
+        return [self._ticket(l1_filter_mask(dense, f), trained, i, started)[0] for i, f in enumerate(self.fractions, start=1)]
 
     def _run_snip(self, started) -> list[dict]:
         model = self._open_gated()

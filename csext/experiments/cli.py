@@ -69,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--sweep-mask-init", default=None,
                         help="comma-separated s0 values: one independent search per (s0, lam), spread over the ranks")
     search.add_argument("--sweep-penalty", default=None, help="comma-separated lam values for the sweep")
-    compare = commands.add_parser("compare", help="CS against IMP, magnitude, SNIP, L0 and random pruning",
+    compare = commands.add_parser("compare", help="CS against IMP, magnitude, SNIP, L0, random and L1 filter pruning",
                                   formatter_class=_HelpFormatter)
     _add_run_options(compare)
     compare.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from " + ", ".join(METHODS))
@@ -78,6 +78,8 @@ def _parser() -> argparse.ArgumentParser:
                               "(with cs: the fractions its tickets reached)")
     compare.add_argument("--imp-rounds", type=int, default=10, help="IMP rounds, each removing 20%% of the weights")
     compare.add_argument("--l0-penalty", type=float, default=0.1, help="lam of L0: lam / N * expected L0")
+    compare.add_argument("--timing-repeats", type=int, default=20,
+                         help="timed calls per network and batch size (x10 at batch 1); the median is kept")
     compare.add_argument("--resume", action="store_true",
                          help="continue the comparison in --out: the cs search from its checkpoint, methods "
                               "that finished kept, the others run")
@@ -112,6 +114,8 @@ def _add_run_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--rescale", action=argparse.BooleanOptionalAction, default=None,
                    help="mask c * sigmoid(beta * s) and penalty lam * c * sum(sigmoid(beta * s)), c = 1 / "
                         "sigmoid(s0), as the authors' code (default: on with --recipe authors, else off)")
+    s.add_argument("--granularity", choices=["weight", "channel"], default=d.granularity,
+                   help="one mask logit per weight, or per output unit (a channel ticket shrinks: csext.export.shrink)")
     s.add_argument("--target-remaining", type=float, default=None,
                    help="steer lam (then the mask threshold) so the last ticket keeps this fraction")
     s.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate")
@@ -250,7 +254,8 @@ def _compare(args, config: SearchConfig) -> int:
         raise ConfigError(f"--fractions must be comma-separated numbers, got {args.fractions!r}") from None
     methods = [m for m in args.methods.split(",") if m]
     summary = compare(config, methods, args.out, fractions=fractions, imp_rounds=args.imp_rounds,
-                      l0_penalty=args.l0_penalty, progress=not args.quiet, resume=args.resume)
+                      l0_penalty=args.l0_penalty, progress=not args.quiet, resume=args.resume,
+                      timing_repeats=args.timing_repeats)
     print(f"dense: test accuracy {summary['dense']['test_acc']:.4f}{_validation(summary['dense'])}")
     for method, entry in summary["methods"].items():
         _print_sparsest(f"{method}: ", entry)

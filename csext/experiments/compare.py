@@ -4,7 +4,14 @@ Writes DIR/<method>/results.json (docs/contract.md section 3) and each ticket re
 (DIR/<method>/ticket-R.pt, read by csext.experiments.search.load_network), for each method, DIR/summary.json, and two
 plots: test accuracy against remaining fraction (log axis) and against epochs spent, a line per
 method, the dense accuracy as a reference line. magnitude, snip and random prune to the
-fractions CS's tickets reached (when cs is among the methods), else to `fractions`.
+fractions CS's tickets reached (when cs is among the methods), else to `fractions`; so does l1,
+L1-norm filter pruning, whose tickets are whole units.
+
+Each ticket's results entry gets "speed" (csext.experiments.speed.measure): its FLOPs and CPU
+latency at batch 1 and 256 against the dense network of the same architecture, the ticket timed
+as the network it can run as: shrunk (csext.export.shrink) where it removes whole units (cs with
+--granularity channel, l1), as saved (dense layers holding zeros) where it removes single weights.
+A third plot draws test accuracy against the measured speedup at batch 256.
 """
 
 from __future__ import annotations
@@ -16,14 +23,16 @@ import time
 from pathlib import Path
 
 from .. import __version__, backends
-from .baselines import METHODS, MethodRun
+from .baselines import METHODS, STRUCTURED, MethodRun
 from .files import FileError, check_output_folder, write_atomic
 from .plots import pyplot, remaining_axis, save_png
 from .search import (CHECKPOINT, RESULTS, ConfigError, Search, SearchConfig, accuracies, build_plain, changed_settings,
-                     epoch_bar, load_data, make_optimizer, sparsest_within_a_point, ticket_summary, train_epochs,
-                     training_module)
+                     epoch_bar, load_data, load_network, make_optimizer, sparsest_within_a_point, ticket_summary,
+                     train_epochs, training_module, TICKET_NETWORK)
+from .speed import measure
 
 SUMMARY = "summary.json"
+SPEED_PLOT = "accuracy_vs_speedup.png"
 
 
 def dense_baseline(config: SearchConfig, data, progress: bool = False) -> dict:
@@ -37,7 +46,7 @@ def dense_baseline(config: SearchConfig, data, progress: bool = False) -> dict:
 
 
 def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_rounds: int = 10,
-            l0_penalty: float = 0.1, progress: bool = True, resume: bool = False) -> dict:
+            l0_penalty: float = 0.1, progress: bool = True, resume: bool = False, timing_repeats: int = 20) -> dict:
     """Run `methods` on one setup into `out`. With `resume`, continue a comparison that was cut
     short: the cs search from its checkpoint, the methods that wrote results kept (their settings
     checked), the others run."""
@@ -48,6 +57,8 @@ def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_
         raise ConfigError(f"--fractions must lie in (0, 1], got {list(fractions)}")
     if imp_rounds < 1:
         raise ConfigError(f"--imp-rounds must be >= 1, got {imp_rounds}")
+    if timing_repeats < 1:
+        raise ConfigError(f"--timing-repeats must be >= 1, got {timing_repeats}")
     if not str(out).strip():  # Path("") is the working directory
         raise ConfigError(f"--out must name a folder, got {str(out)!r}")
     out = Path(out)
@@ -67,6 +78,8 @@ def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_
     if "cs" in methods:
         search = Search(config, out / "cs", resume=resume and (out / "cs" / CHECKPOINT).exists(), progress=progress)
         per_method["cs"] = search.run()
+        if _time_tickets(per_method["cs"], out / "cs", config, data, config.granularity == "channel", timing_repeats):
+            write_atomic(out / "cs" / RESULTS, (json.dumps(per_method["cs"], indent=2) + "\n").encode())
         fractions = [t["remaining"] for t in per_method["cs"]["tickets"]]
         dense = per_method["cs"]["dense"]
     else:
@@ -86,6 +99,7 @@ def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_
                             progress=progress, out=out / method)
             results = {**template, "method": method, "tickets": run.run()["tickets"]}
             results["config"] = {**template["config"], **settings}
+            _time_tickets(results, out / method, config, data, method in STRUCTURED, timing_repeats)
             write_atomic(out / method / RESULTS, (json.dumps(results, indent=2) + "\n").encode())
         per_method[method] = results
         if progress:
@@ -94,6 +108,24 @@ def compare(config: SearchConfig, methods, out, fractions=(0.2, 0.1, 0.05), imp_
     write_atomic(out / SUMMARY, (json.dumps(summary, indent=2) + "\n").encode())
     plot_comparison(summary, out)
     return summary
+
+
+def _time_tickets(results: dict, folder: Path, config: SearchConfig, data, structured: bool, repeats: int) -> bool:
+    """Add "speed" to each ticket of `results` that lacks it, from its network in `folder`
+    (shrunk where `structured`), against the plain network; whether any was added."""
+    from ..export import shrink  # the networks' rebuild, needed only here
+
+    added = False
+    for ticket in results["tickets"]:
+        if "speed" in ticket:
+            continue
+        network = load_network(folder / TICKET_NETWORK.format(round=ticket["round"]))
+        if structured:
+            network = shrink(network)
+        ticket["speed"] = {**measure(build_plain(config, data).cpu(), network, data.input_shape, repeats),
+                           "shrunk": structured}
+        added = True
+    return added
 
 
 def _kept_results(path: Path, config: SearchConfig, settings: dict) -> dict:
@@ -127,12 +159,20 @@ def summarise(per_method: dict, dense: dict, config: SearchConfig) -> dict:
     set out of it."""
     summary = {"data": config.data, "model": config.model, "seed": config.seed, "dense": dense, "methods": {}}
     for method, results in per_method.items():
-        tickets = [ticket_summary(t) for t in results["tickets"]]
+        tickets = [{**ticket_summary(t), **_speed_summary(t)} for t in results["tickets"]]
         entry = summary["methods"][method] = {"tickets": tickets,
                                               "sparsest_within_1_point": sparsest_within_a_point(tickets, dense)}
         if "val_acc" in dense:
             entry["sparsest_within_1_point_on_validation"] = sparsest_within_a_point(tickets, dense, "val_acc")
     return summary
+
+
+def _speed_summary(ticket: dict) -> dict:
+    """What the summary keeps of a ticket's measured cost: FLOPs ratio and speedups (dense / ticket)."""
+    speed = ticket.get("speed")
+    if speed is None:
+        return {}
+    return {"flops_ratio": round(speed["flops_ratio"], 4), "speedup": speed["speedup"], "shrunk": speed["shrunk"]}
 
 
 def plot_comparison(summary: dict, out: Path) -> bool:
@@ -153,4 +193,17 @@ def plot_comparison(summary: dict, out: Path) -> bool:
         ax.set_title(f"{summary['model']} on {summary['data']}, seed {summary['seed']}", fontsize=10)
         ax.legend(fontsize=8)
         save_png(plt, fig, out / name)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for method, entry in summary["methods"].items():
+        tickets = sorted((t for t in entry["tickets"] if "speedup" in t), key=lambda t: t["speedup"]["256"])
+        ax.plot([t["speedup"]["256"] for t in tickets], [t["test_acc"] for t in tickets], "o-", label=method,
+                markersize=4)
+    ax.axhline(summary["dense"]["test_acc"], color="gray", linestyle="--", label="dense")
+    ax.axvline(1.0, color="gray", linestyle=":", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("measured speedup over dense, batch 256, CPU (shrunk where whole units go)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"{summary['model']} on {summary['data']}, seed {summary['seed']}", fontsize=10)
+    ax.legend(fontsize=8)
+    save_png(plt, fig, out / SPEED_PLOT)
     return True

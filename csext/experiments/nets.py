@@ -28,6 +28,8 @@ NAMES = ("mlp", "lenet300", "cnn1d", "conv4", "resnet20", "vgg16")
 DEFAULT_EXCLUDE = {"mlp": (), "lenet300": (), "cnn1d": (), "conv4": (), "resnet20": ("conv", "fc"), "vgg16": ("fc",)}
 AUTHORS_EXCLUDE = {**DEFAULT_EXCLUDE, "resnet20": ("fc", "blocks.*.shortcut"), "vgg16": ("fc",)}
 RECIPES = ("csext", "authors")
+# The output layer of each network: its units are the classes, which channel granularity leaves in place.
+CLASSIFIER = {"mlp": "5", "lenet300": "5", "cnn1d": "8", "conv4": "classifier.5", "resnet20": "fc", "vgg16": "fc"}
 
 
 def mlp(input_shape, num_classes: int) -> nn.Module:

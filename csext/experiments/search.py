@@ -104,6 +104,7 @@ class SearchConfig:
     rescale: bool | None = None
     exclude: list[str] | None = None  # layers left dense; default: the recipe's (csext.experiments.nets)
     target_remaining: float | None = None
+    granularity: str = "weight"  # one mask logit per weight, or per output unit ("channel")
     data_dir: str | None = None
     download: bool = False  # fetch missing cifar10 / mnist files into data_dir
     device: str = "cpu"
@@ -159,6 +160,8 @@ class SearchConfig:
                 nets.factory(self.model)
             except ValueError as error:
                 raise ConfigError(f"--model: {error}") from None
+        if self.granularity not in ("weight", "channel"):
+            raise ConfigError(f"--granularity must be weight or channel, got {self.granularity!r}")
         if self.target_remaining is not None and not 0.0 < self.target_remaining < 1.0:
             raise ConfigError(f"--target-remaining must lie strictly between 0 and 1, got {self.target_remaining}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -399,7 +402,7 @@ def build_gated(config: SearchConfig, data: datasets.Dataset, exclude) -> nn.Mod
     """build_plain, then every Linear / Conv2d not in `exclude` gated with s = s0."""
     model = build_plain(config, data)
     try:
-        gated = sparsify(model, mask_init=config.mask_init, exclude=exclude)
+        gated = sparsify(model, mask_init=config.mask_init, exclude=exclude, granularity=config.granularity)
     except ValueError as error:
         raise ConfigError(f"--exclude: {error}") from None
     if config.rescale:
@@ -409,7 +412,15 @@ def build_gated(config: SearchConfig, data: datasets.Dataset, exclude) -> nn.Mod
 
 
 def default_exclude(config: SearchConfig) -> list[str]:
-    return list(config.exclude) if config.exclude is not None else list(nets.exclude_of(config.model, config.recipe))
+    """--exclude, else the dense layers of the model and recipe; with channel granularity the
+    classifier too (a gated-off output unit would remove a class)."""
+    if config.exclude is not None:
+        return list(config.exclude)
+    exclude = list(nets.exclude_of(config.model, config.recipe))
+    classifier = nets.CLASSIFIER.get(config.model)
+    if config.granularity == "channel" and classifier is not None and classifier not in exclude:
+        exclude.append(classifier)
+    return exclude
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -804,7 +815,8 @@ def _threshold_to(model: nn.Module, target: float) -> float | None:
     remaining = sparsity_report(model).remaining
     if abs(remaining - target) <= 0.1 * target:
         return None
-    logits = torch.cat([m.mask_logits.flatten().float() for _, m in gated_modules(model)])
+    # A channel's logit counts once per weight it gates, so that the quantile is one of weights.
+    logits = torch.cat([m.mask_logits.expand_as(m.weight).flatten().float() for _, m in gated_modules(model)])
     keep = max(1, round(target * logits.numel()))
     threshold = torch.topk(logits, keep).values[-1]
     for _, m in gated_modules(model):

@@ -1,6 +1,8 @@
 // CUDA kernels of the CS gate (docs/contract.md section 1), free of torch:
 //   forward   w_eff = w * m,  m = sigmoid(beta * s)  (soft)  or  m = 1[s > 0]  (hard)
 //   backward  dL/dw = G * m,  dL/ds = beta * m * (1 - m) * (G * w + lam)
+// With one logit per row of `cols` weights (channel granularity) m is the row's and dL/ds the sum
+// of the backward's terms over the row, reduced by one block per row in the same pass.
 // Each is one pass over flat storage; each thread moves VEC elements per operand with one access
 // of up to 16 bytes where the pointers allow it. The math mirrors csrc/gate_cpu.h.
 #pragma once
@@ -136,6 +138,50 @@ __global__ void gate_backward_kernel(const G* __restrict__ grad, const W* __rest
   for (int64_t i = packs * VEC + first; i < n; i += stride) {
     gate_backward_one<Acc, W, G>(grad[i], weight[i], mask_logits[i], beta, penalty, grad_weight[i],
                                  grad_mask_logits[i]);
+  }
+}
+
+// Channel form, forward: element i takes the logit of its row, i / cols.
+template <typename Acc, typename W, typename Out>
+__global__ void gate_rows_forward_kernel(const W* __restrict__ weight,
+                                         const Acc* __restrict__ mask_logits, Out* __restrict__ out,
+                                         int64_t n, int64_t cols, Acc beta, bool hard) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    out[i] = gate_one<Acc, W, Out>(weight[i], mask_logits[i / cols], beta, hard);
+  }
+}
+
+// Channel form, backward: one block per row (grid-stride over rows); dL/dw per weight, and
+// dL/ds = beta * m * (1 - m) * (sum_j G_j w_j + cols * lam) from a shared-memory tree sum.
+// THREADS is the block size, a power of two.
+template <typename Acc, typename W, typename G, int THREADS>
+__global__ void gate_rows_backward_kernel(const G* __restrict__ grad, const W* __restrict__ weight,
+                                          const Acc* __restrict__ mask_logits,
+                                          W* __restrict__ grad_weight,
+                                          Acc* __restrict__ grad_mask_logits, int64_t rows,
+                                          int64_t cols, Acc beta, Acc penalty) {
+  __shared__ Acc partial[THREADS];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    Acc m, slope;
+    soft_gate(beta * mask_logits[r], m, slope);
+    const int64_t first = r * cols;
+    Acc dot = Acc(0);
+    for (int64_t j = threadIdx.x; j < cols; j += THREADS) {
+      const Acc g = load_as<Acc>(grad[first + j]);
+      grad_weight[first + j] = store_as<W>(g * m);
+      dot += g * load_as<Acc>(weight[first + j]);
+    }
+    partial[threadIdx.x] = dot;
+    __syncthreads();
+    for (int half = THREADS / 2; half > 0; half /= 2) {
+      if (threadIdx.x < half) partial[threadIdx.x] += partial[threadIdx.x + half];
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      grad_mask_logits[r] = beta * slope * (partial[0] + static_cast<Acc>(cols) * penalty);
+    }
+    __syncthreads();  // partial is reused by the next row
   }
 }
 

@@ -35,6 +35,7 @@ at::Tensor gate_cuda(const at::Tensor& weight, const at::Tensor& mask_logits,
   (void)penalty;  // used by the backward only
   const double beta = read_beta("csext::gate", beta_tensor);
   check_gate_args("csext::gate", "weight", weight, mask_logits, beta);
+  const int64_t cols = weights_per_logit("csext::gate", "weight", weight, mask_logits);
   TORCH_CHECK(weight.is_cuda(), "csext::gate: the CUDA kernel got a tensor on ", weight.device());
   const at::ScalarType out_type = gate_output_type(weight, dtype);
   const c10::cuda::CUDAGuard device_guard(weight.device());
@@ -44,7 +45,7 @@ at::Tensor gate_cuda(const at::Tensor& weight, const at::Tensor& mask_logits,
   at::Tensor out = at::empty(w.sizes(), w.options().dtype(out_type).memory_format(layout));
   check_launch(cuda::gate_forward(to_kernel_dtype(w.scalar_type()), to_kernel_dtype(out_type),
                                   w.const_data_ptr(), s.const_data_ptr(), out.mutable_data_ptr(),
-                                  w.numel(), beta, hard, c10::cuda::getCurrentCUDAStream()),
+                                  w.numel(), cols, beta, hard, c10::cuda::getCurrentCUDAStream()),
                "csext::gate");
   return out;
 }
@@ -56,6 +57,7 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cuda(const at::Tensor& grad,
                                                       double penalty) {
   const double beta = read_beta("csext::gate_backward", beta_tensor);
   check_gate_backward_args(grad, weight, mask_logits, beta, penalty);
+  const int64_t cols = weights_per_logit("csext::gate_backward", "weight", weight, mask_logits);
   TORCH_CHECK(weight.is_cuda(), "csext::gate_backward: the CUDA kernel got a tensor on ",
               weight.device());
   const c10::cuda::CUDAGuard device_guard(weight.device());
@@ -69,7 +71,8 @@ std::tuple<at::Tensor, at::Tensor> gate_backward_cuda(const at::Tensor& grad,
                                    to_kernel_dtype(g.scalar_type()), g.const_data_ptr(),
                                    w.const_data_ptr(), s.const_data_ptr(),
                                    grad_weight.mutable_data_ptr(),
-                                   grad_mask_logits.mutable_data_ptr(), w.numel(), beta, penalty,
+                                   grad_mask_logits.mutable_data_ptr(), w.numel(), cols, beta,
+                                   penalty,
                                    c10::cuda::getCurrentCUDAStream()),
                "csext::gate_backward");
   return {grad_weight, grad_mask_logits};
