@@ -142,7 +142,8 @@ def test_compare_command_end_to_end(tmp_path, capsys):
         results = json.loads((out / method / "results.json").read_text())
         assert results["method"] == method and results["dense"] == summary["dense"]
         assert "sparsest_within_1_point_on_validation" not in summary["methods"][method]  # no --val-fraction
-        assert set(results) == {"method", "data", "model", "seed", "config", "dense", "tickets", "environment"}
+        assert set(results) == {"method", "data", "model", "seed", "config", "dense", "tickets", "environment",
+                                *(["scaling"] if method == "cs" else [])}
         if method in ("magnitude", "snip", "random"):  # matched to CS's tickets
             assert [t["remaining"] for t in results["tickets"]] == pytest.approx(cs_fractions, abs=1e-3)
         # every retrained ticket saved as its plain network, which evaluates to its reported accuracy
