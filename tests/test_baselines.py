@@ -186,7 +186,8 @@ def test_compare_command_end_to_end(tmp_path, capsys):
         results = json.loads((out / method / "results.json").read_text())
         assert results["method"] == method and results["dense"] == summary["dense"]
         assert "sparsest_within_1_point_on_validation" not in summary["methods"][method]  # no --val-fraction
-        assert set(results) == {"method", "data", "model", "seed", "config", "dense", "tickets", "environment"}
+        assert set(results) == {"method", "data", "model", "seed", "config", "dense", "tickets", "environment",
+                                *(["scaling"] if method == "cs" else [])}
         if method in ("magnitude", "snip", "random", "l1"):  # matched to CS's tickets (l1: to a unit's weights)
             assert [t["remaining"] for t in results["tickets"]] == pytest.approx(
                 cs_fractions, abs=1e-3 if method != "l1" else 0.01)

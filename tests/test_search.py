@@ -364,7 +364,7 @@ def test_a_ticket_that_closes_a_layer_is_named_in_a_warning(tmp_path, capsys):
                               f"so in a network without skip connections the ticket's output no longer depends on "
                               f"its input. Without normalization layers the soft mask scales every layer's output "
                               f"by sigmoid(s0) (0.5 at --mask-init 0), which shrinks the signal and the gradients "
-                              f"that would keep gates open; try --rescale (the paper's code divides the mask by "
+                              f"that would keep gates open; try --rescale (the authors' code divides the mask by "
                               f"sigmoid(s0)), a higher --mask-init, a lower --penalty or more --epochs\n")
     with pytest.warns(search.SearchWarning, match=f"{closed[-1]} keep no weight"):  # in Python, a warning
         search.Search(cli.parse([*args, "--out", str(tmp_path / "python")])[1], tmp_path / "python",
