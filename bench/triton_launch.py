@@ -130,8 +130,8 @@ def launches(device):
     wg_grid = lambda meta: (triton.cdiv(n, meta["BLOCK_W"]) * triton.cdiv(k, meta["BLOCK_K"]),)  # noqa: E731
     return {
         "gate forward": (
-            lambda: gate.gate_forward_kernel[grid](w, s, w_eff, beta, numel, HARD=False, BLOCK=gate.BLOCK, num_warps=4,
-                                                   **OPTIONS),
+            lambda: gate.gate_forward_kernel[grid](w, s, w_eff, beta, numel, 1, HARD=False, ROWS=False,
+                                                   BLOCK=gate.BLOCK, num_warps=4, **OPTIONS),
             lambda: gate.gate_forward(w, s, beta, w_eff, False)),
         "gate backward": (
             lambda: gate.gate_backward_kernel[grid](w, w, s, gw, gs, beta, numel, 1e-4, BLOCK=gate.BLOCK, num_warps=4,

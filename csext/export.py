@@ -209,22 +209,25 @@ def _sequence(module: nn.Module) -> list:
 
 
 def _chains(model: nn.Module) -> list[list]:
-    """The chains of layers that shrink can read and rebuild: an nn.Sequential's layers, and for
-    the package's networks (csext.experiments.nets) the layers in the order their forward runs
-    them. Of a residual block only the inner chain (conv1, bn1, relu, conv2) is one: the
-    channels of a block's output feed a sum with the shortcut's and stay as they are."""
-    from .experiments import nets  # the application's networks, loaded only when shrinking one
-
+    """The chains of layers that shrink can read and rebuild: an nn.Sequential's layers, or those
+    a network names itself with a method `shrink_chains()`: lists of qualified module names in the
+    order its forward runs them, with "relu" for a ReLU applied functionally and "global average
+    pool and flatten" (csext.experiments.nets's networks do; a residual block's chain is its inner
+    one, as the channels of its output feed a sum with the shortcut's and stay as they are)."""
     if isinstance(model, nn.Sequential):
         return [_sequence(model)]
-    if isinstance(model, nets.Conv4):
-        return [_sequence(model.features) + _sequence(model.classifier)]
-    if isinstance(model, nets.VGG16):
-        return [_sequence(model.features) + [_GLOBAL_POOL, _Slot(model, "fc")]]
-    if isinstance(model, nets.ResNet20):
-        return [[_Slot(block, "conv1"), _Slot(block, "bn1"), _RELU, _Slot(block, "conv2")] for block in model.blocks]
-    raise TypeError(f"shrink takes an nn.Sequential or one of the package's networks (mlp, lenet300, cnn1d, conv4, "
-                    f"vgg16, resnet20), got {type(model).__name__}")
+    names = getattr(model, "shrink_chains", None)
+    if names is None:
+        raise TypeError(f"shrink takes an nn.Sequential or a network with shrink_chains() (the package's mlp, "
+                        f"lenet300, cnn1d, conv4, vgg16, resnet20), got {type(model).__name__}")
+    return [[_step(model, name) for name in chain] for chain in names()]
+
+
+def _step(model: nn.Module, name: str):
+    if name in (_RELU, _GLOBAL_POOL):
+        return name
+    parent, _, attribute = name.rpartition(".")
+    return _Slot(model.get_submodule(parent) if parent else model, attribute)
 
 
 def _constant_through(step, constant: torch.Tensor):

@@ -116,8 +116,7 @@ def gate(
 ) -> torch.Tensor:
     """w_eff = weight * m in `dtype` (default: weight's)."""
     m = mask(mask_logits, beta, hard)
-    if m.shape != weight.shape:  # one logit per channel: its gate, once per weight
-        m = m.expand(weight.shape)
+    m = m.expand_as(weight)  # one logit per channel: its gate, once per weight (no comparison: jit.trace)
     if penalty and not hard:
         m = (_AddPenaltyGradientForTransforms if transforms_active() else _AddPenaltyGradient).apply(m, penalty)
     return (weight * m).to(dtype or weight.dtype)
@@ -140,8 +139,7 @@ def gate_grads(
     if hard:
         return grad_weight, None
     grad_mask_logits = beta * m * (1 - m) * (g * weight + penalty)
-    if grad_mask_logits.shape != mask_logits.shape:  # a channel's gradient: the sum over its weights
-        grad_mask_logits = grad_mask_logits.sum_to_size(mask_logits.shape)
+    grad_mask_logits = grad_mask_logits.sum_to_size(mask_logits.shape)  # a channel's: the sum over its weights
     return grad_weight, grad_mask_logits.to(mask_logits.dtype)
 
 

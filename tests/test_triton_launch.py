@@ -118,8 +118,8 @@ def _check_all():
             for n in (1, 16, 1000, 2**31 + 16):  # Triton specializes 1, multiples of 16, 64-bit
                 w, s, out, g, gw, gs = buffers(dtype, offset, [(7, 11)] * 6)
                 for hard in (False, True):
-                    seen.add(check(gate._launch_forward, flat(n), (w, s, out, beta), (n,), HARD=hard,
-                                   BLOCK=gate.BLOCK, num_warps=4))
+                    seen.add(check(gate._launch_forward, flat(n), (w, s, out, beta), (n, 1), HARD=hard,
+                                   ROWS=False, BLOCK=gate.BLOCK, num_warps=4))
                 for penalty in (0.0, 1e-4):  # floats are never specialized: one binary
                     seen.add(check(gate._launch_backward, flat(n), (g, w, s, gw, gs, beta), (n,), (penalty,),
                                    BLOCK=gate.BLOCK, num_warps=4))
@@ -152,7 +152,8 @@ def _check_all():
     def launch_twice():
         launched.clear()
         for _ in range(2):
-            gate._launch_forward(flat(9), (w, s, out, beta), (9,), (), dict(HARD=False, BLOCK=gate.BLOCK, num_warps=4))
+            gate._launch_forward(flat(9), (w, s, out, beta), (9, 1), (),
+                                 dict(HARD=False, ROWS=False, BLOCK=gate.BLOCK, num_warps=4))
         return [args[6:9] for _, args in launched]
 
     launch_twice()  # the first launch goes through Triton; the ones below skip it

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .. import __version__, backends
+from . import nets
 from .baselines import METHODS, STRUCTURED, MethodRun
 from .files import FileError, check_output_folder, write_atomic
 from .plots import pyplot, remaining_axis, save_png
@@ -119,7 +120,9 @@ def _time_tickets(results: dict, folder: Path, config: SearchConfig, data, struc
     for ticket in results["tickets"]:
         if "speed" in ticket:
             continue
-        network = load_network(folder / TICKET_NETWORK.format(round=ticket["round"]))
+        # the run's own MODULE:FACTORY model, named on the command line (never read from the file)
+        factory = nets.factory(config.model) if nets.is_factory_path(config.model) else None
+        network = load_network(folder / TICKET_NETWORK.format(round=ticket["round"]), factory=factory)
         if structured:
             network = shrink(network)
         ticket["speed"] = {**measure(build_plain(config, data).cpu(), network, data.input_shape, repeats),

@@ -116,6 +116,11 @@ class Conv4(nn.Module):
     def forward(self, x):
         return self.classifier(self.features(x))
 
+    def shrink_chains(self) -> list[list[str]]:
+        """The layers in forward's order, for csext.export.shrink."""
+        return [[f"features.{n}" for n, _ in self.features.named_children()]
+                + [f"classifier.{n}" for n, _ in self.classifier.named_children()]]
+
 
 class _Block(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, shortcut_norm: bool = True):
@@ -154,6 +159,11 @@ class ResNet20(nn.Module):
         x = self.blocks(nn.functional.relu(self.bn(self.conv(x))))
         return self.fc(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
 
+    def shrink_chains(self) -> list[list[str]]:
+        """Each block's inner chain, for csext.export.shrink: the channels of a block's output feed
+        a sum with its shortcut's and are kept."""
+        return [[f"blocks.{i}.conv1", f"blocks.{i}.bn1", "relu", f"blocks.{i}.conv2"] for i in range(len(self.blocks))]
+
 
 class VGG16(nn.Module):
     PLAN = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
@@ -174,6 +184,11 @@ class VGG16(nn.Module):
 
     def forward(self, x):
         return self.fc(nn.functional.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+    def shrink_chains(self) -> list[list[str]]:
+        """The layers in forward's order, for csext.export.shrink."""
+        return [[f"features.{n}" for n, _ in self.features.named_children()]
+                + ["global average pool and flatten", "fc"]]
 
 
 _BUILDERS = {"mlp": mlp, "lenet300": lenet300, "cnn1d": cnn1d, "conv4": Conv4, "resnet20": ResNet20, "vgg16": VGG16}
