@@ -256,7 +256,7 @@ def test_shrink_refuses_gated_layers_and_other_models():
 
     with pytest.raises(ValueError, match="call csext.finalize"):
         export.shrink(nn.Sequential(csext.GatedLinear(2, 2)))
-    with pytest.raises(TypeError, match="shrink takes an nn.Sequential or one of the package's networks"):
+    with pytest.raises(TypeError, match="shrink takes an nn.Sequential or a network with shrink_chains"):
         export.shrink(nn.Linear(2, 2))
 
 
