@@ -119,9 +119,10 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
 def _check_layer(x, weight, mask_logits, beta, bias, penalty, mask_scale, backend: str, tracing: bool,
                  out_dim: int = 0):
     """The checks every gated layer makes beside its shape checks; returns (backend module,
-    compute dtype, whether the mask logits are in channel form). Under autocast x may come in any float dtype autocast casts; outside it, x and
-    bias must have weight's dtype, as F.linear and F.conv2d demand. The common case is tested
-    first, inline: a small layer's call costs about as much as these steps."""
+    compute dtype, whether the mask logits are in channel form). Under autocast x may come in any
+    float dtype autocast casts; outside it, x and bias must have weight's dtype, as F.linear and
+    F.conv2d demand. The common case is tested first, inline: a small layer's call costs about as
+    much as these steps."""
     channel = _check_weight_and_mask(weight, mask_logits, tracing, out_dim)
     if type(beta) is not float or not 1.0 <= beta < math.inf:
         check_beta(beta)  # raises, or passes an int
