@@ -18,7 +18,6 @@ bench/results/channels.csv with the CPU, torch version and commit.
 
 import argparse
 import copy
-import csv
 import datetime
 import json
 import math
@@ -35,6 +34,9 @@ from torch import nn
 import csext
 from csext import export
 from csext.experiments import nets
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import append_rows  # noqa: E402  (written whole, then renamed: a CSV never half-written)
 
 RESULTS = Path(__file__).parent / "results" / "channels.csv"
 FIELDS = ["run", "commit", "device", "machine", "torch", "threads", "model", "ticket", "seed", "units_kept",
@@ -110,12 +112,7 @@ def rows_for(name, ticket_name, seed, dense, shrunk, units_kept, weights_kept, a
 
 
 def write(rows) -> None:
-    new = not RESULTS.exists()
-    with open(RESULTS, "a", newline="") as f:
-        writer = csv.DictWriter(f, FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_rows(RESULTS, rows, FIELDS)
     for row in rows:
         print(", ".join(f"{k}={row[k]}" for k in ("model", "ticket", "units_kept", "ticket_acc", "dense_acc",
                                                    "batch", "dense_ms", "shrunk_ms", "speedup", "flops_ratio")))
@@ -190,12 +187,7 @@ def compare_runs(args) -> None:
                              "speedup_b1": t["speedup"]["1"], "speedup_b256": t["speedup"]["256"],
                              "within_1_point": t["test_acc"] >= dense["test_acc"] - 0.01,
                              "within_1_point_on_validation": "val_acc" in t and t["val_acc"] >= dense["val_acc"] - 0.01})
-    new = not COMPARE_RESULTS.exists()
-    with open(COMPARE_RESULTS, "a", newline="") as f:
-        writer = csv.DictWriter(f, COMPARE_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_rows(COMPARE_RESULTS, rows, COMPARE_FIELDS)
     for row in rows:
         print(", ".join(f"{k}={row[k]}" for k in COMPARE_FIELDS[4:]))
 
